@@ -1,0 +1,268 @@
+// verify_block on the CPU: at::parallel_for over requests; per request one pass
+// over each verified row (max, log-sum-exp, the draft token's logit), stopping at
+// the first rejection; a full-vocabulary pass only for the row that is sampled
+// (first rejection or bonus). The accept / residual / race rules are the shared
+// __host__ __device__ functions of dspark/sampling.h.
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/full.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <vector>
+
+#include "dspark/philox.h"
+#include "dspark/sampling.h"
+#include "verify_block.h"
+
+namespace dspark {
+namespace {
+
+constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+
+// One strided row of logits or probabilities, read as fp32.
+template <typename T>
+struct Row {
+  const T* data;
+  int64_t stride;
+  float operator[](int64_t v) const { return static_cast<float>(data[v * stride]); }
+};
+
+// Statistics of one temperature-scaled, filtered row: keep s >= threshold,
+// log p(v) = s_v - lse for kept v.
+struct RowStats {
+  float threshold;
+  float lse;
+  float log_prob(float s) const { return s >= threshold ? s - lse : kNegInf; }
+};
+
+// Threshold of top-k then top-p on scaled logits (sampling.h states the rule).
+inline float filter_threshold(std::vector<float>& s, int64_t top_k, float top_p) {
+  const int64_t V = static_cast<int64_t>(s.size());
+  float threshold = kNegInf;
+  if (top_k_active(top_k, V)) {
+    std::vector<float> tmp(s);
+    std::nth_element(tmp.begin(), tmp.begin() + (top_k - 1), tmp.end(), std::greater<float>());
+    threshold = tmp[top_k - 1];
+  }
+  if (top_p_active(top_p)) {
+    std::vector<float> kept;
+    kept.reserve(s.size());
+    for (float x : s)
+      if (x >= threshold && x > kNegInf) kept.push_back(x);
+    if (!kept.empty()) {
+      std::sort(kept.begin(), kept.end(), std::greater<float>());
+      const float m = kept[0];
+      double total = 0.0;
+      for (float x : kept) total += static_cast<double>(std::exp(x - m));
+      const double target = static_cast<double>(top_p) * total;
+      double cum = 0.0;
+      for (float x : kept) {
+        cum += static_cast<double>(std::exp(x - m));
+        if (cum >= target) {
+          threshold = std::max(threshold, x);
+          break;
+        }
+      }
+    }
+  }
+  return threshold;
+}
+
+template <typename T>
+RowStats row_stats(Row<T> row, int64_t V, float temperature, int64_t top_k, float top_p,
+                   std::vector<float>& scratch) {
+  RowStats st{kNegInf, kNegInf};
+  if (top_k_active(top_k, V) || top_p_active(top_p)) {
+    scratch.resize(V);
+    for (int64_t v = 0; v < V; ++v) scratch[v] = scale_logit(row[v], temperature);
+    st.threshold = filter_threshold(scratch, top_k, top_p);
+    SoftmaxStats acc = softmax_stats_init();
+    for (int64_t v = 0; v < V; ++v)
+      if (scratch[v] >= st.threshold) softmax_stats_update(acc, scratch[v]);
+    st.lse = softmax_stats_lse(acc);
+    return st;
+  }
+  SoftmaxStats acc = softmax_stats_init();
+  for (int64_t v = 0; v < V; ++v) softmax_stats_update(acc, scale_logit(row[v], temperature));
+  st.lse = softmax_stats_lse(acc);
+  return st;
+}
+
+template <typename T>
+int64_t row_argmax(Row<T> row, int64_t V) {
+  ArgMax a = argmax_init();
+  for (int64_t v = 0; v < V; ++v) argmax_update(a, row[v], v);
+  return a.index < 0 ? 0 : a.index;
+}
+
+// Gumbel race over the vocabulary; weight(v) returns a log-weight (-inf = excluded).
+template <typename F>
+int64_t gumbel_race(int64_t V, uint64_t seed, uint64_t position, F weight) {
+  ArgMax a = argmax_init();
+  for (int64_t base = 0; base < V; base += 4) {
+    const PhiloxWords words = random_words4(seed, position, kSaltResample, static_cast<uint32_t>(base));
+    const int64_t end = std::min<int64_t>(base + 4, V);
+    for (int64_t v = base; v < end; ++v) {
+      const float w = weight(v);
+      if (w > kNegInf) argmax_update(a, w + gumbel_from_word(words.w[v & 3]), v);
+    }
+  }
+  return a.index;
+}
+
+enum class DraftKind { kPointMass, kLogits, kProbs };
+
+template <typename TT, typename DT>
+void verify_block_kernel(const at::Tensor& target_logits, const int32_t* drafts, const int32_t* cu,
+                         const at::Tensor* draft_dist, DraftKind kind, const float* temperature,
+                         const int64_t* top_k, const float* top_p, const int64_t* seed,
+                         const int64_t* offset, int64_t B, int64_t max_num_draft, int32_t* out,
+                         int32_t* num_accepted) {
+  const int64_t V = target_logits.size(1);
+  const TT* tptr = target_logits.const_data_ptr<TT>();
+  const int64_t ts0 = target_logits.stride(0), ts1 = target_logits.stride(1);
+  const DT* dptr = draft_dist ? draft_dist->const_data_ptr<DT>() : nullptr;
+  const int64_t ds0 = draft_dist ? draft_dist->stride(0) : 0, ds1 = draft_dist ? draft_dist->stride(1) : 0;
+  const int64_t width = max_num_draft + 1;
+
+  at::parallel_for(0, B, 1, [&](int64_t b_begin, int64_t b_end) {
+    std::vector<float> scratch;
+    for (int64_t b = b_begin; b < b_end; ++b) {
+      const int64_t start = cu[b];
+      const int64_t n = std::min<int64_t>(cu[b + 1] - cu[b], max_num_draft);
+      const float T = temperature ? temperature[b] : 0.f;
+      const int64_t k = top_k ? top_k[b] : 0;
+      const float p = top_p ? top_p[b] : 1.f;
+      const uint64_t s = static_cast<uint64_t>(seed[b]);
+      const uint64_t o = static_cast<uint64_t>(offset[b]);
+      const bool greedy = !(T > 0.f);
+      auto target_row = [&](int64_t i) { return Row<TT>{tptr + (start + b + i) * ts0, ts1}; };
+
+      int32_t* out_row = out + b * width;
+      int64_t accepted = 0;
+      int64_t emitted = -1;
+      for (int64_t i = 0; i < n && emitted < 0; ++i) {
+        const int64_t x = drafts[start + i];
+        const bool valid = x >= 0 && x < V;
+        const Row<TT> trow = target_row(i);
+        if (greedy) {
+          const int64_t am = row_argmax(trow, V);
+          if (valid && x == am) {
+            out_row[accepted++] = static_cast<int32_t>(x);
+          } else {
+            emitted = am;
+          }
+          continue;
+        }
+        const RowStats ps = row_stats(trow, V, T, k, p, scratch);
+        RowStats qs{kNegInf, 0.f};
+        Row<DT> drow{dptr ? dptr + (start + i) * ds0 : nullptr, ds1};
+        if (kind == DraftKind::kLogits) qs = row_stats(drow, V, T, k, p, scratch);
+        auto log_q = [&](int64_t v) -> float {
+          switch (kind) {
+            case DraftKind::kLogits: return qs.log_prob(scale_logit(drow[v], T));
+            case DraftKind::kProbs: return std::log(drow[v]);
+            default: return v == x ? 0.f : kNegInf;
+          }
+        };
+        auto log_p = [&](int64_t v) { return ps.log_prob(scale_logit(trow[v], T)); };
+        const uint64_t position = o + static_cast<uint64_t>(i);
+        if (valid) {
+          const float log_u = std::log(uniform_from_word(random_word(s, position, kSaltAccept, 0)));
+          if (accept_token(log_u, log_p(x), log_q(x))) {
+            out_row[accepted++] = static_cast<int32_t>(x);
+            continue;
+          }
+          emitted = gumbel_race(V, s, position, [&](int64_t v) { return residual_log_weight(log_p(v), log_q(v)); });
+        }
+        // Padding id, or a residual with no mass (p == q numerically): sample p.
+        if (emitted < 0) emitted = gumbel_race(V, s, position, log_p);
+        if (emitted < 0) emitted = 0;
+      }
+      if (emitted < 0) {  // all drafts accepted: the bonus token from row n
+        const Row<TT> trow = target_row(n);
+        if (greedy) {
+          emitted = row_argmax(trow, V);
+        } else {
+          const RowStats ps = row_stats(trow, V, T, k, p, scratch);
+          emitted = gumbel_race(V, s, o + static_cast<uint64_t>(n),
+                                [&](int64_t v) { return ps.log_prob(scale_logit(trow[v], T)); });
+          if (emitted < 0) emitted = 0;
+        }
+      }
+      out_row[accepted] = static_cast<int32_t>(emitted);
+      num_accepted[b] = static_cast<int32_t>(accepted);
+    }
+  });
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor> verify_block_cpu(
+    const at::Tensor& target_logits, const at::Tensor& draft_tokens, const at::Tensor& cu_num_draft,
+    const std::optional<at::Tensor>& draft_logits, const std::optional<at::Tensor>& draft_probs,
+    const std::optional<at::Tensor>& temperature, const std::optional<at::Tensor>& top_k,
+    const std::optional<at::Tensor>& top_p, const at::Tensor& seed, const at::Tensor& offset,
+    int64_t max_num_draft) {
+  check_verify_block_args(target_logits, draft_tokens, cu_num_draft, draft_logits, draft_probs,
+                          temperature, top_k, top_p, seed, offset, max_num_draft);
+  constexpr const char* op = "verify_block";
+  const int64_t B = cu_num_draft.size(0) - 1;
+  const int64_t N = draft_tokens.size(0);
+  const int64_t V = target_logits.size(1);
+
+  // Small per-request tensors: normalise dtype and layout (cheap copies).
+  const at::Tensor cu = cu_num_draft.to(at::kInt).contiguous();
+  const at::Tensor drafts = draft_tokens.to(at::kInt).contiguous();
+  const at::Tensor seed_c = seed.to(at::kLong).contiguous();
+  const at::Tensor offset_c = offset.to(at::kLong).contiguous();
+  at::Tensor temp_c, top_k_c, top_p_c;
+  if (temperature) temp_c = temperature->to(at::kFloat).contiguous();
+  if (top_k) top_k_c = top_k->to(at::kLong).contiguous();
+  if (top_p) top_p_c = top_p->to(at::kFloat).contiguous();
+
+  // Data-dependent checks: always on the CPU (DESIGN.md §3).
+  const int32_t* cu_p = cu.const_data_ptr<int32_t>();
+  DSPARK_CHECK(cu_p[0] == 0, op, "cu_num_draft[0] must be 0, got ", cu_p[0]);
+  DSPARK_CHECK(cu_p[B] == N, op, "cu_num_draft[B] must equal draft_tokens.size(0) = ", N, ", got ", cu_p[B]);
+  for (int64_t b = 0; b < B; ++b) {
+    const int64_t n = cu_p[b + 1] - cu_p[b];
+    DSPARK_CHECK(n >= 0, op, "cu_num_draft must be non-decreasing, got cu_num_draft[", b, "] = ", cu_p[b],
+                 " > cu_num_draft[", b + 1, "] = ", cu_p[b + 1]);
+    DSPARK_CHECK(n <= max_num_draft, op, "request ", b, " has ", n, " drafts, more than max_num_draft = ",
+                 max_num_draft);
+  }
+  const int32_t* d_p = drafts.const_data_ptr<int32_t>();
+  for (int64_t i = 0; i < N; ++i)
+    DSPARK_CHECK(d_p[i] >= -1 && d_p[i] < V, op, "draft_tokens[", i, "] = ", d_p[i],
+                 " is outside [-1, V) with V = ", V);
+
+  at::Tensor out = at::full({B, max_num_draft + 1}, -1, target_logits.options().dtype(at::kInt));
+  at::Tensor num_accepted = at::empty({B}, target_logits.options().dtype(at::kInt));
+
+  const at::Tensor* draft_dist = nullptr;
+  DraftKind kind = DraftKind::kPointMass;
+  if (draft_logits) { draft_dist = &draft_logits.value(); kind = DraftKind::kLogits; }
+  if (draft_probs) { draft_dist = &draft_probs.value(); kind = DraftKind::kProbs; }
+  const at::ScalarType draft_type = draft_dist ? draft_dist->scalar_type() : target_logits.scalar_type();
+
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, target_logits.scalar_type(), "verify_block_cpu_target", [&] {
+    using TT = scalar_t;
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, draft_type, "verify_block_cpu_draft", [&] {
+      verify_block_kernel<TT, scalar_t>(
+          target_logits, d_p, cu_p, draft_dist, kind, temperature ? temp_c.const_data_ptr<float>() : nullptr,
+          top_k ? top_k_c.const_data_ptr<int64_t>() : nullptr, top_p ? top_p_c.const_data_ptr<float>() : nullptr,
+          seed_c.const_data_ptr<int64_t>(), offset_c.const_data_ptr<int64_t>(), B, max_num_draft,
+          out.mutable_data_ptr<int32_t>(), num_accepted.mutable_data_ptr<int32_t>());
+    });
+  });
+  return {out, num_accepted};
+}
+
+}  // namespace dspark

@@ -1,0 +1,133 @@
+// The acceptance rule and the categorical race, shared by the CPU and CUDA
+// kernels (__host__ __device__) so that the CPU tests exercise the exact
+// decision logic the GPU runs. The PyTorch reference
+// (dspark_kernels/reference/verify_block.py) states the same rules in tensor
+// form; the Triton kernels restate them in Triton's language.
+//
+// Everything is in log space over temperature-scaled logits s = logit / T:
+//   log p(v) = s_v - lse_p   (or -inf when a top-k / top-p filter drops v)
+//   accept x  iff  log u < log p(x) - log q(x)       (strict, p(x) > 0 required)
+//   residual  r(v) = max(p(v) - q(v), 0), sampled as
+//             argmax_v [ log p(v) + log1p(-exp(log q(v) - log p(v))) + G_v ]
+//   with G_v = -log(-log u_v) Gumbel noise from the resample stream.
+// No torch header: also compiles under NVRTC.
+#pragma once
+
+#include "philox.h"
+
+#if !defined(__CUDACC_RTC__)
+#include <math.h>
+#endif
+
+namespace dspark {
+
+#if defined(__CUDACC__) || defined(__CUDACC_RTC__)
+#define DSPARK_NEG_INF (-__int_as_float(0x7f800000))
+#else
+#define DSPARK_NEG_INF (-INFINITY)
+#endif
+
+DSPARK_HD float gumbel_from_word(uint32_t word) {
+  return -logf(-logf(uniform_from_word(word)));
+}
+
+// Scaled logit: division (not multiplication by 1/T) so every backend rounds alike.
+DSPARK_HD float scale_logit(float logit, float temperature) { return logit / temperature; }
+
+// The strict log-space accept test. A token of probability zero is never accepted,
+// and q(x) = 0 with p(x) > 0 accepts (p/q = inf) without producing a NaN.
+DSPARK_HD bool accept_token(float log_u, float log_p, float log_q) {
+  if (!(log_p > DSPARK_NEG_INF)) return false;
+  if (!(log_q > DSPARK_NEG_INF)) return true;
+  return log_u < log_p - log_q;
+}
+
+// log max(p - q, 0) from log p and log q; -inf where q >= p.
+DSPARK_HD float residual_log_weight(float log_p, float log_q) {
+  if (!(log_q > DSPARK_NEG_INF)) return log_p;
+  if (!(log_p > log_q)) return DSPARK_NEG_INF;
+  return log_p + log1pf(-expf(log_q - log_p));
+}
+
+// Running argmax with the lowest index winning ties; -inf scores never win, so a
+// race over an all -inf row leaves index -1 (the caller then falls back to p).
+struct ArgMax {
+  float value;
+  int64_t index;
+};
+
+DSPARK_HD ArgMax argmax_init() {
+  ArgMax a;
+  a.value = DSPARK_NEG_INF;
+  a.index = -1;
+  return a;
+}
+
+// Callers visit indices in increasing order, so a strict > keeps the lowest.
+DSPARK_HD void argmax_update(ArgMax& a, float value, int64_t index) {
+  if (value > a.value) {
+    a.value = value;
+    a.index = index;
+  }
+}
+
+DSPARK_HD ArgMax argmax_merge(ArgMax a, ArgMax b) {
+  if (b.index < 0) return a;
+  if (a.index < 0) return b;
+  if (b.value > a.value || (b.value == a.value && b.index < a.index)) return b;
+  return a;
+}
+
+// Online softmax statistics of one row of scaled logits: running max m and
+// sum of exp(s - m), combined exactly as FlashAttention does.
+struct SoftmaxStats {
+  float max;
+  float sum;
+};
+
+DSPARK_HD SoftmaxStats softmax_stats_init() {
+  SoftmaxStats s;
+  s.max = DSPARK_NEG_INF;
+  s.sum = 0.f;
+  return s;
+}
+
+DSPARK_HD void softmax_stats_update(SoftmaxStats& st, float s) {
+  if (!(s > DSPARK_NEG_INF)) return;
+  if (s > st.max) {
+    st.sum = st.sum * expf(st.max - s) + 1.f;
+    st.max = s;
+  } else {
+    st.sum += expf(s - st.max);
+  }
+}
+
+DSPARK_HD SoftmaxStats softmax_stats_merge(SoftmaxStats a, SoftmaxStats b) {
+  if (!(b.max > DSPARK_NEG_INF)) return a;
+  if (!(a.max > DSPARK_NEG_INF)) return b;
+  SoftmaxStats r;
+  if (a.max >= b.max) {
+    r.max = a.max;
+    r.sum = a.sum + b.sum * expf(b.max - a.max);
+  } else {
+    r.max = b.max;
+    r.sum = b.sum + a.sum * expf(a.max - b.max);
+  }
+  return r;
+}
+
+// log-sum-exp of the row; -inf for a row with no finite entry.
+DSPARK_HD float softmax_stats_lse(SoftmaxStats st) {
+  if (!(st.max > DSPARK_NEG_INF)) return DSPARK_NEG_INF;
+  return st.max + logf(st.sum);
+}
+
+// Filters: top-k keeps every token whose scaled logit is >= the k-th largest
+// (ties at the threshold are all kept); top-p then keeps every token v whose
+// strictly-greater mass  sum_{w kept, s_w > s_v} p(w)  is below top_p. Both are
+// thresholds on s, so a filtered row is "s >= threshold" and every backend only
+// needs the threshold. Disabled values: top_k <= 0 or >= V, top_p <= 0 or >= 1.
+DSPARK_HD bool top_k_active(int64_t top_k, int64_t vocab) { return top_k > 0 && top_k < vocab; }
+DSPARK_HD bool top_p_active(float top_p) { return top_p > 0.f && top_p < 1.f; }
+
+}  // namespace dspark

@@ -1,0 +1,89 @@
+// verify_block: declarations and argument checks shared by the CPU and CUDA
+// launchers (DESIGN.md §5). The op schema lives in csrc/ops.cpp.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+#include <c10/util/Optional.h>
+
+#include <tuple>
+
+#include "torch_checks.h"
+
+namespace dspark {
+
+std::tuple<at::Tensor, at::Tensor> verify_block_cpu(
+    const at::Tensor& target_logits, const at::Tensor& draft_tokens, const at::Tensor& cu_num_draft,
+    const std::optional<at::Tensor>& draft_logits, const std::optional<at::Tensor>& draft_probs,
+    const std::optional<at::Tensor>& temperature, const std::optional<at::Tensor>& top_k,
+    const std::optional<at::Tensor>& top_p, const at::Tensor& seed, const at::Tensor& offset,
+    int64_t max_num_draft);
+
+std::tuple<at::Tensor, at::Tensor> verify_block_cuda(
+    const at::Tensor& target_logits, const at::Tensor& draft_tokens, const at::Tensor& cu_num_draft,
+    const std::optional<at::Tensor>& draft_logits, const std::optional<at::Tensor>& draft_probs,
+    const std::optional<at::Tensor>& temperature, const std::optional<at::Tensor>& top_k,
+    const std::optional<at::Tensor>& top_p, const at::Tensor& seed, const at::Tensor& offset,
+    int64_t max_num_draft);
+
+// Shape / dtype / device checks (no data reads, so no host sync on CUDA).
+inline void check_verify_block_args(
+    const at::Tensor& target_logits, const at::Tensor& draft_tokens, const at::Tensor& cu_num_draft,
+    const std::optional<at::Tensor>& draft_logits, const std::optional<at::Tensor>& draft_probs,
+    const std::optional<at::Tensor>& temperature, const std::optional<at::Tensor>& top_k,
+    const std::optional<at::Tensor>& top_p, const at::Tensor& seed, const at::Tensor& offset,
+    int64_t max_num_draft) {
+  constexpr const char* op = "verify_block";
+  DSPARK_CHECK_DIM(op, target_logits, 2);
+  DSPARK_CHECK_FLOAT(op, target_logits);
+  DSPARK_CHECK_DIM(op, draft_tokens, 1);
+  DSPARK_CHECK_INT(op, draft_tokens);
+  DSPARK_CHECK_DIM(op, cu_num_draft, 1);
+  DSPARK_CHECK_INT(op, cu_num_draft);
+  DSPARK_CHECK(cu_num_draft.size(0) >= 1, op, "cu_num_draft must have B + 1 >= 1 entries, got shape ",
+               cu_num_draft.sizes());
+  const int64_t B = cu_num_draft.size(0) - 1;
+  const int64_t N = draft_tokens.size(0);
+  const int64_t V = target_logits.size(1);
+  DSPARK_CHECK(V >= 1, op, "target_logits must have a vocabulary of at least 1, got shape ",
+               target_logits.sizes());
+  DSPARK_CHECK(target_logits.size(0) == N + B, op,
+               "target_logits must have N + B = ", N + B, " rows (N = draft_tokens.size(0) = ", N,
+               ", B = cu_num_draft.size(0) - 1 = ", B, "), got ", target_logits.size(0));
+  DSPARK_CHECK(max_num_draft >= 0, op, "max_num_draft must be >= 0, got ", max_num_draft);
+  DSPARK_CHECK(!(draft_logits.has_value() && draft_probs.has_value()), op,
+               "give draft_logits or draft_probs, not both");
+  DSPARK_CHECK_DEVICE(op, draft_tokens, target_logits);
+  DSPARK_CHECK_DEVICE(op, cu_num_draft, target_logits);
+  for (const auto* named : {&draft_logits, &draft_probs}) {
+    if (!named->has_value()) continue;
+    const at::Tensor& d = named->value();
+    const char* name = named == &draft_logits ? "draft_logits" : "draft_probs";
+    DSPARK_CHECK(d.dim() == 2 && d.size(0) == N && d.size(1) == V, op, name, " must have shape [N, V] = [",
+                 N, ", ", V, "], got ", d.sizes());
+    DSPARK_CHECK(d.scalar_type() == at::kFloat || d.scalar_type() == at::kHalf ||
+                     d.scalar_type() == at::kBFloat16,
+                 op, name, " must be float32, float16 or bfloat16, got ", d.scalar_type());
+    DSPARK_CHECK(d.device() == target_logits.device(), op, name, " must be on ", target_logits.device(),
+                 ", got ", d.device());
+  }
+  auto check_per_request = [&](const at::Tensor& t, const char* name, bool floating) {
+    DSPARK_CHECK(t.dim() == 1 && t.size(0) == B, op, name, " must have shape [B] = [", B, "], got ",
+                 t.sizes());
+    DSPARK_CHECK(t.device() == target_logits.device(), op, name, " must be on ", target_logits.device(),
+                 ", got ", t.device());
+    if (floating) {
+      DSPARK_CHECK(at::isFloatingType(t.scalar_type()), op, name, " must be a floating tensor, got ",
+                   t.scalar_type());
+    } else {
+      DSPARK_CHECK(t.scalar_type() == at::kInt || t.scalar_type() == at::kLong, op, name,
+                   " must be int32 or int64, got ", t.scalar_type());
+    }
+  };
+  if (temperature.has_value()) check_per_request(*temperature, "temperature", true);
+  if (top_k.has_value()) check_per_request(*top_k, "top_k", false);
+  if (top_p.has_value()) check_per_request(*top_p, "top_p", true);
+  check_per_request(seed, "seed", false);
+  check_per_request(offset, "offset", false);
+}
+
+}  // namespace dspark

@@ -1,0 +1,101 @@
+"""Loading the compiled extension, registering fallbacks, choosing a backend.
+
+`import dspark_kernels` never fails because a backend is missing: the schema is
+always defined (by the extension, or here in Python when it is absent), and an
+op whose preferred backend is missing falls back to the next one and warns once.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import warnings
+
+import torch
+
+BACKENDS = ("reference", "cpu", "triton", "cuda")
+
+_here = os.path.dirname(os.path.abspath(__file__))
+_load_error: str | None = None
+
+
+def _load_extension() -> bool:
+    global _load_error
+    candidates = sorted(glob.glob(os.path.join(_here, "_C*.so")) + glob.glob(os.path.join(_here, "_C*.pyd")))
+    if not candidates:
+        _load_error = "no compiled extension dspark_kernels/_C*.so (build with `pip install -e .`)"
+        return False
+    try:
+        torch.ops.load_library(candidates[0])
+        return True
+    except OSError as exc:  # built against another torch, missing libcudart, ...
+        _load_error = f"{candidates[0]}: {exc}"
+        return False
+
+
+HAS_EXTENSION = _load_extension()
+
+
+def _has_kernel(op: str, key: str) -> bool:
+    try:
+        return torch._C._dispatch_has_kernel_for_dispatch_key(f"dspark::{op}", key)
+    except RuntimeError:
+        return False
+
+
+# Read before any Python registration: True only for the compiled CUDA C++ kernel.
+CUDA_COMPILED = HAS_EXTENSION and _has_kernel("verify_block", "CUDA")
+CPU_COMPILED = HAS_EXTENSION and _has_kernel("verify_block", "CPU")
+
+
+def triton_available() -> bool:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def backends() -> dict[str, bool]:
+    """Which implementations can run here: {"reference", "cpu", "triton", "cuda"} -> bool."""
+    cuda_ok = torch.cuda.is_available()
+    return {
+        "reference": True,
+        "cpu": CPU_COMPILED,
+        "triton": triton_available(),
+        "cuda": CUDA_COMPILED and cuda_ok,
+    }
+
+
+_warned: set[str] = set()
+
+
+def warn_once(key: str, message: str) -> None:
+    if key not in _warned:
+        _warned.add(key)
+        warnings.warn(message, RuntimeWarning, stacklevel=3)
+
+
+def choose_backend(op: str, device: torch.device, backend: str | None) -> str:
+    """The backend an op call runs on: the forced one, else the best available for `device`."""
+    available = backends()
+    if backend is not None:
+        if backend not in BACKENDS:
+            raise ValueError(f"{op}: backend must be one of {BACKENDS} or None, got {backend!r}")
+        if not available[backend]:
+            why = f" ({_load_error})" if backend in ("cpu", "cuda") and _load_error else ""
+            raise RuntimeError(f"{op}: backend {backend!r} is not available here{why}; available: "
+                               f"{[b for b, ok in available.items() if ok]}")
+        if backend in ("cuda",) and device.type != "cuda":
+            raise ValueError(f"{op}: backend 'cuda' needs CUDA tensors, got tensors on {device}")
+        if backend == "cpu" and device.type != "cpu":
+            raise ValueError(f"{op}: backend 'cpu' needs CPU tensors, got tensors on {device}")
+        return backend
+    order = ("cuda", "triton", "reference") if device.type == "cuda" else ("cpu", "reference")
+    for name in order:
+        if available[name]:
+            if name != order[0]:
+                warn_once(f"{op}:{device.type}", f"dspark_kernels.{op}: backend {order[0]!r} is not available "
+                          f"({_load_error or 'not built'}); falling back to {name!r}")
+            return name
+    return "reference"

@@ -1,0 +1,198 @@
+"""Public op wrappers: defaults, validation, backend choice, docstrings.
+
+Every op is a function ``dspark_kernels.<op>(..., backend=None)``. ``backend``
+forces one of "reference", "cpu", "triton", "cuda"; None picks the best one for
+the inputs' device (CUDA: cuda > triton > reference; CPU: cpu > reference).
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from . import _backend
+from .reference import verify_block as _ref_verify
+
+_FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+_INT_DTYPES = (torch.int32, torch.int64)
+
+
+def _debug_checks_enabled(device: torch.device) -> bool:
+    return device.type == "cpu" or os.environ.get("DSPARK_DEBUG") == "1"
+
+
+def _fail(op: str, msg: str):
+    raise ValueError(f"{op}: {msg}")
+
+
+def _check_tensor(op, name, t, *, dim=None, dtypes=None, device=None, shape=None):
+    if not isinstance(t, torch.Tensor):
+        _fail(op, f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if dim is not None and t.dim() != dim:
+        _fail(op, f"{name} must be a {dim}-D tensor, got shape {tuple(t.shape)}")
+    if shape is not None and tuple(t.shape) != tuple(shape):
+        _fail(op, f"{name} must have shape {list(shape)}, got {tuple(t.shape)}")
+    if dtypes is not None and t.dtype not in dtypes:
+        _fail(op, f"{name} must have dtype in {[str(d).replace('torch.', '') for d in dtypes]}, got {t.dtype}")
+    if device is not None and t.device != device:
+        _fail(op, f"{name} must be on {device}, got {t.device}")
+
+
+def _per_request(op, name, value, batch, device, dtype):
+    """A per-request [B] tensor from a tensor, a Python scalar or None."""
+    if value is None:
+        return None
+    if not isinstance(value, torch.Tensor):
+        return torch.full((batch,), value, dtype=dtype, device=device)
+    _check_tensor(op, name, value, dim=1, shape=(batch,), device=device)
+    if value.dtype.is_floating_point != dtype.is_floating_point:
+        _fail(op, f"{name} must be a {'floating' if dtype.is_floating_point else 'integer'} tensor, got {value.dtype}")
+    return value
+
+
+def _default_seed_offset(op, seed, offset, batch, device):
+    if seed is None:
+        # From torch's default generator of the device: reproducible under
+        # torch.manual_seed, no host sync on CUDA.
+        seed = torch.randint(0, 2**62, (batch,), dtype=torch.int64, device=device)
+    elif not isinstance(seed, torch.Tensor):
+        seed = torch.full((batch,), int(seed), dtype=torch.int64, device=device)
+    if offset is None:
+        offset = torch.zeros(batch, dtype=torch.int64, device=device)
+    elif not isinstance(offset, torch.Tensor):
+        offset = torch.full((batch,), int(offset), dtype=torch.int64, device=device)
+    _check_tensor(op, "seed", seed, dim=1, shape=(batch,), dtypes=_INT_DTYPES, device=device)
+    _check_tensor(op, "offset", offset, dim=1, shape=(batch,), dtypes=_INT_DTYPES, device=device)
+    return seed, offset
+
+
+def verify_block(
+    target_logits: torch.Tensor,
+    draft_tokens: torch.Tensor,
+    cu_num_draft: torch.Tensor,
+    *,
+    draft_logits: torch.Tensor | None = None,
+    draft_probs: torch.Tensor | None = None,
+    temperature: torch.Tensor | float | None = None,
+    top_k: torch.Tensor | int | None = None,
+    top_p: torch.Tensor | float | None = None,
+    seed: torch.Tensor | int | None = None,
+    offset: torch.Tensor | int | None = None,
+    max_num_draft: int | None = None,
+    backend: str | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    r"""Lossless batched verification of ragged draft blocks (speculative sampling).
+
+    Request ``b`` proposed ``n_b = cu_num_draft[b+1] - cu_num_draft[b]`` tokens
+    ``x_{b,i} = draft_tokens[cu[b] + i]``; its target rows are
+    ``target_logits[cu[b] + b + i]`` for ``i = 0..n_b`` (the last is the bonus row),
+    so ``T = N + B``.
+
+    Distributions, with ``T_b = temperature[b]`` and the row's top-k / top-p filter F::
+
+        p_i = F(softmax(target_logits_i / T_b))
+        q_i = F(softmax(draft_logits_i / T_b))    if draft_logits is given
+            = draft_probs_i                        if draft_probs is given (used as is)
+            = one_hot(x_i)                         otherwise (point-mass draft)
+
+    Sampling rows (``T_b > 0``): draft ``i`` is accepted iff
+    ``log u_i < log p_i(x_i) - log q_i(x_i)`` (``u_i`` from the accept stream), never
+    when ``p_i(x_i) = 0`` or ``x_i`` is ``-1`` / ``>= V``. At the first rejection the
+    emitted token is drawn from ``norm(max(p_i - q_i, 0))`` (from ``p_i`` if that has
+    no mass or ``x_i`` is padding); if all are accepted, a bonus token is drawn from
+    ``p_{n_b}``. Draws are Gumbel races on the resample stream. Greedy rows
+    (``T_b <= 0`` or ``temperature=None``): accept while ``x_i == argmax target_i``,
+    then emit the argmax (ties: lowest index).
+
+    Top-k keeps tokens with scaled logit ``>=`` the k-th largest (``k <= 0`` or
+    ``>= V``: off); top-p then keeps token v iff the mass of kept tokens with a
+    strictly larger logit is ``< top_p`` (``top_p >= 1``: off).
+
+    Randomness: Philox4x32-10 keyed by ``seed[b]`` at position ``offset[b] + i``
+    (see the README): identical on every backend, independent of batch
+    composition, and CUDA-graph safe. ``seed=None`` draws seeds from torch's
+    default generator of the device, ``offset=None`` is 0.
+
+    Args:
+        target_logits: ``[N + B, V]`` float32 / float16 / bfloat16; rows may be strided.
+        draft_tokens: ``[N]`` int32 / int64, ``-1`` = padding (always rejected).
+        cu_num_draft: ``[B + 1]`` int32 / int64 offsets, ``cu[0] = 0``, ``cu[B] = N``.
+        draft_logits / draft_probs: ``[N, V]`` (at most one of them).
+        temperature, top_k, top_p: ``[B]`` tensors or scalars for every request.
+        seed, offset: ``[B]`` int64 tensors or Python ints.
+        max_num_draft: output width - 1, ``>= max n_b``; None reads it from
+            ``cu_num_draft`` (one host read: pass it under CUDA graphs / torch.compile).
+        backend: "reference" | "cpu" | "triton" | "cuda" | None.
+
+    Returns:
+        ``output_tokens [B, max_num_draft + 1]`` int32 (accepted drafts, then the
+        emitted token, then -1) and ``num_accepted [B]`` int32.
+    """
+    op = "verify_block"
+    _check_tensor(op, "target_logits", target_logits, dim=2, dtypes=_FLOAT_DTYPES)
+    device = target_logits.device
+    _check_tensor(op, "draft_tokens", draft_tokens, dim=1, dtypes=_INT_DTYPES, device=device)
+    _check_tensor(op, "cu_num_draft", cu_num_draft, dim=1, dtypes=_INT_DTYPES, device=device)
+    if cu_num_draft.shape[0] < 1:
+        _fail(op, f"cu_num_draft must have B + 1 >= 1 entries, got shape {tuple(cu_num_draft.shape)}")
+    batch = cu_num_draft.shape[0] - 1
+    num_draft = draft_tokens.shape[0]
+    vocab = target_logits.shape[1]
+    if vocab < 1:
+        _fail(op, f"target_logits must have a vocabulary of at least 1, got shape {tuple(target_logits.shape)}")
+    if target_logits.shape[0] != num_draft + batch:
+        _fail(op, f"target_logits must have N + B = {num_draft + batch} rows (N = draft_tokens.size(0) = "
+                  f"{num_draft}, B = cu_num_draft.size(0) - 1 = {batch}), got {target_logits.shape[0]}")
+    if draft_logits is not None and draft_probs is not None:
+        _fail(op, "give draft_logits or draft_probs, not both")
+    for name, t in (("draft_logits", draft_logits), ("draft_probs", draft_probs)):
+        if t is not None:
+            _check_tensor(op, name, t, dim=2, shape=(num_draft, vocab), dtypes=_FLOAT_DTYPES, device=device)
+    temperature = _per_request(op, "temperature", temperature, batch, device, torch.float32)
+    top_k = _per_request(op, "top_k", top_k, batch, device, torch.int32)
+    top_p = _per_request(op, "top_p", top_p, batch, device, torch.float32)
+    seed, offset = _default_seed_offset(op, seed, offset, batch, device)
+    if max_num_draft is None:
+        max_num_draft = int((cu_num_draft[1:] - cu_num_draft[:-1]).max()) if batch > 0 else 0
+    if max_num_draft < 0:
+        _fail(op, f"max_num_draft must be >= 0, got {max_num_draft}")
+
+    name = _backend.choose_backend(op, device, backend)
+    args = (target_logits, draft_tokens, cu_num_draft, draft_logits, draft_probs, temperature, top_k, top_p,
+            seed, offset, int(max_num_draft))
+    if name in ("cpu", "cuda"):
+        return torch.ops.dspark.verify_block(
+            target_logits, draft_tokens, cu_num_draft, draft_logits=draft_logits, draft_probs=draft_probs,
+            temperature=temperature, top_k=top_k, top_p=top_p, seed=seed, offset=offset,
+            max_num_draft=int(max_num_draft))
+    if _debug_checks_enabled(device):
+        _check_verify_block_data(cu_num_draft, draft_tokens, vocab, int(max_num_draft))
+    if name == "triton":
+        from .triton.verify_block import verify_block as triton_verify_block
+
+        return triton_verify_block(*args)
+    return _ref_verify.verify_block(*args)
+
+
+def _check_verify_block_data(cu_num_draft, draft_tokens, vocab, max_num_draft):
+    """Data-dependent checks (host reads): CPU always, CUDA under DSPARK_DEBUG=1."""
+    op = "verify_block"
+    cu = cu_num_draft.cpu().to(torch.int64)
+    if cu[0] != 0:
+        _fail(op, f"cu_num_draft[0] must be 0, got {int(cu[0])}")
+    if cu[-1] != draft_tokens.shape[0]:
+        _fail(op, f"cu_num_draft[B] must equal draft_tokens.size(0) = {draft_tokens.shape[0]}, got {int(cu[-1])}")
+    n = cu[1:] - cu[:-1]
+    if (n < 0).any():
+        b = int(torch.nonzero(n < 0)[0])
+        _fail(op, f"cu_num_draft must be non-decreasing, got cu_num_draft[{b}] = {int(cu[b])} > "
+                  f"cu_num_draft[{b + 1}] = {int(cu[b + 1])}")
+    if n.numel() and int(n.max()) > max_num_draft:
+        b = int(torch.argmax(n))
+        _fail(op, f"request {b} has {int(n[b])} drafts, more than max_num_draft = {max_num_draft}")
+    d = draft_tokens.cpu()
+    bad = (d < -1) | (d >= vocab)
+    if bad.any():
+        i = int(torch.nonzero(bad)[0])
+        _fail(op, f"draft_tokens[{i}] = {int(d[i])} is outside [-1, V) with V = {vocab}")

@@ -1,0 +1,1 @@
+"""Pure-PyTorch implementations: the executable spec of every op."""

@@ -1,0 +1,78 @@
+"""Shared sampling math of the reference backend: temperature, filters, races.
+
+These are the rules every backend implements (the C++/CUDA kernels through
+``csrc/include/dspark/sampling.h``, the Triton kernels in their own language):
+
+* scaled logits ``s = logit / T`` in fp32 (a division, so every backend rounds alike);
+* top-k keeps every token with ``s >= `` the k-th largest ``s`` (ties all kept);
+  disabled when ``k <= 0`` or ``k >= V``;
+* top-p, applied after top-k, keeps token ``v`` iff the probability mass of the
+  kept tokens with strictly larger ``s`` is ``< top_p`` (equivalently ``s >= t*``
+  where ``t*`` is the value at which the descending cumulative mass first reaches
+  ``top_p``); the mass is summed in fp64; disabled when ``p <= 0`` or ``p >= 1``;
+* ``log p = s - logsumexp(s over kept)``, ``-inf`` for dropped tokens;
+* a categorical sample is the Gumbel race ``argmax_v(log w_v + G_v)`` (lowest index
+  wins ties); a race with no finite score yields index 0.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def top_k_active(k: int, vocab: int) -> bool:
+    return 0 < k < vocab
+
+
+def top_p_active(p: float) -> bool:
+    return 0.0 < p < 1.0
+
+
+def filter_threshold(s: torch.Tensor, top_k: int, top_p: float) -> float:
+    """The smallest scaled logit kept by top-k then top-p (``-inf`` = keep all)."""
+    vocab = s.numel()
+    threshold = float("-inf")
+    if top_k_active(top_k, vocab):
+        threshold = float(torch.topk(s, top_k).values[-1])
+    if top_p_active(top_p):
+        kept = s[s >= threshold]
+        kept = kept[kept > float("-inf")]
+        if kept.numel() > 0:
+            m = kept.max()
+            e = torch.exp(kept - m).to(torch.float64)  # exp in fp32, sums in fp64
+            values, order = torch.sort(kept, descending=True)
+            cum = torch.cumsum(e[order], 0)
+            total = e.sum()
+            hit = torch.nonzero(cum >= top_p * total)
+            if hit.numel() > 0:
+                threshold = max(threshold, float(values[int(hit[0])]))
+    return threshold
+
+
+def filtered_log_probs(logits: torch.Tensor, temperature: float, top_k: int, top_p: float) -> torch.Tensor:
+    """log softmax(logits / T) restricted to the top-k / top-p set, fp32, ``-inf`` outside."""
+    s = logits.to(torch.float32) / torch.tensor(temperature, dtype=torch.float32)
+    threshold = filter_threshold(s, top_k, top_p)
+    s = torch.where(s >= threshold, s, torch.tensor(float("-inf")))
+    if not torch.isfinite(s).any():
+        return s
+    m = s.max()
+    lse = m + torch.log(torch.exp(s - m).sum())
+    return s - lse
+
+
+def race(log_weights: torch.Tensor, noise: torch.Tensor) -> int:
+    """Gumbel race: index of max(log w + G), lowest index on ties, 0 if none is finite."""
+    score = log_weights + noise
+    score = torch.where(log_weights > float("-inf"), score, torch.tensor(float("-inf")))
+    if not (score > float("-inf")).any():
+        return 0
+    return int(torch.argmax(score))  # torch.argmax returns the first maximal index
+
+
+def residual_log_weights(log_p: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:
+    """log max(p - q, 0) computed as log p + log1p(-exp(log q - log p))."""
+    neg_inf = torch.tensor(float("-inf"))
+    out = log_p + torch.log1p(-torch.exp(log_q - log_p))
+    out = torch.where(log_p > log_q, out, neg_inf)
+    return torch.where(log_q > float("-inf"), out, log_p)
