@@ -22,6 +22,7 @@ SCHEMAS = {
         "Tensor? top_k=None, Tensor? top_p=None, Tensor seed, Tensor offset, SymInt max_num_draft) "
         "-> (Tensor output_tokens, Tensor num_accepted)"
     ),
+    "random_words": "random_words(Tensor seed, Tensor position, Tensor index, int salt) -> Tensor",
 }
 
 _lib_def = None
@@ -44,13 +45,20 @@ def _verify_block_fake(target_logits, draft_tokens, cu_num_draft, draft_logits=N
     return out, target_logits.new_empty((batch,), dtype=torch.int32)
 
 
+def _random_words_fake(seed, position, index, salt):
+    return seed.new_empty(seed.shape, dtype=torch.int64)
+
+
 def _register() -> None:
     _define_missing_schemas()
     torch.library.register_fake("dspark::verify_block", _verify_block_fake, lib=_lib_impl)
+    torch.library.register_fake("dspark::random_words", _random_words_fake, lib=_lib_impl)
     if not _backend.HAS_EXTENSION:
+        from .reference.philox import random_words as ref_random_words
         from .reference.verify_block import verify_block as ref_verify_block
 
         _lib_impl.impl("verify_block", ref_verify_block, "CPU")
+        _lib_impl.impl("random_words", lambda s, p, i, salt: ref_random_words(s, p, salt, i), "CPU")
     if not _backend.CUDA_COMPILED and _backend.triton_available() and torch.cuda.is_available():
         from .triton.verify_block import verify_block as triton_verify_block
 
