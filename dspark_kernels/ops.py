@@ -159,6 +159,8 @@ def verify_block(
         _fail(op, f"max_num_draft must be >= 0, got {max_num_draft}")
 
     name = _backend.choose_backend(op, device, backend)
+    if name != "cpu" and _debug_checks_enabled(device):  # the C++ CPU kernel checks these itself
+        _check_verify_block_data(cu_num_draft, draft_tokens, vocab, int(max_num_draft))
     args = (target_logits, draft_tokens, cu_num_draft, draft_logits, draft_probs, temperature, top_k, top_p,
             seed, offset, int(max_num_draft))
     if name in ("cpu", "cuda"):
@@ -166,8 +168,6 @@ def verify_block(
             target_logits, draft_tokens, cu_num_draft, draft_logits=draft_logits, draft_probs=draft_probs,
             temperature=temperature, top_k=top_k, top_p=top_p, seed=seed, offset=offset,
             max_num_draft=int(max_num_draft))
-    if _debug_checks_enabled(device):
-        _check_verify_block_data(cu_num_draft, draft_tokens, vocab, int(max_num_draft))
     if name == "triton":
         from .triton.verify_block import verify_block as triton_verify_block
 
