@@ -3,6 +3,7 @@ CUDA build of torch are present.
 
 Environment:
   DSPARK_SKIP_CUDA_BUILD=1   build the CPU kernels only
+  DSPARK_REQUIRE_CUDA_BUILD=1  fail instead of building CPU-only when no toolkit is found (CI)
   TORCH_CUDA_ARCH_LIST        CUDA architectures (default "9.0a": H100/H200, wgmma)
   CUDA_HOME                   toolkit root (else the real path behind nvcc, else /usr/local/cuda)
   MAX_JOBS                    parallel compile jobs (default: from free memory, at most the cores)
@@ -52,6 +53,9 @@ def _extensions():
 
     cuda_home = None if os.environ.get("DSPARK_SKIP_CUDA_BUILD") == "1" else _find_cuda_home()
     with_cuda = cuda_home is not None and torch.version.cuda is not None
+    if os.environ.get("DSPARK_REQUIRE_CUDA_BUILD") == "1" and not with_cuda:
+        raise RuntimeError("DSPARK_REQUIRE_CUDA_BUILD=1 but no CUDA toolkit (nvcc) or no CUDA build of torch "
+                           f"was found (CUDA_HOME={cuda_home}, torch.version.cuda={torch.version.cuda})")
     if with_cuda:
         os.environ["CUDA_HOME"] = cuda_home
         cpp_extension.CUDA_HOME = cuda_home

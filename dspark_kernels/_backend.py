@@ -20,8 +20,14 @@ _load_error: str | None = None
 
 
 def _load_extension() -> bool:
+    """Load the compiled ops: $DSPARK_KERNELS_LIBRARY (e.g. the CMake build an engine
+    vendors) if set, else the extension built into the package."""
     global _load_error
-    candidates = sorted(glob.glob(os.path.join(_here, "_C*.so")) + glob.glob(os.path.join(_here, "_C*.pyd")))
+    override = os.environ.get("DSPARK_KERNELS_LIBRARY")
+    if override:
+        candidates = [override]
+    else:
+        candidates = sorted(glob.glob(os.path.join(_here, "_C*.so")) + glob.glob(os.path.join(_here, "_C*.pyd")))
     if not candidates:
         _load_error = "no compiled extension dspark_kernels/_C*.so (build with `pip install -e .`)"
         return False
