@@ -38,7 +38,7 @@ struct Row {
 struct RowStats {
   float threshold;
   float lse;
-  float log_prob(float s) const { return s >= threshold ? s - lse : kNegInf; }
+  float log_prob(float s) const { return filtered_log_prob(s, threshold, lse); }
 };
 
 // Threshold of top-k then top-p on scaled logits (sampling.h states the rule).
@@ -101,19 +101,33 @@ int64_t row_argmax(Row<T> row, int64_t V) {
   return a.index < 0 ? 0 : a.index;
 }
 
-// Gumbel race over the vocabulary; weight(v) returns a log-weight (-inf = excluded).
-template <typename F>
-int64_t gumbel_race(int64_t V, uint64_t seed, uint64_t position, F weight) {
+// Gumbel race over the vocabulary: argmax_v weight(v) + G_v, lowest index on ties.
+// bound(v) >= weight(v) is a cheap upper bound (log p for a residual); groups of
+// four whose bound cannot reach the running best skip the Philox call.
+template <typename B, typename F>
+int64_t gumbel_race(int64_t V, uint64_t seed, uint64_t position, B bound, F weight) {
+  const float gmax = gumbel_upper_bound();
   ArgMax a = argmax_init();
   for (int64_t base = 0; base < V; base += 4) {
-    const PhiloxWords words = random_words4(seed, position, kSaltResample, static_cast<uint32_t>(base));
     const int64_t end = std::min<int64_t>(base + 4, V);
+    bool live = false;
+    for (int64_t v = base; v < end; ++v) {
+      const float b = bound(v);
+      live |= b > kNegInf && b + gmax >= a.value;
+    }
+    if (!live) continue;
+    const PhiloxWords words = random_words4(seed, position, kSaltResample, static_cast<uint32_t>(base));
     for (int64_t v = base; v < end; ++v) {
       const float w = weight(v);
-      if (w > kNegInf) argmax_update(a, w + gumbel_from_word(words.w[v & 3]), v);
+      if (w > kNegInf && w + gmax >= a.value) argmax_update(a, w + gumbel_from_word(words.w[v & 3]), v);
     }
   }
   return a.index;
+}
+
+template <typename F>
+int64_t gumbel_race(int64_t V, uint64_t seed, uint64_t position, F weight) {
+  return gumbel_race(V, seed, position, weight, weight);
 }
 
 enum class DraftKind { kPointMass, kLogits, kProbs };
@@ -179,7 +193,8 @@ void verify_block_kernel(const at::Tensor& target_logits, const int32_t* drafts,
             out_row[accepted++] = static_cast<int32_t>(x);
             continue;
           }
-          emitted = gumbel_race(V, s, position, [&](int64_t v) { return residual_log_weight(log_p(v), log_q(v)); });
+          emitted = gumbel_race(V, s, position, log_p,  // the residual's weight is at most p's
+                                [&](int64_t v) { return residual_log_weight(log_p(v), log_q(v)); });
         }
         // Padding id, or a residual with no mass (p == q numerically): sample p.
         if (emitted < 0) emitted = gumbel_race(V, s, position, log_p);

@@ -21,7 +21,10 @@
 
 namespace dspark {
 
-#if defined(__CUDACC__) || defined(__CUDACC_RTC__)
+// Under nvcc the __host__ __device__ functions are also compiled for the host, where
+// the __int_as_float intrinsic does not exist; INFINITY (__builtin_inff) works on both
+// sides. NVRTC compiles device code only and has no <math.h>.
+#if defined(__CUDACC_RTC__)
 #define DSPARK_NEG_INF (-__int_as_float(0x7f800000))
 #else
 #define DSPARK_NEG_INF (-INFINITY)
@@ -30,6 +33,13 @@ namespace dspark {
 DSPARK_HD float gumbel_from_word(uint32_t word) {
   return -logf(-logf(uniform_from_word(word)));
 }
+
+// The largest Gumbel value any word can give (the largest uniform, 1 - 2^-24).
+// A race entry whose log-weight plus this cannot reach the running best cannot
+// win, so its noise need not be drawn: exact pruning that skips most of a
+// vocabulary once a likely token has been seen. (fp addition is monotone, so
+// w + g <= w + gumbel_upper_bound() for every word.)
+DSPARK_HD float gumbel_upper_bound() { return gumbel_from_word(0xffffffffu); }
 
 // Scaled logit: division (not multiplication by 1/T) so every backend rounds alike.
 DSPARK_HD float scale_logit(float logit, float temperature) { return logit / temperature; }
@@ -40,6 +50,13 @@ DSPARK_HD bool accept_token(float log_u, float log_p, float log_q) {
   if (!(log_p > DSPARK_NEG_INF)) return false;
   if (!(log_q > DSPARK_NEG_INF)) return true;
   return log_u < log_p - log_q;
+}
+
+// log p(v) of a filtered row from its scaled logit s: s - lse where s >= threshold
+// (the top-k / top-p cut, -inf when no filter), -inf elsewhere. A NaN (an all -inf
+// row gives lse = -inf) is never accepted and never wins a race.
+DSPARK_HD float filtered_log_prob(float s, float threshold, float lse) {
+  return s >= threshold ? s - lse : DSPARK_NEG_INF;
 }
 
 // log max(p - q, 0) from log p and log q; -inf where q >= p.
