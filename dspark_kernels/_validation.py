@@ -1,0 +1,60 @@
+"""Argument validation shared by every public wrapper: errors name the op and the
+argument, and say what was expected and what was given."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+_FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+_INT_DTYPES = (torch.int32, torch.int64)
+
+
+def _debug_checks_enabled(device: torch.device) -> bool:
+    return device.type == "cpu" or os.environ.get("DSPARK_DEBUG") == "1"
+
+
+def _fail(op: str, msg: str):
+    raise ValueError(f"{op}: {msg}")
+
+
+def _check_tensor(op, name, t, *, dim=None, dtypes=None, device=None, shape=None):
+    if not isinstance(t, torch.Tensor):
+        _fail(op, f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if dim is not None and t.dim() != dim:
+        _fail(op, f"{name} must be a {dim}-D tensor, got shape {tuple(t.shape)}")
+    if shape is not None and tuple(t.shape) != tuple(shape):
+        _fail(op, f"{name} must have shape {list(shape)}, got {tuple(t.shape)}")
+    if dtypes is not None and t.dtype not in dtypes:
+        _fail(op, f"{name} must have dtype in {[str(d).replace('torch.', '') for d in dtypes]}, got {t.dtype}")
+    if device is not None and t.device != device:
+        _fail(op, f"{name} must be on {device}, got {t.device}")
+
+
+def _per_request(op, name, value, batch, device, dtype):
+    """A per-request [B] tensor from a tensor, a Python scalar or None."""
+    if value is None:
+        return None
+    if not isinstance(value, torch.Tensor):
+        return torch.full((batch,), value, dtype=dtype, device=device)
+    _check_tensor(op, name, value, dim=1, shape=(batch,), device=device)
+    if value.dtype.is_floating_point != dtype.is_floating_point:
+        _fail(op, f"{name} must be a {'floating' if dtype.is_floating_point else 'integer'} tensor, got {value.dtype}")
+    return value
+
+
+def _default_seed_offset(op, seed, offset, batch, device):
+    if seed is None:
+        # From torch's default generator of the device: reproducible under
+        # torch.manual_seed, no host sync on CUDA.
+        seed = torch.randint(0, 2**62, (batch,), dtype=torch.int64, device=device)
+    elif not isinstance(seed, torch.Tensor):
+        seed = torch.full((batch,), int(seed), dtype=torch.int64, device=device)
+    if offset is None:
+        offset = torch.zeros(batch, dtype=torch.int64, device=device)
+    elif not isinstance(offset, torch.Tensor):
+        offset = torch.full((batch,), int(offset), dtype=torch.int64, device=device)
+    _check_tensor(op, "seed", seed, dim=1, shape=(batch,), dtypes=_INT_DTYPES, device=device)
+    _check_tensor(op, "offset", offset, dim=1, shape=(batch,), dtypes=_INT_DTYPES, device=device)
+    return seed, offset
