@@ -49,9 +49,18 @@ def _has_kernel(op: str, key: str) -> bool:
         return False
 
 
-# Read before any Python registration: True only for the compiled CUDA C++ kernel.
-CUDA_COMPILED = HAS_EXTENSION and _has_kernel("verify_block", "CUDA")
-CPU_COMPILED = HAS_EXTENSION and _has_kernel("verify_block", "CPU")
+def _compiled_kernels() -> dict[str, set[str]]:
+    """{op: {"CPU", "CUDA"}} of the compiled extension, read before any Python
+    registration (which may add a Triton impl under the CUDA key)."""
+    if not HAS_EXTENSION:
+        return {}
+    names = [n.split("::", 1)[1] for n in torch._C._dispatch_get_all_op_names() if n.startswith("dspark::")]
+    return {n: {k for k in ("CPU", "CUDA") if _has_kernel(n, k)} for n in names}
+
+
+COMPILED = _compiled_kernels()
+CUDA_COMPILED = "CUDA" in COMPILED.get("verify_block", ())
+CPU_COMPILED = "CPU" in COMPILED.get("verify_block", ())
 
 
 def triton_available() -> bool:
@@ -62,14 +71,14 @@ def triton_available() -> bool:
     return torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"
 
 
-def backends() -> dict[str, bool]:
-    """Which implementations can run here: {"reference", "cpu", "triton", "cuda"} -> bool."""
-    cuda_ok = torch.cuda.is_available()
+def backends(op: str = "verify_block") -> dict[str, bool]:
+    """Which implementations of `op` can run here: {"reference", "cpu", "triton", "cuda"} -> bool."""
+    kernels = COMPILED.get(op, set())
     return {
         "reference": True,
-        "cpu": CPU_COMPILED,
-        "triton": triton_available(),
-        "cuda": CUDA_COMPILED and cuda_ok,
+        "cpu": "CPU" in kernels,
+        "triton": triton_available() and os.path.exists(os.path.join(_here, "triton", f"{op}.py")),
+        "cuda": "CUDA" in kernels and torch.cuda.is_available(),
     }
 
 
@@ -84,7 +93,7 @@ def warn_once(key: str, message: str) -> None:
 
 def choose_backend(op: str, device: torch.device, backend: str | None) -> str:
     """The backend an op call runs on: the forced one, else the best available for `device`."""
-    available = backends()
+    available = backends(op)
     if backend is not None:
         if backend not in BACKENDS:
             raise ValueError(f"{op}: backend must be one of {BACKENDS} or None, got {backend!r}")
