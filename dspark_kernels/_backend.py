@@ -63,12 +63,21 @@ CUDA_COMPILED = "CUDA" in COMPILED.get("verify_block", ())
 CPU_COMPILED = "CPU" in COMPILED.get("verify_block", ())
 
 
-def triton_available() -> bool:
-    try:
-        import triton  # noqa: F401
-    except ImportError:
+def _triton_available() -> bool:
+    import importlib.util
+
+    if importlib.util.find_spec("triton") is None:
         return False
     return torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"
+
+
+# Fixed at import (not per call) so that the backend choice traces under torch.compile.
+TRITON_AVAILABLE = _triton_available()
+TRITON_OPS = frozenset(f[:-3] for f in os.listdir(os.path.join(_here, "triton")) if f.endswith(".py"))
+
+
+def triton_available() -> bool:
+    return TRITON_AVAILABLE
 
 
 def backends(op: str = "verify_block") -> dict[str, bool]:
@@ -77,7 +86,7 @@ def backends(op: str = "verify_block") -> dict[str, bool]:
     return {
         "reference": True,
         "cpu": "CPU" in kernels,
-        "triton": triton_available() and os.path.exists(os.path.join(_here, "triton", f"{op}.py")),
+        "triton": TRITON_AVAILABLE and op in TRITON_OPS,
         "cuda": "CUDA" in kernels and torch.cuda.is_available(),
     }
 
