@@ -74,6 +74,28 @@ inline float filter_threshold(std::vector<float>& s, int64_t top_k, float top_p)
   return threshold;
 }
 
+// Largest raw value of a row, -inf if none is larger (NaN never wins). Unit-stride
+// rows run over 16 independent lanes, which the compiler turns into vector max
+// instructions (`a > b ? a : b` is exactly maxps); other strides go element-wise.
+template <typename T>
+float row_max(Row<T> row, int64_t V) {
+  float best = kNegInf;
+  int64_t v = 0;
+  if (row.stride == 1) {
+    constexpr int kLanes = 16;
+    float lane[kLanes];
+    for (int j = 0; j < kLanes; ++j) lane[j] = kNegInf;
+    for (; v + kLanes <= V; v += kLanes)
+      for (int j = 0; j < kLanes; ++j) {
+        const float x = static_cast<float>(row.data[v + j]);
+        lane[j] = x > lane[j] ? x : lane[j];
+      }
+    for (int j = 0; j < kLanes; ++j) best = lane[j] > best ? lane[j] : best;
+  }
+  for (; v < V; ++v) best = row[v] > best ? row[v] : best;
+  return best;
+}
+
 template <typename T>
 RowStats row_stats(Row<T> row, int64_t V, float temperature, int64_t top_k, float top_p,
                    std::vector<float>& scratch) {
@@ -88,17 +110,25 @@ RowStats row_stats(Row<T> row, int64_t V, float temperature, int64_t top_k, floa
     st.lse = softmax_stats_lse(acc);
     return st;
   }
-  SoftmaxStats acc = softmax_stats_init();
-  for (int64_t v = 0; v < V; ++v) softmax_stats_update(acc, scale_logit(row[v], temperature));
-  st.lse = softmax_stats_lse(acc);
+  // Two passes, as the reference: m = max s (division by T > 0 is monotone, so it is
+  // the scaled raw maximum), then lse = m + log(sum exp(s - m)).
+  const float m = scale_logit(row_max(row, V), temperature);
+  if (!(m > kNegInf)) return st;
+  float sum = 0.f;
+  for (int64_t v = 0; v < V; ++v) sum += std::exp(scale_logit(row[v], temperature) - m);
+  st.lse = m + std::log(sum);
   return st;
 }
 
+// Greedy argmax (lowest index on ties; 0 for a row with no value above -inf):
+// the vectorised maximum, then the first index that holds it.
 template <typename T>
 int64_t row_argmax(Row<T> row, int64_t V) {
-  ArgMax a = argmax_init();
-  for (int64_t v = 0; v < V; ++v) argmax_update(a, row[v], v);
-  return a.index < 0 ? 0 : a.index;
+  const float best = row_max(row, V);
+  if (!(best > kNegInf)) return 0;
+  for (int64_t v = 0; v < V; ++v)
+    if (row[v] == best) return v;
+  return 0;
 }
 
 // Gumbel race over the vocabulary: argmax_v weight(v) + G_v, lowest index on ties.
@@ -145,7 +175,9 @@ void verify_block_kernel(const at::Tensor& target_logits, const int32_t* drafts,
   const int64_t ds0 = draft_dist ? draft_dist->stride(0) : 0, ds1 = draft_dist ? draft_dist->stride(1) : 0;
   const int64_t width = max_num_draft + 1;
 
-  at::parallel_for(0, B, 1, [&](int64_t b_begin, int64_t b_end) {
+  // Small problems run inline: opening a parallel region costs more than they do.
+  const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 16) / std::max<int64_t>(V, 1));
+  at::parallel_for(0, B, grain, [&](int64_t b_begin, int64_t b_end) {
     std::vector<float> scratch;
     for (int64_t b = b_begin; b < b_end; ++b) {
       const int64_t start = cu[b];
