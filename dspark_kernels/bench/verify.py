@@ -1,0 +1,399 @@
+"""`dspark-bench verify`: verify_block against eager PyTorch, the reference and the anchors.
+
+Cases: every preset (vocabulary) x batch size B x γ x dtype x mode, where mode is
+
+* ``greedy``              temperature None: accept while x == argmax p;
+* ``sample-pointmass``    T = 1, no draft distribution (q = one-hot at the draft);
+* ``sample-draft-logits`` T = 1, q = softmax(draft_logits) (same dtype as the target);
+* ``sample-draft-probs``  T = 1, q = draft_probs (float32, as engines hold them).
+
+Inputs are built so that the first rejection lands mid-block: every target row
+has a peak token of probability about 0.75 over a N(0, 1) tail; the draft row is
+the target row plus N(0, 0.5²) noise with its peak at about 0.9, and the drafts are
+sampled from the draft row. Per position that accepts about 0.9 (greedy), 0.8
+(draft logits/probs) and 0.7 (point mass); the table's ``acc`` column is the mean
+number of accepted drafts per request measured on these inputs.
+
+Correctness is checked once per case before timing, on integer outputs:
+every backend against the reference on the whole batch when the reference is
+cheap (``B·(γ+1)·V <= --reference-cap``), else against the cpu backend (on CPU
+copies of the inputs); and, at the first batch size of each case group, against
+the reference on a one-request slice (valid because results do not depend on
+batch composition). Eager and the anchors use torch's RNG, not our Philox
+streams: their greedy outputs must match ours, sampled outputs are not compared.
+
+Bytes (the fewest an op must move; ``GB/s`` and ``%ceil`` use this)::
+
+    bytes_min = (N + B)·V·s_t                  every target row read once
+              + N·V·s_d                        draft_logits / draft_probs, if given
+              + 4N + 4(B+1) + 16B (+4B)        draft ids, cu offsets, seed+offset (+temperature)
+              + 4B(γ+1) + 4B                   output_tokens, num_accepted
+
+with ``N = B·γ``, ``s_t``/``s_d`` the element sizes. The lazy kernels read only
+the rows up to the first rejection (and the sampled row again for its race), so
+they may move less: ``bytes_lazy`` (JSON only) counts ``Σ_b (a_b + 1)`` target rows
+and ``Σ_b min(a_b + 1, n_b)`` draft rows for the measured accept counts ``a_b``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+import dspark_kernels
+
+from . import timing
+from .baselines import Unavailable, eager_verify_block, flashinfer_chain, vllm_rejection
+from .presets import DEFAULT_BATCHES, DEFAULT_GAMMA, DTYPES, QUICK_BATCHES, QUICK_VOCAB, VOCAB_PRESETS
+from .report import new_case
+
+NAME = "verify"
+HELP = "verify_block: lossless batched acceptance, vs eager PyTorch, the reference and the anchors"
+
+MODES = ("greedy", "sample-pointmass", "sample-draft-logits", "sample-draft-probs")
+DEFAULT_MODES = ("greedy", "sample-pointmass", "sample-draft-logits")
+OWN = ("cuda", "triton", "cpu", "reference")
+BASELINES = ("eager", "flashinfer", "vllm")
+ALL_BACKENDS = OWN + BASELINES
+REFERENCE_CAP = 2e6
+
+# Input model (see the module docstring).
+TARGET_PEAK = 0.75
+DRAFT_PEAK = 0.9
+DRAFT_NOISE = 0.5
+
+
+def add_arguments(p) -> None:
+    p.add_argument("--preset", nargs="+", choices=sorted(VOCAB_PRESETS), metavar="NAME",
+                   help=f"vocabulary presets (default: all): {', '.join(f'{k}={v}' for k, v in VOCAB_PRESETS.items())}")
+    p.add_argument("--vocab", type=int, nargs="+", metavar="V", help="custom vocabulary sizes (added to --preset)")
+    p.add_argument("--batch", type=int, nargs="+", metavar="B", help=f"batch sizes (default {list(DEFAULT_BATCHES)})")
+    p.add_argument("--gamma", type=int, nargs="+", metavar="G", help=f"drafts per request (default {DEFAULT_GAMMA})")
+    p.add_argument("--dtype", nargs="+", choices=sorted(DTYPES),
+                   help="target logits dtype (default fp32 on CPU, bf16 on GPU)")
+    p.add_argument("--mode", nargs="+", choices=MODES + ("all",), help=f"(default {' '.join(DEFAULT_MODES)})")
+    p.add_argument("--backend", nargs="+", choices=ALL_BACKENDS, metavar="NAME",
+                   help=f"implementations to time: {', '.join(ALL_BACKENDS)} (default: every one that runs here)")
+    p.add_argument("--reference-cap", type=float, default=REFERENCE_CAP,
+                   help="time the reference only when B*(γ+1)*V is at most this (default %(default).0e)")
+
+
+@dataclass(frozen=True)
+class Group:
+    preset: str
+    vocab: int
+    gamma: int
+    dtype: str
+    mode: str
+
+    def label(self) -> str:
+        return f"{self.preset} V={self.vocab} γ={self.gamma} {self.dtype} {self.mode}"
+
+
+def plan(args, device: torch.device) -> tuple[list[Group], list[int]]:
+    if args.quick:
+        presets = [("quick", QUICK_VOCAB)]
+        batches = list(args.batch or QUICK_BATCHES)
+        modes = list(args.mode or MODES)
+    else:
+        presets = [(p, VOCAB_PRESETS[p]) for p in (args.preset or ([] if args.vocab else list(VOCAB_PRESETS)))]
+        batches = list(args.batch or DEFAULT_BATCHES)
+        modes = list(args.mode or DEFAULT_MODES)
+    presets += [(f"custom-{v}", v) for v in (args.vocab or [])]
+    if "all" in modes:
+        modes = list(MODES)
+    gammas = list(args.gamma or [DEFAULT_GAMMA])
+    dtypes = list(args.dtype or (["bf16"] if device.type == "cuda" else ["fp32"]))
+    groups = [Group(p, v, g, dt, m) for (p, v) in presets for g in gammas for dt in dtypes for m in modes]
+    return groups, sorted(set(batches))
+
+
+# --------------------------------------------------------------------------- inputs
+
+
+def make_inputs(group: Group, batch: int, device: torch.device, seed: int) -> dict:
+    """Inputs of one case (see the module docstring for the distribution)."""
+    B, g, V = batch, group.gamma, group.vocab
+    N, T = B * g, B * g + B
+    gen = torch.Generator(device=device).manual_seed(seed)
+    z = torch.randn(T, V, generator=gen, device=device)
+    rows = torch.arange(T, device=device)
+    peak = torch.randint(0, V, (T,), generator=gen, device=device)
+    tail = math.log(V) + 0.5                       # log E[sum over the tail of e^z]
+    boost_t = math.log(TARGET_PEAK / (1 - TARGET_PEAK)) + tail
+    z[rows, peak] = boost_t
+    req = torch.arange(B, device=device).repeat_interleave(g)
+    tgt_row = torch.arange(N, device=device) + req
+    d = z[tgt_row] + DRAFT_NOISE * torch.randn(N, V, generator=gen, device=device)
+    boost_d = math.log(DRAFT_PEAK / (1 - DRAFT_PEAK)) + tail + DRAFT_NOISE**2 / 2
+    d[torch.arange(N, device=device), peak[tgt_row]] = boost_d
+    u = torch.rand(N, V, generator=gen, device=device).clamp_(min=1e-20)
+    drafts = torch.argmax(d - torch.log(-torch.log(u)), dim=-1).to(torch.int32)  # x ~ softmax(d)
+    del u
+    dtype = DTYPES[group.dtype]
+    sampling = group.mode != "greedy"
+    inputs = {
+        "batch": B, "gamma": g, "vocab": V, "num_draft": N, "max_num_draft": g,
+        "target_logits": z.to(dtype),
+        "draft_tokens": drafts,
+        "cu_num_draft": (torch.arange(B + 1, device=device) * g).to(torch.int32),
+        "draft_logits": d.to(dtype) if group.mode == "sample-draft-logits" else None,
+        "draft_probs": torch.softmax(d, dim=-1) if group.mode == "sample-draft-probs" else None,
+        "temperature": torch.ones(B, device=device) if sampling else None,
+        "seed": torch.arange(B, device=device, dtype=torch.int64) + 7919 * seed,
+        "offset": torch.randint(0, 2**20, (B,), generator=gen, device=device, dtype=torch.int64),
+    }
+    return inputs
+
+
+_BIG = ("target_logits", "draft_logits", "draft_probs")
+
+
+def input_bytes(inp: dict) -> int:
+    return sum(inp[k].numel() * inp[k].element_size() for k in _BIG if inp.get(k) is not None)
+
+
+def rotate(inp: dict, copies: int) -> list[dict]:
+    """``copies`` input sets with their own copies of the large tensors (same values)."""
+    out = [inp]
+    for _ in range(copies - 1):
+        c = dict(inp)
+        for k in _BIG:
+            if inp.get(k) is not None:
+                c[k] = inp[k].clone()
+        out.append(c)
+    return out
+
+
+def slice_first_request(inp: dict) -> dict:
+    g = inp["gamma"]
+    s = dict(inp, batch=1, num_draft=g)
+    s["target_logits"] = inp["target_logits"][: g + 1]
+    s["draft_tokens"] = inp["draft_tokens"][:g]
+    s["cu_num_draft"] = inp["cu_num_draft"][:2]
+    for k in ("draft_logits", "draft_probs"):
+        s[k] = inp[k][:g] if inp.get(k) is not None else None
+    for k in ("temperature", "seed", "offset"):
+        s[k] = inp[k][:1] if inp.get(k) is not None else None
+    return s
+
+
+def to_cpu(inp: dict) -> dict:
+    return {k: (v.cpu() if isinstance(v, torch.Tensor) else v) for k, v in inp.items()}
+
+
+def _row_bytes(inp: dict) -> tuple[int, int]:
+    """Bytes of one target row and of one draft-distribution row (0 without one)."""
+    V = inp["vocab"]
+    draft = sum(V * inp[k].element_size() for k in ("draft_logits", "draft_probs") if inp.get(k) is not None)
+    return V * inp["target_logits"].element_size(), draft
+
+
+def _small_bytes(inp: dict) -> int:
+    B, N, M = inp["batch"], inp["num_draft"], inp["max_num_draft"]
+    total = 4 * N + 4 * (B + 1) + 16 * B + (4 * B if inp.get("temperature") is not None else 0)
+    return total + 4 * B * (M + 1) + 4 * B
+
+
+def min_bytes(inp: dict) -> int:
+    """The fewest bytes verify_block must move (module docstring)."""
+    target_row, draft_row = _row_bytes(inp)
+    return (inp["num_draft"] + inp["batch"]) * target_row + inp["num_draft"] * draft_row + _small_bytes(inp)
+
+
+def lazy_bytes(inp: dict, num_accepted: torch.Tensor) -> int:
+    """Bytes a lazy kernel must move given the accept counts (module docstring)."""
+    a = num_accepted.cpu().to(torch.int64)
+    n = (inp["cu_num_draft"][1:] - inp["cu_num_draft"][:-1]).cpu().to(torch.int64)
+    target_row, draft_row = _row_bytes(inp)
+    return int((a + 1).sum()) * target_row + int(torch.minimum(a + 1, n).sum()) * draft_row + _small_bytes(inp)
+
+
+# --------------------------------------------------------------------------- runners
+
+
+def own_runner(name: str):
+    def run(inp: dict):
+        return dspark_kernels.verify_block(
+            inp["target_logits"], inp["draft_tokens"], inp["cu_num_draft"], draft_logits=inp["draft_logits"],
+            draft_probs=inp["draft_probs"], temperature=inp["temperature"], seed=inp["seed"], offset=inp["offset"],
+            max_num_draft=inp["max_num_draft"], backend=name)
+    return run
+
+
+def eager_runner(inp: dict):
+    return eager_verify_block(inp["target_logits"], inp["draft_tokens"], inp["cu_num_draft"],
+                              draft_logits=inp["draft_logits"], draft_probs=inp["draft_probs"],
+                              temperature=inp["temperature"], max_num_draft=inp["max_num_draft"])
+
+
+def _same(a: tuple, b: tuple) -> bool:
+    return torch.equal(a[0].cpu(), b[0].cpu()) and torch.equal(a[1].cpu(), b[1].cpu())
+
+
+def _short(exc: BaseException) -> str:
+    msg = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    return f"{type(exc).__name__}: {msg}"[:160]
+
+
+def select_backends(args, device: torch.device) -> tuple[list[str], bool]:
+    """Backends to report, and whether the list was given explicitly."""
+    if args.backend:
+        return list(dict.fromkeys(args.backend)), True
+    if device.type == "cuda":
+        return ["cuda", "triton", "reference", "eager", "flashinfer", "vllm"], False
+    return ["cpu", "triton", "reference", "eager"], False
+
+
+def _availability(name: str, device: torch.device, explicit: bool, group: Group, batch: int,
+                  reference_cap: float) -> tuple[str, str] | None:
+    """(status, note) when `name` is not run for this case, else None."""
+    if name in BASELINES:
+        return None
+    avail = dspark_kernels.backends()
+    if name == "triton" and device.type == "cpu":
+        if not explicit:
+            return "skipped", "Triton interpreter on CPU: far too slow to mean anything (--backend triton forces it)"
+        if not avail["triton"]:
+            return "n/a", "Triton on CPU needs TRITON_INTERPRET=1"
+    if name == "cuda" and device.type != "cuda":
+        return "n/a", "needs a CUDA device"
+    if name == "cpu" and device.type != "cpu":
+        return "n/a", "cpu backend runs on CPU tensors (use --device cpu)"
+    if not avail.get(name, False):
+        return "n/a", "backend not available here (not built / no triton)"
+    if name == "reference":
+        work = batch * (group.gamma + 1) * group.vocab
+        if work > reference_cap:
+            return "skipped", f"reference too slow: B*(γ+1)*V = {work:.2g} > {reference_cap:.0e}"
+    return None
+
+
+def run(args, ctx) -> list[dict]:
+    device = ctx.device
+    groups, batches = plan(args, device)
+    names, explicit = select_backends(args, device)
+    cpu_ok = dspark_kernels.backends()["cpu"]
+    ceiling = ctx.ceiling_GBps()
+    cases: list[dict] = []
+    progress = ctx.progress(len(groups) * len(batches), NAME)
+    case_seed = args.seed
+    for group in groups:
+        for bi, batch in enumerate(batches):
+            progress.step(f"{group.label()} B={batch}")
+            case_seed += 1
+            try:
+                cases += _run_case(args, ctx, group, batch, names, explicit, cpu_ok, ceiling, case_seed,
+                                   slice_check=(bi == 0))
+            except torch.cuda.OutOfMemoryError as exc:  # one too-large case must not stop the sweep
+                torch.cuda.empty_cache()
+                cases.append(new_case(op=NAME, group=group.label(), preset=group.preset, vocab=group.vocab,
+                                      batch=batch, gamma=group.gamma, dtype=group.dtype, mode=group.mode,
+                                      backend="*", status="error", note=_short(exc)))
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+    progress.close()
+    return cases
+
+
+def _run_case(args, ctx, group: Group, batch: int, names: list[str], explicit: bool, cpu_ok: bool,
+              ceiling: float | None, seed: int, slice_check: bool) -> list[dict]:
+    device = ctx.device
+    inp = make_inputs(group, batch, device, seed)
+    base = dict(op=NAME, group=group.label(), preset=group.preset, vocab=group.vocab, batch=batch,
+                gamma=group.gamma, dtype=group.dtype, mode=group.mode, bytes=min_bytes(inp))
+
+    # ---- reference outputs for the checks
+    ref_ok = _availability("reference", device, False, group, batch, args.reference_cap) is None
+    check_full, check_name = None, None
+    if ref_ok:
+        check_full, check_name = own_runner("reference")(inp), "reference"
+    elif cpu_ok:
+        check_full, check_name = own_runner("cpu")(to_cpu(inp)), "cpu"
+    ref_slice = sl = None
+    if slice_check and not ref_ok:
+        sl = slice_first_request(inp)
+        ref_slice = own_runner("reference")(sl)
+    accepted = check_full[1] if check_full is not None else None
+    base["bytes_lazy"] = lazy_bytes(inp, accepted) if accepted is not None else None
+
+    copies = timing.rotation_copies(input_bytes(inp), device)
+    inputs = rotate(inp, copies)
+
+    cases: list[dict] = []
+    for name in names:
+        case = new_case(**base, backend=name)
+        cases.append(case)
+        why = _availability(name, device, explicit, group, batch, args.reference_cap)
+        if why is not None:
+            case["status"], case["note"] = why
+            continue
+        try:
+            if name in OWN:
+                fn = own_runner(name)
+            elif name == "eager":
+                fn = eager_runner
+            else:
+                fn = (flashinfer_chain if name == "flashinfer" else vllm_rejection)(inp, group.mode)
+            out = fn(inp)
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+        except Unavailable as exc:
+            case["status"], case["note"] = "n/a", str(exc)
+            continue
+        except ImportError as exc:
+            case["status"], case["note"] = "n/a", _short(exc)
+            continue
+        except Exception as exc:  # noqa: BLE001 - reported in the table, the sweep goes on
+            case["status"], case["note"] = "error", _short(exc)
+            continue
+        case["mean_accepted"] = float(out[1].float().mean())
+        checks, notes = [], []
+        if name in OWN:
+            if check_full is not None and name != check_name:
+                checks.append(_same(out, check_full))
+                notes.append(f"= {check_name}")
+            if ref_slice is not None and name != "reference":
+                checks.append(_same(fn(sl), ref_slice))
+                notes.append("= reference (1-request slice)")
+        elif group.mode == "greedy" and check_full is not None:
+            checks.append(_same(out, check_full))
+            notes.append(f"greedy = {check_name}")
+        else:
+            notes.append("torch RNG: not compared")
+        case["correct"] = all(checks) if checks else None
+        try:
+            t = _time(ctx, name, fn, inputs)
+        except Exception as exc:  # noqa: BLE001
+            case["status"], case["note"] = "error", "timing: " + _short(exc)
+            continue
+        case.update(status="ok", note="; ".join(notes), median_s=t.median_s, p20_s=t.p20_s, p80_s=t.p80_s, n=t.n,
+                    method=t.method, copies=t.copies)
+        case["GBps"] = base["bytes"] / t.median_s / 1e9
+        case["pct_ceiling"] = 100.0 * case["GBps"] / ceiling if ceiling else None
+
+    times = {c["backend"]: c["median_s"] for c in cases if c["status"] == "ok"}
+    for c in cases:
+        if c["status"] == "ok":
+            c["speedup_vs_reference"] = times["reference"] / c["median_s"] if "reference" in times else None
+            c["speedup_vs_eager"] = times["eager"] / c["median_s"] if "eager" in times else None
+    return cases
+
+
+def _time(ctx, name: str, fn, inputs: list[dict]) -> timing.Timing:
+    if ctx.device.type == "cuda" and name != "reference":
+        return timing.time_cuda(lambda i: fn(inputs[i]), copies=len(inputs), repeat=ctx.repeat,
+                                max_time=ctx.max_time, graph=ctx.graph)
+
+    def sync_call(i):
+        out = fn(inputs[i])
+        if ctx.device.type == "cuda":
+            torch.cuda.synchronize()
+        return out
+
+    if name == "reference":  # slow: the check call was its warm-up, and two timed calls will do
+        return timing.time_cpu(sync_call, copies=len(inputs), repeat=ctx.repeat, max_time=ctx.max_time, warmup=0,
+                               min_repeat=2)
+    return timing.time_cpu(sync_call, copies=len(inputs), repeat=ctx.repeat, max_time=ctx.max_time)
