@@ -16,6 +16,7 @@
 #include <limits>
 #include <vector>
 
+#include "cpu/row_ops.h"
 #include "dspark/philox.h"
 #include "dspark/sampling.h"
 #include "verify_block.h"
@@ -25,14 +26,6 @@ namespace {
 
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 
-// One strided row of logits or probabilities, read as fp32.
-template <typename T>
-struct Row {
-  const T* data;
-  int64_t stride;
-  float operator[](int64_t v) const { return static_cast<float>(data[v * stride]); }
-};
-
 // Statistics of one temperature-scaled, filtered row: keep s >= threshold,
 // log p(v) = s_v - lse for kept v.
 struct RowStats {
@@ -40,61 +33,6 @@ struct RowStats {
   float lse;
   float log_prob(float s) const { return filtered_log_prob(s, threshold, lse); }
 };
-
-// Threshold of top-k then top-p on scaled logits (sampling.h states the rule).
-inline float filter_threshold(std::vector<float>& s, int64_t top_k, float top_p) {
-  const int64_t V = static_cast<int64_t>(s.size());
-  float threshold = kNegInf;
-  if (top_k_active(top_k, V)) {
-    std::vector<float> tmp(s);
-    std::nth_element(tmp.begin(), tmp.begin() + (top_k - 1), tmp.end(), std::greater<float>());
-    threshold = tmp[top_k - 1];
-  }
-  if (top_p_active(top_p)) {
-    std::vector<float> kept;
-    kept.reserve(s.size());
-    for (float x : s)
-      if (x >= threshold && x > kNegInf) kept.push_back(x);
-    if (!kept.empty()) {
-      std::sort(kept.begin(), kept.end(), std::greater<float>());
-      const float m = kept[0];
-      double total = 0.0;
-      for (float x : kept) total += static_cast<double>(std::exp(x - m));
-      const double target = static_cast<double>(top_p) * total;
-      double cum = 0.0;
-      for (float x : kept) {
-        cum += static_cast<double>(std::exp(x - m));
-        if (cum >= target) {
-          threshold = std::max(threshold, x);
-          break;
-        }
-      }
-    }
-  }
-  return threshold;
-}
-
-// Largest raw value of a row, -inf if none is larger (NaN never wins). Unit-stride
-// rows run over 16 independent lanes, which the compiler turns into vector max
-// instructions (`a > b ? a : b` is exactly maxps); other strides go element-wise.
-template <typename T>
-float row_max(Row<T> row, int64_t V) {
-  float best = kNegInf;
-  int64_t v = 0;
-  if (row.stride == 1) {
-    constexpr int kLanes = 16;
-    float lane[kLanes];
-    for (int j = 0; j < kLanes; ++j) lane[j] = kNegInf;
-    for (; v + kLanes <= V; v += kLanes)
-      for (int j = 0; j < kLanes; ++j) {
-        const float x = static_cast<float>(row.data[v + j]);
-        lane[j] = x > lane[j] ? x : lane[j];
-      }
-    for (int j = 0; j < kLanes; ++j) best = lane[j] > best ? lane[j] : best;
-  }
-  for (; v < V; ++v) best = row[v] > best ? row[v] : best;
-  return best;
-}
 
 template <typename T>
 RowStats row_stats(Row<T> row, int64_t V, float temperature, int64_t top_k, float top_p,
@@ -114,21 +52,12 @@ RowStats row_stats(Row<T> row, int64_t V, float temperature, int64_t top_k, floa
   // the scaled raw maximum), then lse = m + log(sum exp(s - m)).
   const float m = scale_logit(row_max(row, V), temperature);
   if (!(m > kNegInf)) return st;
-  float sum = 0.f;
-  for (int64_t v = 0; v < V; ++v) sum += std::exp(scale_logit(row[v], temperature) - m);
-  st.lse = m + std::log(sum);
+  // fp64 accumulation: a sequential fp32 sum over 10^5 terms drifts by ~1e-5,
+  // enough to flip accept decisions against the reference's pairwise sum.
+  double sum = 0.0;
+  for (int64_t v = 0; v < V; ++v) sum += static_cast<double>(std::exp(scale_logit(row[v], temperature) - m));
+  st.lse = m + static_cast<float>(std::log(sum));
   return st;
-}
-
-// Greedy argmax (lowest index on ties; 0 for a row with no value above -inf):
-// the vectorised maximum, then the first index that holds it.
-template <typename T>
-int64_t row_argmax(Row<T> row, int64_t V) {
-  const float best = row_max(row, V);
-  if (!(best > kNegInf)) return 0;
-  for (int64_t v = 0; v < V; ++v)
-    if (row[v] == best) return v;
-  return 0;
 }
 
 // Gumbel race over the vocabulary: argmax_v weight(v) + G_v, lowest index on ties.
@@ -136,23 +65,7 @@ int64_t row_argmax(Row<T> row, int64_t V) {
 // four whose bound cannot reach the running best skip the Philox call.
 template <typename B, typename F>
 int64_t gumbel_race(int64_t V, uint64_t seed, uint64_t position, B bound, F weight) {
-  const float gmax = gumbel_upper_bound();
-  ArgMax a = argmax_init();
-  for (int64_t base = 0; base < V; base += 4) {
-    const int64_t end = std::min<int64_t>(base + 4, V);
-    bool live = false;
-    for (int64_t v = base; v < end; ++v) {
-      const float b = bound(v);
-      live |= b > kNegInf && b + gmax >= a.value;
-    }
-    if (!live) continue;
-    const PhiloxWords words = random_words4(seed, position, kSaltResample, static_cast<uint32_t>(base));
-    for (int64_t v = base; v < end; ++v) {
-      const float w = weight(v);
-      if (w > kNegInf && w + gmax >= a.value) argmax_update(a, w + gumbel_from_word(words.w[v & 3]), v);
-    }
-  }
-  return a.index;
+  return gumbel_race_salted(V, seed, position, kSaltResample, bound, weight);  // cpu/row_ops.h
 }
 
 template <typename F>
@@ -266,6 +179,8 @@ std::tuple<at::Tensor, at::Tensor> verify_block_cpu(
 
   // Small per-request tensors: normalise dtype and layout (cheap copies).
   const at::Tensor cu = cu_num_draft.to(at::kInt).contiguous();
+  // Range-check the ids before narrowing, so an int64 id like 2^32 + 5 cannot pass as 5.
+  const at::Tensor drafts_wide = draft_tokens.to(at::kLong).contiguous();
   const at::Tensor drafts = draft_tokens.to(at::kInt).contiguous();
   const at::Tensor seed_c = seed.to(at::kLong).contiguous();
   const at::Tensor offset_c = offset.to(at::kLong).contiguous();
@@ -285,10 +200,11 @@ std::tuple<at::Tensor, at::Tensor> verify_block_cpu(
     DSPARK_CHECK(n <= max_num_draft, op, "request ", b, " has ", n, " drafts, more than max_num_draft = ",
                  max_num_draft);
   }
-  const int32_t* d_p = drafts.const_data_ptr<int32_t>();
+  const int64_t* dw_p = drafts_wide.const_data_ptr<int64_t>();
   for (int64_t i = 0; i < N; ++i)
-    DSPARK_CHECK(d_p[i] >= -1 && d_p[i] < V, op, "draft_tokens[", i, "] = ", d_p[i],
+    DSPARK_CHECK(dw_p[i] >= -1 && dw_p[i] < V, op, "draft_tokens[", i, "] = ", dw_p[i],
                  " is outside [-1, V) with V = ", V);
+  const int32_t* d_p = drafts.const_data_ptr<int32_t>();
 
   at::Tensor out = at::full({B, max_num_draft + 1}, -1, target_logits.options().dtype(at::kInt));
   at::Tensor num_accepted = at::empty({B}, target_logits.options().dtype(at::kInt));

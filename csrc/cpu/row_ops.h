@@ -1,0 +1,122 @@
+// Row helpers shared by the CPU kernels (verify_block, draft_sample_block): strided
+// fp32 reads of a logits row, the top-k / top-p threshold, the vectorised row max /
+// argmax and the pruned Gumbel race. The rules themselves are the __host__ __device__
+// functions of dspark/sampling.h; this header only adds host-side loops over a row.
+#pragma once
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <functional>
+#include <limits>
+#include <vector>
+
+#include "dspark/philox.h"
+#include "dspark/sampling.h"
+
+namespace dspark {
+
+// One strided row of logits or probabilities, read as fp32.
+template <typename T>
+struct Row {
+  const T* data;
+  int64_t stride;
+  float operator[](int64_t v) const { return static_cast<float>(data[v * stride]); }
+};
+
+// Threshold of top-k then top-p on scaled logits (sampling.h states the rule).
+inline float filter_threshold(std::vector<float>& s, int64_t top_k, float top_p) {
+  constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+  const int64_t V = static_cast<int64_t>(s.size());
+  float threshold = kNegInf;
+  if (top_k_active(top_k, V)) {
+    std::vector<float> tmp(s);
+    std::nth_element(tmp.begin(), tmp.begin() + (top_k - 1), tmp.end(), std::greater<float>());
+    threshold = tmp[top_k - 1];
+  }
+  if (top_p_active(top_p)) {
+    std::vector<float> kept;
+    kept.reserve(s.size());
+    for (float x : s)
+      if (x >= threshold && x > kNegInf) kept.push_back(x);
+    if (!kept.empty()) {
+      std::sort(kept.begin(), kept.end(), std::greater<float>());
+      const float m = kept[0];
+      double total = 0.0;
+      for (float x : kept) total += static_cast<double>(std::exp(x - m));
+      const double target = static_cast<double>(top_p) * total;
+      double cum = 0.0;
+      for (float x : kept) {
+        cum += static_cast<double>(std::exp(x - m));
+        if (cum >= target) {
+          threshold = std::max(threshold, x);
+          break;
+        }
+      }
+    }
+  }
+  return threshold;
+}
+
+// Largest raw value of a row, -inf if none is larger (NaN never wins). Unit-stride
+// rows run over 16 independent lanes, which the compiler turns into vector max
+// instructions (`a > b ? a : b` is exactly maxps); other strides go element-wise.
+template <typename T>
+float row_max(Row<T> row, int64_t V) {
+  constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+  float best = kNegInf;
+  int64_t v = 0;
+  if (row.stride == 1) {
+    constexpr int kLanes = 16;
+    float lane[kLanes];
+    for (int j = 0; j < kLanes; ++j) lane[j] = kNegInf;
+    for (; v + kLanes <= V; v += kLanes)
+      for (int j = 0; j < kLanes; ++j) {
+        const float x = static_cast<float>(row.data[v + j]);
+        lane[j] = x > lane[j] ? x : lane[j];
+      }
+    for (int j = 0; j < kLanes; ++j) best = lane[j] > best ? lane[j] : best;
+  }
+  for (; v < V; ++v) best = row[v] > best ? row[v] : best;
+  return best;
+}
+
+// Greedy argmax (lowest index on ties; 0 for a row with no value above -inf):
+// the vectorised maximum, then the first index that holds it.
+template <typename T>
+int64_t row_argmax(Row<T> row, int64_t V) {
+  constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+  const float best = row_max(row, V);
+  if (!(best > kNegInf)) return 0;
+  for (int64_t v = 0; v < V; ++v)
+    if (row[v] == best) return v;
+  return 0;
+}
+
+// Gumbel race over the vocabulary on the stream `salt`: argmax_v weight(v) + G_v,
+// lowest index on ties, -1 when no weight is finite. bound(v) >= weight(v) is a cheap
+// upper bound; groups of four whose bound cannot reach the running best skip the
+// Philox call (exact: w + G <= w + gumbel_upper_bound() for every word).
+template <typename B, typename F>
+int64_t gumbel_race_salted(int64_t V, uint64_t seed, uint64_t position, uint32_t salt, B bound, F weight) {
+  constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+  const float gmax = gumbel_upper_bound();
+  ArgMax a = argmax_init();
+  for (int64_t base = 0; base < V; base += 4) {
+    const int64_t end = std::min<int64_t>(base + 4, V);
+    bool live = false;
+    for (int64_t v = base; v < end; ++v) {
+      const float b = bound(v);
+      live |= b > kNegInf && b + gmax >= a.value;
+    }
+    if (!live) continue;
+    const PhiloxWords words = random_words4(seed, position, salt, static_cast<uint32_t>(base));
+    for (int64_t v = base; v < end; ++v) {
+      const float w = weight(v);
+      if (w > kNegInf && w + gmax >= a.value) argmax_update(a, w + gumbel_from_word(words.w[v & 3]), v);
+    }
+  }
+  return a.index;
+}
+
+}  // namespace dspark

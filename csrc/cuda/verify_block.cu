@@ -1,0 +1,179 @@
+// verify_block on CUDA: argument checks, workspace, dtype dispatch and the launches
+// of the kernels in dspark/verify_block.cuh (the pipeline is described there).
+// No host sync: every size comes from shapes, every per-request value stays on the
+// device, and the call can be captured in a CUDA graph.
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/full.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+
+#include <cstdint>
+#include <limits>
+
+#include "dspark/verify_block.cuh"
+#include "verify_block.h"
+
+namespace dspark {
+namespace {
+
+constexpr const char* kOp = "verify_block";
+
+// Calls f(tag) with the element tag of a logits / probabilities tensor.
+template <class F>
+void dispatch_float_type(at::ScalarType type, const char* name, F&& f) {
+  switch (type) {
+    case at::kFloat: f(vb::F32()); break;
+    case at::kHalf: f(vb::F16()); break;
+    case at::kBFloat16: f(vb::BF16()); break;
+    default:
+      TORCH_CHECK(false, kOp, ": ", name, " must be float32, float16 or bfloat16, got ", type);
+  }
+}
+
+vb::IntArray int_array(const at::Tensor& t) {
+  vb::IntArray a;
+  a.ptr = t.const_data_ptr();
+  a.is_int64 = t.scalar_type() == at::kLong ? 1 : 0;
+  return a;
+}
+
+// Rows can be read 16 bytes at a time: aligned base and a row stride of whole 16 bytes.
+bool rows_vectorizable(const at::Tensor& t) {
+  const int64_t row_bytes = t.stride(0) * static_cast<int64_t>(t.element_size());
+  return reinterpret_cast<uintptr_t>(t.const_data_ptr()) % 16 == 0 && row_bytes % 16 == 0;
+}
+
+void check_vocab_stride(const at::Tensor& t, const char* name) {
+  TORCH_CHECK(t.size(1) <= 1 || t.stride(1) == 1, kOp, ": ", name,
+              " must have stride 1 along the vocabulary (rows may be strided), got strides ", t.strides(),
+              " for shape ", t.sizes(), "; pass ", name, ".contiguous()");
+}
+
+int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+int64_t align_up(int64_t a, int64_t b) { return ceil_div(a, b) * b; }
+
+template <class TT, class DT>
+void launch(const vb::Params& p, int64_t stat_rows, bool with_filters, bool sampling, cudaStream_t stream) {
+  vb::stats_kernel<TT, DT><<<dim3(static_cast<unsigned>(stat_rows), static_cast<unsigned>(p.num_splits)),
+                             vb::kStatsThreads, 0, stream>>>(p);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  if (with_filters) {
+    vb::filter_kernel<TT, DT><<<static_cast<unsigned>(stat_rows), vb::kFilterThreads, 0, stream>>>(p);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+  vb::walk_kernel<TT, DT><<<static_cast<unsigned>(p.B), vb::kWalkThreads, 0, stream>>>(p);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  if (sampling) {
+    vb::race_kernel<TT, DT><<<dim3(static_cast<unsigned>(p.B), static_cast<unsigned>(p.num_race_splits)),
+                              vb::kRaceThreads, 0, stream>>>(p);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    vb::finish_kernel<<<static_cast<unsigned>(p.B), vb::kFinishThreads, 0, stream>>>(p);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor> verify_block_cuda(
+    const at::Tensor& target_logits, const at::Tensor& draft_tokens, const at::Tensor& cu_num_draft,
+    const std::optional<at::Tensor>& draft_logits, const std::optional<at::Tensor>& draft_probs,
+    const std::optional<at::Tensor>& temperature, const std::optional<at::Tensor>& top_k,
+    const std::optional<at::Tensor>& top_p, const at::Tensor& seed, const at::Tensor& offset,
+    int64_t max_num_draft) {
+  check_verify_block_args(target_logits, draft_tokens, cu_num_draft, draft_logits, draft_probs, temperature,
+                          top_k, top_p, seed, offset, max_num_draft);
+  TORCH_CHECK(target_logits.is_cuda(), kOp, ": target_logits must be a CUDA tensor, got ", target_logits.device());
+  const int64_t B = cu_num_draft.size(0) - 1;
+  const int64_t N = draft_tokens.size(0);
+  const int64_t V = target_logits.size(1);
+  const int64_t T = N + B;
+
+  const at::Tensor* draft_dist = draft_logits ? &draft_logits.value() : (draft_probs ? &draft_probs.value() : nullptr);
+  const char* draft_name = draft_logits ? "draft_logits" : "draft_probs";
+  check_vocab_stride(target_logits, "target_logits");
+  if (draft_dist) check_vocab_stride(*draft_dist, draft_name);
+
+  const int64_t num_splits = ceil_div(V, vb::kStatsSplit);
+  const int64_t num_race_splits = ceil_div(V, vb::kRaceSplit);
+  TORCH_CHECK(num_splits <= vb::kMaxGridY && num_race_splits <= vb::kMaxGridY, kOp,
+              ": vocabulary too large for the CUDA kernel, V = ", V, " > ", vb::kMaxGridY * vb::kRaceSplit);
+  const bool sampling = temperature.has_value();  // without temperature every row is greedy
+  const bool q_stats = sampling && draft_logits.has_value();
+  const int64_t stat_rows = T + (q_stats ? N : 0);
+  TORCH_CHECK(stat_rows <= std::numeric_limits<int32_t>::max() && B <= std::numeric_limits<int32_t>::max(), kOp,
+              ": too many rows for the CUDA kernel (", stat_rows, ")");
+  const bool with_filters = sampling && (top_k.has_value() || top_p.has_value());
+
+  c10::cuda::CUDAGuard guard(target_logits.device());
+  const auto int_opts = target_logits.options().dtype(at::kInt);
+  at::Tensor output_tokens = at::full({B, max_num_draft + 1}, -1, int_opts);
+  at::Tensor num_accepted = at::empty({B}, int_opts);
+  if (B == 0) return {output_tokens, num_accepted};
+
+  // Small per-request tensors: int32 / int64 are read as given; floats become fp32.
+  // These are no-ops for the dtypes the Python wrapper produces.
+  const at::Tensor drafts_c = draft_tokens.contiguous();
+  const at::Tensor cu_c = cu_num_draft.contiguous();
+  const at::Tensor seed_c = seed.contiguous();
+  const at::Tensor offset_c = offset.contiguous();
+  at::Tensor temp_c, top_k_c, top_p_c;
+  if (temperature) temp_c = temperature->to(at::kFloat).contiguous();
+  if (top_k) top_k_c = top_k->contiguous();
+  if (top_p) top_p_c = top_p->to(at::kFloat).contiguous();
+
+  // One workspace: split partials, filtered-row thresholds, race descriptors and
+  // race partials (sizes from shapes only).
+  const int64_t partials_bytes = align_up(stat_rows * num_splits * int64_t(sizeof(vb::StatPartial)), 256);
+  const int64_t filter_bytes = with_filters ? align_up(stat_rows * int64_t(sizeof(vb::RowFilter)), 256) : 0;
+  const int64_t desc_bytes = align_up(B * int64_t(sizeof(vb::RaceDesc)), 256);
+  const int64_t race_bytes = sampling ? align_up(B * num_race_splits * int64_t(sizeof(vb::RacePartial)), 256) : 0;
+  at::Tensor workspace =
+      at::empty({partials_bytes + filter_bytes + desc_bytes + race_bytes}, target_logits.options().dtype(at::kByte));
+  char* ws = static_cast<char*>(workspace.mutable_data_ptr());
+
+  vb::Params p;
+  p.target = target_logits.const_data_ptr();
+  p.target_stride = target_logits.stride(0);
+  p.target_vec = rows_vectorizable(target_logits) ? 1 : 0;
+  p.draft = draft_dist ? draft_dist->const_data_ptr() : nullptr;
+  p.draft_stride = draft_dist ? draft_dist->stride(0) : 0;
+  p.draft_vec = draft_dist && rows_vectorizable(*draft_dist) ? 1 : 0;
+  p.draft_kind = draft_logits ? vb::kDraftLogits : (draft_probs ? vb::kDraftProbs : vb::kPointMass);
+  p.draft_tokens = int_array(drafts_c);
+  p.cu = int_array(cu_c);
+  p.top_k = top_k ? int_array(top_k_c) : vb::IntArray{nullptr, 0};
+  p.seed = int_array(seed_c);
+  p.offset = int_array(offset_c);
+  p.temperature = temperature ? temp_c.const_data_ptr<float>() : nullptr;
+  p.top_p = top_p ? top_p_c.const_data_ptr<float>() : nullptr;
+  p.B = B;
+  p.N = N;
+  p.T = T;
+  p.V = V;
+  p.max_num_draft = max_num_draft;
+  p.num_splits = num_splits;
+  p.num_race_splits = num_race_splits;
+  p.partials = reinterpret_cast<vb::StatPartial*>(ws);
+  p.row_filter = with_filters ? reinterpret_cast<vb::RowFilter*>(ws + partials_bytes) : nullptr;
+  p.desc = reinterpret_cast<vb::RaceDesc*>(ws + partials_bytes + filter_bytes);
+  p.race_partials = sampling ? reinterpret_cast<vb::RacePartial*>(ws + partials_bytes + filter_bytes + desc_bytes)
+                             : nullptr;
+  p.output_tokens = output_tokens.mutable_data_ptr<int32_t>();
+  p.num_accepted = num_accepted.mutable_data_ptr<int32_t>();
+
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  // Point-mass drafts have no draft tensor; the draft tag is then never used.
+  const at::ScalarType draft_type = draft_dist ? draft_dist->scalar_type() : at::kFloat;
+  dispatch_float_type(target_logits.scalar_type(), "target_logits", [&](auto target_tag) {
+    using TT = decltype(target_tag);
+    dispatch_float_type(draft_type, draft_name, [&](auto draft_tag) {
+      using DT = decltype(draft_tag);
+      launch<TT, DT>(p, stat_rows, with_filters, sampling, stream);
+    });
+  });
+  return {output_tokens, num_accepted};
+}
+
+}  // namespace dspark
