@@ -1,0 +1,675 @@
+"""verify_block in Triton (DESIGN.md §5): the same integer results as the reference.
+
+Three kernels, no host synchronisation (every grid size comes from shapes):
+
+1. ``_row_stats_kernel``, grid ``(B * W, S)`` with ``W = max_num_draft + 1`` and S
+   vocabulary splits, run once over the target rows and once over the draft rows
+   (when ``draft_logits`` is given). Program ``(b * W + i, split)`` reads one split
+   of row ``i`` of request ``b`` and writes to a workspace: for greedy requests the
+   maximum of the raw logits and its lowest index; for sampling requests the online
+   softmax statistics (max ``m``, ``sum exp(s - m)``) of the scaled logits
+   ``s = logit / T`` (an IEEE division, ``tl.math.div_rn``). Programs with
+   ``i > n_b`` return at once.
+2. ``_filter_kernel`` (only when ``top_k`` or ``top_p`` is given), one program per
+   row: for sampling rows whose request has an active filter, the threshold of
+   sampling.h without sorting. Scaled logits are mapped to the order-preserving
+   integer encoding of fp32; top-k is the largest key ``t`` with
+   ``count(key >= t) >= k`` (exact: the k-th largest value, ties kept), top-p the
+   largest key with ``mass(kept, key >= t) >= top_p * total`` where masses are fp32
+   ``exp(s - m)`` summed in fp64. Both searches fix the key 4 bits per pass on the
+   GPU (a 16-way bisection, 8 passes over the row; 8 bits and 4 passes in the
+   interpreter). A last pass gives the log-sum-exp of the kept tokens. One program
+   per row, so this is the slow part for large vocabularies (17 passes over a row
+   with top-k and top-p both on).
+3. ``_decide_kernel``, one program per request: merges the splits in a fixed order,
+   walks the positions (greedy: accept while ``x == argmax``; sampling: the strict
+   log-space test with the accept-stream coin at position ``offset + i``), and runs
+   one Gumbel race over the vocabulary, in chunks, for the one row that is sampled
+   (the first rejection or the bonus row): the residual ``max(p - q, 0)`` and,
+   in the same sweep, ``p`` itself (used when the residual has no finite entry, or
+   when the draft id is padding / out of range). It writes the whole output row.
+
+Layout: rows may be strided in both dimensions (the row and column strides are
+kernel arguments; a column stride of 1 is specialised by Triton), so no input is
+copied. Address arithmetic is 64-bit.
+
+Loops keep per-lane accumulators (running max / sum, argmax, race winners,
+threshold counts) and reduce them once after the sweep, so no chunk pays a
+cross-warp reduction.
+
+Numerics: the decisions that must be exact are: ``s = logit / T`` (``div_rn``, IEEE
+on the GPU, where Triton's ``/`` is an approximate division), the greedy argmax and
+the top-k threshold (comparisons only), the uniforms (exact) and the Philox words.
+exp / log run in fp32 (``tl.exp`` is ``ex2.approx`` on NVIDIA GPUs, ``tl.log``
+libdevice's ``__nv_logf``), ``log1p`` of the residual in fp64 (Triton has no
+portable log1p that also runs in the interpreter). Sums are taken in a different
+order from the reference's, so results equal the reference's except where two
+candidates are within a few ulps of each other (an accept coin on the boundary,
+two race scores, or a top-p mass on its target), which random inputs do not
+produce. NaN logits are not supported (the reference's argmax takes NaN as the
+maximum; these kernels skip it).
+
+Triton versions: only long-standing ``tl`` APIs (load/store/where/max/min/sum,
+umulhi, math.div_rn, bitcast casts, while loops); checked under the 3.8 interpreter
+and by compiling every kernel variant for sm_90 with Triton 3.8.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from .philox import gumbel_from_word, random_word, random_words4, select_word, split_u64, uniform_from_word
+
+# Globals read inside @triton.jit functions must be constexpr.
+SALT_ACCEPT = tl.constexpr(0x41434350)
+SALT_RESAMPLE = tl.constexpr(0x52534D50)
+_NEG_INF = tl.constexpr(float("-inf"))
+
+# Kinds of draft distribution (constexpr).
+_KIND_POINT = 0
+_KIND_LOGITS = 1
+_KIND_PROBS = 2
+
+
+@triton.jit
+def _request_n(cu_ptr, b, max_num_draft):
+    """(start, n) of request b, n clamped to [0, max_num_draft] (a kernel never trusts cu)."""
+    c0 = tl.load(cu_ptr + b).to(tl.int64)
+    c1 = tl.load(cu_ptr + b + 1).to(tl.int64)
+    n = tl.minimum(tl.maximum(c1 - c0, 0), max_num_draft)
+    return c0, n
+
+
+@triton.jit
+def _load_temperature(temp_ptr, b, HAS_TEMP: tl.constexpr):
+    if HAS_TEMP:
+        t = tl.load(temp_ptr + b).to(tl.float32)
+    else:
+        t = tl.zeros([], tl.float32)
+    return t
+
+
+@triton.jit
+def _filter_active(topk_ptr, topp_ptr, b, V, HAS_TOPK: tl.constexpr, HAS_TOPP: tl.constexpr):
+    """(k, k_active, p, p_active) of request b: top_k in (0, V), top_p in (0, 1)."""
+    if HAS_TOPK:
+        k = tl.load(topk_ptr + b).to(tl.int64)
+    else:
+        k = tl.zeros([], tl.int64)
+    if HAS_TOPP:
+        p = tl.load(topp_ptr + b).to(tl.float32)
+    else:
+        p = tl.full([], 1.0, tl.float32)
+    k_on = (k > 0) & (k < V)
+    p_on = (p > 0.0) & (p < 1.0)
+    return k, k_on, p, p_on
+
+
+# ----------------------------------------------------------------------------------------
+# 1. Split statistics.
+# ----------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _row_stats_kernel(
+    logits_ptr, stride_row, stride_col, num_rows,
+    cu_ptr, temp_ptr, V, W, max_num_draft, S, chunks_per_split,
+    ws_max_ptr, ws_arg_ptr, ws_m_ptr, ws_sum_ptr,
+    IS_TARGET: tl.constexpr, HAS_TEMP: tl.constexpr, BLOCK: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    split = tl.program_id(1)
+    b = pid // W
+    i = pid % W
+    start, n = _request_n(cu_ptr, b, max_num_draft)
+    if IS_TARGET:
+        row = start + b + i
+        live = i <= n
+    else:
+        row = start + i
+        live = i < n
+    live = live & (row >= 0) & (row < num_rows)
+    t = _load_temperature(temp_ptr, b, HAS_TEMP)
+    greedy = not (t > 0.0)
+    if live:
+        row_ptr = logits_ptr + row * stride_row
+        offs = tl.arange(0, BLOCK)
+        chunk_begin = split * chunks_per_split
+        chunk_end = tl.minimum(chunk_begin + chunks_per_split, (V + BLOCK - 1) // BLOCK)
+        ws = pid.to(tl.int64) * S + split
+        # Per-lane accumulators, reduced once at the end (no cross-warp reduction per chunk).
+        if greedy:
+            if IS_TARGET:
+                # Max of the raw logits and its lowest index. A lane sees increasing
+                # indices, so a strict > keeps the lowest one.
+                best = tl.full([BLOCK], _NEG_INF, tl.float32)
+                best_idx = tl.full([BLOCK], 2147483647, tl.int32)
+                for c in range(chunk_begin, chunk_end):
+                    cols = c * BLOCK + offs
+                    mask = cols < V
+                    x = tl.load(row_ptr + cols.to(tl.int64) * stride_col, mask=mask, other=_NEG_INF).to(tl.float32)
+                    upd = x > best
+                    best = tl.where(upd, x, best)
+                    best_idx = tl.where(upd, cols, best_idx)
+                bmax = tl.max(best, axis=0)
+                bidx = tl.min(tl.where(best == bmax, best_idx, 2147483647), axis=0)
+                tl.store(ws_max_ptr + ws, bmax)
+                tl.store(ws_arg_ptr + ws, bidx)
+        else:
+            # Online softmax statistics of s = logit / T, per lane.
+            m_vec = tl.full([BLOCK], _NEG_INF, tl.float32)
+            acc_vec = tl.zeros([BLOCK], tl.float32)
+            for c in range(chunk_begin, chunk_end):
+                cols = c * BLOCK + offs
+                mask = cols < V
+                x = tl.load(row_ptr + cols.to(tl.int64) * stride_col, mask=mask, other=_NEG_INF).to(tl.float32)
+                s = tl.where(mask, tl.math.div_rn(x, t), _NEG_INF)
+                new_m = tl.maximum(m_vec, s)
+                ref = tl.where(new_m > _NEG_INF, new_m, 0.0)  # exp(-inf - ref) = 0, never NaN
+                acc_vec = acc_vec * tl.exp(m_vec - ref) + tl.exp(s - ref)
+                m_vec = new_m
+            m = tl.max(m_vec, axis=0)
+            ref_m = tl.where(m > _NEG_INF, m, 0.0)
+            acc = tl.sum(acc_vec * tl.exp(m_vec - ref_m), axis=0)
+            tl.store(ws_m_ptr + ws, m)
+            tl.store(ws_sum_ptr + ws, acc)
+
+
+@triton.jit
+def _merge_softmax(ws_m_ptr, ws_sum_ptr, ridx, S, S_BLOCK: tl.constexpr):
+    """(max, log-sum-exp) of a row from its S split statistics (fixed order, deterministic)."""
+    sp = tl.arange(0, S_BLOCK)
+    smask = sp < S
+    base = ridx.to(tl.int64) * S
+    ms = tl.load(ws_m_ptr + base + sp, mask=smask, other=_NEG_INF)
+    sums = tl.load(ws_sum_ptr + base + sp, mask=smask, other=0.0)
+    m = tl.max(ms, axis=0)
+    finite = m > _NEG_INF
+    safe_m = tl.where(finite, m, 0.0)
+    total = tl.sum(tl.where(ms > _NEG_INF, sums * tl.exp(ms - safe_m), 0.0), axis=0)
+    lse = tl.where(finite, safe_m + tl.log(tl.where(finite, total, 1.0)), _NEG_INF)
+    return m, lse
+
+
+@triton.jit
+def _merge_argmax(ws_max_ptr, ws_arg_ptr, ridx, S, V, S_BLOCK: tl.constexpr):
+    """Lowest index of the row maximum from the S split results (0 if none)."""
+    sp = tl.arange(0, S_BLOCK)
+    smask = sp < S
+    base = ridx.to(tl.int64) * S
+    mx = tl.load(ws_max_ptr + base + sp, mask=smask, other=_NEG_INF)
+    ix = tl.load(ws_arg_ptr + base + sp, mask=smask, other=2147483647)
+    best = tl.max(mx, axis=0)
+    idx = tl.min(tl.where(smask & (mx == best), ix, 2147483647), axis=0)
+    return tl.where((idx >= 0) & (idx < V), idx, 0).to(tl.int64)
+
+
+# ----------------------------------------------------------------------------------------
+# 2. Top-k / top-p thresholds (exact, no sort).
+# ----------------------------------------------------------------------------------------
+
+
+# Order-preserving key of an fp32 value s (-0.0 taken as +0.0), an int64 in [0, 2^32):
+#     bits = bitcast<int32>(s);  key = (bits >= 0 ? bits : bits ^ 0x7fffffff) + 2^31
+# so s1 < s2  <=>  key(s1) < key(s2). It is written inline in the kernel's loops.
+
+
+@triton.jit
+def _key_to_float(key):
+    """Inverse of the order-preserving key."""
+    k = (key - 2147483648).to(tl.int32)
+    bits = tl.where(k >= 0, k, k ^ 0x7FFFFFFF)
+    return bits.to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _filter_kernel(
+    logits_ptr, stride_row, stride_col, num_rows,
+    cu_ptr, temp_ptr, topk_ptr, topp_ptr, V, num_chunks, W, max_num_draft, S,
+    ws_m_ptr, thr_ptr, lse_ptr,
+    IS_TARGET: tl.constexpr, HAS_TOPK: tl.constexpr, HAS_TOPP: tl.constexpr,
+    BLOCK: tl.constexpr, RADIX_BITS: tl.constexpr, RADIX: tl.constexpr, NPASS: tl.constexpr,
+    S_BLOCK: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    b = pid // W
+    i = pid % W
+    start, n = _request_n(cu_ptr, b, max_num_draft)
+    if IS_TARGET:
+        row = start + b + i
+        live = i <= n
+    else:
+        row = start + i
+        live = i < n
+    live = live & (row >= 0) & (row < num_rows)
+    t = tl.load(temp_ptr + b).to(tl.float32)
+    k, k_on, p, p_on = _filter_active(topk_ptr, topp_ptr, b, V, HAS_TOPK, HAS_TOPP)
+    if live & (t > 0.0) & (k_on | p_on):
+        row_ptr = logits_ptr + row * stride_row
+        offs = tl.arange(0, BLOCK)
+        digits = tl.arange(0, RADIX).to(tl.int64)
+        # Row max of s (always kept by either filter) from the split statistics.
+        sp = tl.arange(0, S_BLOCK)
+        ms = tl.load(ws_m_ptr + pid.to(tl.int64) * S + sp, mask=sp < S, other=_NEG_INF)
+        m = tl.max(ms, axis=0)
+        safe_m = tl.where(m > _NEG_INF, m, 0.0)
+
+        # top-k: the largest key t with count(key >= t) >= k (the k-th largest value).
+        thr = tl.full([], _NEG_INF, tl.float32)  # keep all
+        if k_on:
+            prefix = tl.zeros([], tl.int64)
+            for ps in range(NPASS):
+                shift = 32 - (ps + 1) * RADIX_BITS
+                cand = prefix + (digits << shift)
+                cnt2 = tl.zeros([BLOCK, RADIX], tl.int32)  # per lane, reduced after the pass
+                for c in range(0, num_chunks):
+                    cols = c * BLOCK + offs
+                    mask = cols < V
+                    x = tl.load(row_ptr + cols.to(tl.int64) * stride_col, mask=mask, other=0.0).to(tl.float32)
+                    s = tl.math.div_rn(x, t)
+                    # Order-preserving int key of s (inlined: helper calls are slow in the interpreter).
+                    bits = tl.where(s == 0.0, 0.0, s).to(tl.int32, bitcast=True)
+                    key = tl.where(bits >= 0, bits, bits ^ 0x7FFFFFFF).to(tl.int64) + 2147483648
+                    key = tl.where(mask, key, -1)
+                    cnt2 += (key[:, None] >= cand[None, :]).to(tl.int32)
+                cnt = tl.sum(cnt2, axis=0)
+                j = tl.max(tl.where(cnt >= k, digits, 0), axis=0)
+                prefix = prefix + (j << shift)
+            thr = _key_to_float(prefix)
+        # top-p over the top-k set: the largest key t with mass(key >= t) >= top_p * total.
+        if p_on:
+            prefix = tl.zeros([], tl.int64)
+            total = tl.zeros([], tl.float64)
+            for ps in range(NPASS):
+                shift = 32 - (ps + 1) * RADIX_BITS
+                cand = prefix + (digits << shift)
+                mass2 = tl.zeros([BLOCK, RADIX], tl.float64)  # per lane, reduced after the pass
+                for c in range(0, num_chunks):
+                    cols = c * BLOCK + offs
+                    mask = cols < V
+                    x = tl.load(row_ptr + cols.to(tl.int64) * stride_col, mask=mask, other=0.0).to(tl.float32)
+                    s = tl.math.div_rn(x, t)
+                    kept = mask & (s >= thr) & (s > _NEG_INF)
+                    e = tl.where(kept, tl.exp(s - safe_m), 0.0).to(tl.float64)
+                    bits = tl.where(s == 0.0, 0.0, s).to(tl.int32, bitcast=True)
+                    key = tl.where(bits >= 0, bits, bits ^ 0x7FFFFFFF).to(tl.int64) + 2147483648
+                    key = tl.where(kept, key, -1)
+                    mass2 += tl.where(key[:, None] >= cand[None, :], e[:, None], 0.0)
+                mass = tl.sum(mass2, axis=0)
+                # Pass 0's first candidate is key 0, below every value: its mass is the total.
+                total = tl.where(ps == 0, tl.sum(tl.where(digits == 0, mass, 0.0), axis=0), total)
+                target = p.to(tl.float64) * total
+                j = tl.max(tl.where(mass >= target, digits, 0), axis=0)
+                prefix = prefix + (j << shift)
+            # The answer is the key of a kept value (>= the top-k threshold); an empty
+            # kept set (all -inf) keeps the top-k threshold.
+            thr = tl.where(total > 0.0, _key_to_float(prefix), thr)
+        # Log-sum-exp of the kept tokens.
+        acc_vec = tl.zeros([BLOCK], tl.float32)
+        for c in range(0, num_chunks):
+            cols = c * BLOCK + offs
+            mask = cols < V
+            x = tl.load(row_ptr + cols.to(tl.int64) * stride_col, mask=mask, other=0.0).to(tl.float32)
+            s = tl.math.div_rn(x, t)
+            kept = mask & (s >= thr) & (s > _NEG_INF)
+            acc_vec += tl.where(kept, tl.exp(s - safe_m), 0.0)
+        acc = tl.sum(acc_vec, axis=0)
+        lse = tl.where(m > _NEG_INF, safe_m + tl.log(tl.where(acc > 0.0, acc, 1.0)), _NEG_INF)
+        tl.store(thr_ptr + pid, thr)
+        tl.store(lse_ptr + pid, lse)
+
+
+# ----------------------------------------------------------------------------------------
+# 3. Decision: accept walk and the one Gumbel race.
+# ----------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _row_lse_thr(ws_m_ptr, ws_sum_ptr, thr_ptr, lse_ptr, ridx, S, filt_on,
+                 HAS_FILTER: tl.constexpr, S_BLOCK: tl.constexpr):
+    """(threshold, lse) of a sampling row: filtered ones from _filter_kernel, else merged splits."""
+    _, lse = _merge_softmax(ws_m_ptr, ws_sum_ptr, ridx, S, S_BLOCK)
+    thr = tl.full([], _NEG_INF, tl.float32)
+    if HAS_FILTER:
+        if filt_on:
+            thr = tl.load(thr_ptr + ridx)
+            lse = tl.load(lse_ptr + ridx)
+    return thr, lse
+
+
+@triton.jit
+def _log_prob(s, thr, lse):
+    keep = (s >= thr) & (s > _NEG_INF)
+    return tl.where(keep, tl.where(keep, s, 0.0) - tl.where(keep, lse, 0.0), _NEG_INF)
+
+
+@triton.jit
+def _log1p_neg(e):
+    """log(1 - e) for fp32 e in [0, 1], in fp64 (Goldberg's log1p), rounded to fp32."""
+    y = -(e.to(tl.float64))
+    u = 1.0 + y
+    exact = (u == 1.0) | (u <= 0.0)
+    den = tl.where(exact, 1.0, u - 1.0)
+    r = tl.where(exact, y, tl.log(tl.where(exact, 1.0, u)) * y / den)
+    r = tl.where(u <= 0.0, _NEG_INF, r)
+    return r.to(tl.float32)
+
+
+@triton.jit
+def _decide_kernel(
+    t_ptr, t_stride_row, t_stride_col, num_target_rows,
+    d_ptr, d_stride_row, d_stride_col,
+    drafts_ptr, num_drafts, cu_ptr, temp_ptr, topk_ptr, topp_ptr, seed_ptr, offset_ptr,
+    V, W, max_num_draft, S,
+    t_ws_max_ptr, t_ws_arg_ptr, t_ws_m_ptr, t_ws_sum_ptr, t_thr_ptr, t_lse_ptr,
+    d_ws_m_ptr, d_ws_sum_ptr, d_thr_ptr, d_lse_ptr,
+    out_ptr, num_acc_ptr,
+    KIND: tl.constexpr, HAS_TEMP: tl.constexpr, HAS_TOPK: tl.constexpr, HAS_TOPP: tl.constexpr,
+    HAS_FILTER: tl.constexpr, S_BLOCK: tl.constexpr, BLOCK4: tl.constexpr, BLOCK_W: tl.constexpr,
+):
+    b = tl.program_id(0)
+    start, n = _request_n(cu_ptr, b, max_num_draft)
+    t = _load_temperature(temp_ptr, b, HAS_TEMP)
+    greedy = not (t > 0.0)
+    k, k_on, p, p_on = _filter_active(topk_ptr, topp_ptr, b, V, HAS_TOPK, HAS_TOPP)
+    filt_on = k_on | p_on
+    seed_lo, seed_hi = split_u64(tl.load(seed_ptr + b))
+    offset = tl.load(offset_ptr + b).to(tl.int64)
+    salt_accept = tl.full([], SALT_ACCEPT, tl.uint32)
+    salt_resample = tl.full([], SALT_RESAMPLE, tl.uint32)
+    zero_u32 = tl.zeros([], tl.uint32)
+
+    # ---- the accept walk: stops at the first rejection (row = i) or after n (row = n)
+    i = tl.zeros([], tl.int64)
+    done = tl.zeros([], tl.int32)
+    while (i < n) & (done == 0):
+        ridx = b.to(tl.int64) * W + i
+        trow = start + b + i
+        dpos = start + i
+        x = tl.load(drafts_ptr + dpos, mask=dpos < num_drafts, other=-1).to(tl.int64)
+        valid = (x >= 0) & (x < V) & (trow < num_target_rows)
+        xs = tl.where(valid, x, 0)
+        if greedy:
+            am = _merge_argmax(t_ws_max_ptr, t_ws_arg_ptr, ridx, S, V, S_BLOCK)
+            ok = valid & (x == am)
+        else:
+            thr_p, lse_p = _row_lse_thr(t_ws_m_ptr, t_ws_sum_ptr, t_thr_ptr, t_lse_ptr, ridx, S, filt_on,
+                                        HAS_FILTER, S_BLOCK)
+            lx = tl.load(t_ptr + trow * t_stride_row + xs * t_stride_col, mask=valid, other=0.0).to(tl.float32)
+            lp = tl.where(valid, _log_prob(tl.math.div_rn(lx, t), thr_p, lse_p), _NEG_INF)
+            if KIND == 1:
+                thr_q, lse_q = _row_lse_thr(d_ws_m_ptr, d_ws_sum_ptr, d_thr_ptr, d_lse_ptr, ridx, S, filt_on,
+                                            HAS_FILTER, S_BLOCK)
+                qx = tl.load(d_ptr + dpos * d_stride_row + xs * d_stride_col, mask=valid, other=0.0).to(tl.float32)
+                lq = _log_prob(tl.math.div_rn(qx, t), thr_q, lse_q)
+            elif KIND == 2:
+                qx = tl.load(d_ptr + dpos * d_stride_row + xs * d_stride_col, mask=valid, other=1.0).to(tl.float32)
+                lq = tl.where(qx == 0.0, _NEG_INF, tl.log(tl.where(qx == 0.0, 1.0, qx)))
+            else:
+                lq = tl.zeros([], tl.float32)
+            pos_lo, pos_hi = split_u64(offset + i)
+            log_u = tl.log(uniform_from_word(random_word(seed_lo, seed_hi, pos_lo, pos_hi, salt_accept, zero_u32)))
+            q_zero = lq == _NEG_INF  # q(x) = 0 < p(x): p/q = inf, accept
+            ok = valid & (lp > _NEG_INF) & (q_zero | (log_u < lp - tl.where(q_zero, 0.0, lq)))
+        if ok:
+            i += 1
+        else:
+            done = done + 1
+    accepted = i
+    row = i  # the row that is sampled: first rejection, or n for the bonus token
+    ridx = b.to(tl.int64) * W + row
+
+    # ---- the emitted token
+    if greedy:
+        emitted = _merge_argmax(t_ws_max_ptr, t_ws_arg_ptr, ridx, S, V, S_BLOCK)
+    else:
+        trow = start + b + row
+        dpos = start + row
+        x = tl.load(drafts_ptr + dpos, mask=(row < n) & (dpos < num_drafts), other=-1).to(tl.int64)
+        use_res = (row < n) & (x >= 0) & (x < V)
+        row_ok = trow < num_target_rows
+        thr_p, lse_p = _row_lse_thr(t_ws_m_ptr, t_ws_sum_ptr, t_thr_ptr, t_lse_ptr, ridx, S, filt_on,
+                                    HAS_FILTER, S_BLOCK)
+        thr_q = tl.full([], _NEG_INF, tl.float32)
+        lse_q = tl.zeros([], tl.float32)
+        if KIND == 1:
+            if use_res:  # draft row `row` exists (row < n)
+                thr_q, lse_q = _row_lse_thr(d_ws_m_ptr, d_ws_sum_ptr, d_thr_ptr, d_lse_ptr, ridx, S, filt_on,
+                                            HAS_FILTER, S_BLOCK)
+        pos_lo, pos_hi = split_u64(offset + row)
+        t_row_ptr = t_ptr + trow * t_stride_row
+        d_row_ptr = d_ptr + dpos * d_stride_row
+        r4 = tl.arange(0, BLOCK4)[:, None]
+        lane = tl.arange(0, 4)[None, :]
+        # Per-lane running maxima (a lane sees increasing indices: strict > keeps the
+        # lowest); one reduction after the sweep.
+        best_p = tl.full([BLOCK4, 4], _NEG_INF, tl.float32)
+        idx_p = tl.full([BLOCK4, 4], 2147483647, tl.int32)
+        best_r = tl.full([BLOCK4, 4], _NEG_INF, tl.float32)
+        idx_r = tl.full([BLOCK4, 4], 2147483647, tl.int32)
+        for base in range(0, V, 4 * BLOCK4):
+            ctr = (base // 4 + r4).to(tl.uint32)
+            w0, w1, w2, w3 = random_words4(seed_lo, seed_hi, pos_lo, pos_hi, salt_resample, ctr)
+            g = gumbel_from_word(select_word(w0, w1, w2, w3, lane))
+            cols = base + r4 * 4 + lane
+            mask = (cols < V) & row_ok
+            lt = tl.load(t_row_ptr + cols.to(tl.int64) * t_stride_col, mask=mask, other=0.0).to(tl.float32)
+            lp = tl.where(mask, _log_prob(tl.math.div_rn(lt, t), thr_p, lse_p), _NEG_INF)
+            # race over p
+            sc = tl.where(lp > _NEG_INF, lp + g, _NEG_INF)
+            upd = sc > best_p
+            best_p = tl.where(upd, sc, best_p)
+            idx_p = tl.where(upd, cols, idx_p)
+            # race over the residual max(p - q, 0)
+            if use_res:
+                if KIND == 1:
+                    lq_raw = tl.load(d_row_ptr + cols.to(tl.int64) * d_stride_col, mask=mask, other=0.0)
+                    lq = tl.where(mask, _log_prob(tl.math.div_rn(lq_raw.to(tl.float32), t), thr_q, lse_q), _NEG_INF)
+                elif KIND == 2:
+                    q = tl.load(d_row_ptr + cols.to(tl.int64) * d_stride_col, mask=mask, other=0.0).to(tl.float32)
+                    lq = tl.where(q == 0.0, _NEG_INF, tl.log(tl.where(q == 0.0, 1.0, q)))
+                else:
+                    lq = tl.where(cols == x, 0.0, _NEG_INF)
+                q_fin = lq > _NEG_INF
+                gap = (lp > lq) & q_fin
+                e = tl.exp(tl.where(gap, lq, 0.0) - tl.where(gap, lp, 0.0))
+                res = tl.where(gap, lp + _log1p_neg(e), _NEG_INF)
+                res = tl.where(q_fin, res, lp)
+                sc_r = tl.where(res > _NEG_INF, res + g, _NEG_INF)
+                upd_r = sc_r > best_r
+                best_r = tl.where(upd_r, sc_r, best_r)
+                idx_r = tl.where(upd_r, cols, idx_r)
+        mp = tl.max(tl.max(best_p, axis=1), axis=0)
+        win_p = tl.min(tl.min(tl.where((best_p == mp) & (best_p > _NEG_INF), idx_p, 2147483647), axis=1), axis=0)
+        mr = tl.max(tl.max(best_r, axis=1), axis=0)
+        win_r = tl.min(tl.min(tl.where((best_r == mr) & (best_r > _NEG_INF), idx_r, 2147483647), axis=1), axis=0)
+        # The residual if it has a finite entry, else p, else token 0.
+        emitted = tl.where(win_r < V, win_r, tl.where(win_p < V, win_p, 0)).to(tl.int64)
+
+    # ---- write the whole output row: accepted drafts, the emitted token, then -1
+    out_row = out_ptr + b.to(tl.int64) * W
+    jj = tl.arange(0, BLOCK_W)
+    for j0 in range(0, W, BLOCK_W):
+        j = j0 + jj
+        jmask = j < W
+        dj = start + j
+        dval = tl.load(drafts_ptr + dj, mask=jmask & (j < accepted) & (dj < num_drafts), other=-1).to(tl.int32)
+        val = tl.where(j < accepted, dval, tl.where(j == accepted, emitted.to(tl.int32), -1))
+        tl.store(out_row + j, val, mask=jmask)
+    tl.store(num_acc_ptr + b, accepted.to(tl.int32))
+
+
+# ----------------------------------------------------------------------------------------
+# Host wrapper.
+# ----------------------------------------------------------------------------------------
+
+
+def _alloc_int32(shape, device) -> torch.Tensor:
+    """Output allocation (uninitialised: the decision kernel writes every element).
+    Tests replace it with a poisoned allocation."""
+    return torch.empty(shape, dtype=torch.int32, device=device)
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def _num_splits(num_rows: int, vocab: int, block: int) -> int:
+    chunks = triton.cdiv(vocab, block)
+    if _interpreting():
+        return min(chunks, 2)
+    # Aim for about 1024 programs in flight, at least 4 chunks per split.
+    want = max(1, triton.cdiv(1024, max(num_rows, 1)))
+    return max(1, min(want, triton.cdiv(chunks, 4)))
+
+
+def verify_block(
+    target_logits: torch.Tensor,
+    draft_tokens: torch.Tensor,
+    cu_num_draft: torch.Tensor,
+    draft_logits: torch.Tensor | None = None,
+    draft_probs: torch.Tensor | None = None,
+    temperature: torch.Tensor | None = None,
+    top_k: torch.Tensor | None = None,
+    top_p: torch.Tensor | None = None,
+    seed: torch.Tensor | None = None,
+    offset: torch.Tensor | None = None,
+    max_num_draft: int = 0,
+    *,
+    _num_splits_override: int | None = None,
+    _block: int | None = None,
+    _radix_bits: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Triton backend of ``dspark_kernels.verify_block`` (arguments already validated).
+
+    Args as in ``dspark_kernels.verify_block``: ``target_logits [N + B, V]`` and
+    ``draft_logits`` / ``draft_probs [N, V]`` in fp32 / fp16 / bf16 with any strides
+    (row and column strides are passed to the kernels; nothing is copied),
+    ``draft_tokens [N]`` and ``cu_num_draft [B + 1]`` int32 / int64, per-request
+    ``temperature`` (float), ``top_k`` (int), ``top_p`` (float) or None, ``seed`` /
+    ``offset [B]`` int64, ``max_num_draft`` an int >= every ``n_b`` (a larger ``n_b``
+    is clamped, never written past). If both ``draft_probs`` and ``draft_logits``
+    are given, ``draft_probs`` is used (as the C++ kernels do).
+
+    Returns ``output_tokens [B, max_num_draft + 1]`` int32 (-1 padded) and
+    ``num_accepted [B]`` int32; every element is written by the decision kernel.
+    No host synchronisation: CUDA-graph safe. ``_num_splits_override`` / ``_block`` /
+    ``_radix_bits`` are for tests (vocabulary splits of the statistics kernel, chunk
+    size, key bits fixed per pass of the top-k / top-p search: 1, 2, 4 or 8).
+    """
+    device = target_logits.device
+    batch = cu_num_draft.shape[0] - 1
+    max_num_draft = int(max_num_draft)
+    width = max_num_draft + 1
+    out = _alloc_int32((max(batch, 0), width), device)
+    num_accepted = _alloc_int32((max(batch, 0),), device)
+    if batch <= 0:
+        return out, num_accepted
+    num_rows, vocab = target_logits.shape
+    num_drafts = draft_tokens.shape[0]
+
+    # Small per-request tensors: dtype only (no copy when already right, no sync).
+    temp = temperature.to(torch.float32) if temperature is not None else None
+    topk = top_k if top_k is not None else None
+    topp = top_p.to(torch.float32) if top_p is not None else None
+    seed = seed.to(torch.int64)
+    offset = offset.to(torch.int64)
+    has_temp = temp is not None
+    has_topk = topk is not None
+    has_topp = topp is not None
+
+    if draft_probs is not None:
+        kind, draft = _KIND_PROBS, draft_probs
+    elif draft_logits is not None:
+        kind, draft = _KIND_LOGITS, draft_logits
+    else:
+        kind, draft = _KIND_POINT, None
+
+    interp = _interpreting()
+    block = _block or (1024 if not interp else min(4096, triton.next_power_of_2(vocab)))
+    block = max(block, 16)
+    n_split = _num_splits_override or _num_splits(num_rows, vocab, block)
+    n_split = max(1, min(n_split, triton.cdiv(vocab, block)))
+    chunks_per_split = triton.cdiv(triton.cdiv(vocab, block), n_split)
+    s_block = triton.next_power_of_2(n_split)
+    programs = batch * width
+
+    f32 = dict(dtype=torch.float32, device=device)
+    t_ws_max = torch.empty(programs * n_split, **f32)
+    t_ws_arg = torch.empty(programs * n_split, dtype=torch.int32, device=device)
+    t_ws_m = torch.empty(programs * n_split, **f32)
+    t_ws_sum = torch.empty(programs * n_split, **f32)
+    dummy = t_ws_m
+    if kind == _KIND_LOGITS:
+        d_ws_m = torch.empty(programs * n_split, **f32)
+        d_ws_sum = torch.empty(programs * n_split, **f32)
+    else:
+        d_ws_m = d_ws_sum = dummy
+    has_filter = has_temp and (has_topk or has_topp)
+    if has_filter:
+        t_thr = torch.empty(programs, **f32)
+        t_lse = torch.empty(programs, **f32)
+        d_thr = torch.empty(programs, **f32) if kind == _KIND_LOGITS else dummy
+        d_lse = torch.empty(programs, **f32) if kind == _KIND_LOGITS else dummy
+    else:
+        t_thr = t_lse = d_thr = d_lse = dummy
+
+    temp_arg = temp if has_temp else dummy
+    topk_arg = topk if has_topk else cu_num_draft
+    topp_arg = topp if has_topp else dummy
+    stats_warps = 4 if not interp else 1
+
+    _row_stats_kernel[(programs, n_split)](
+        target_logits, target_logits.stride(0), target_logits.stride(1), num_rows,
+        cu_num_draft, temp_arg, vocab, width, max_num_draft, n_split, chunks_per_split,
+        t_ws_max, t_ws_arg, t_ws_m, t_ws_sum,
+        IS_TARGET=True, HAS_TEMP=has_temp, BLOCK=block, num_warps=stats_warps,
+    )
+    if kind == _KIND_LOGITS and has_temp:
+        _row_stats_kernel[(programs, n_split)](
+            draft, draft.stride(0), draft.stride(1), num_drafts,
+            cu_num_draft, temp_arg, vocab, width, max_num_draft, n_split, chunks_per_split,
+            dummy, t_ws_arg, d_ws_m, d_ws_sum,
+            IS_TARGET=False, HAS_TEMP=has_temp, BLOCK=block, num_warps=stats_warps,
+        )
+    if has_filter:
+        fblock = _block or (256 if not interp else min(1024, triton.next_power_of_2(vocab)))
+        fblock = max(fblock, 16)
+        # Bits of the threshold key fixed per pass: 4 on the GPU (16 candidates, 8 passes);
+        # 8 in the interpreter (fewer, larger numpy steps).
+        radix_bits = _radix_bits or (4 if not interp else 8)
+        common = dict(HAS_TOPK=has_topk, HAS_TOPP=has_topp, BLOCK=fblock, RADIX_BITS=radix_bits,
+                      RADIX=1 << radix_bits, NPASS=32 // radix_bits, S_BLOCK=s_block,
+                      num_warps=8 if not interp else 1)
+        _filter_kernel[(programs,)](
+            target_logits, target_logits.stride(0), target_logits.stride(1), num_rows,
+            cu_num_draft, temp_arg, topk_arg, topp_arg, vocab, triton.cdiv(vocab, fblock), width, max_num_draft, n_split,
+            t_ws_m, t_thr, t_lse, IS_TARGET=True, **common,
+        )
+        if kind == _KIND_LOGITS:
+            _filter_kernel[(programs,)](
+                draft, draft.stride(0), draft.stride(1), num_drafts,
+                cu_num_draft, temp_arg, topk_arg, topp_arg, vocab, triton.cdiv(vocab, fblock), width, max_num_draft, n_split,
+                d_ws_m, d_thr, d_lse, IS_TARGET=False, **common,
+            )
+
+    block4 = (_block // 4 if _block else (256 if not interp else min(1024, triton.next_power_of_2(vocab) // 4)))
+    block4 = max(block4, 4)
+    d_arg = draft if draft is not None else target_logits
+    _decide_kernel[(batch,)](
+        target_logits, target_logits.stride(0), target_logits.stride(1), num_rows,
+        d_arg, d_arg.stride(0), d_arg.stride(1),
+        draft_tokens, num_drafts, cu_num_draft, temp_arg, topk_arg, topp_arg, seed, offset,
+        vocab, width, max_num_draft, n_split,
+        t_ws_max, t_ws_arg, t_ws_m, t_ws_sum, t_thr, t_lse,
+        d_ws_m, d_ws_sum, d_thr, d_lse,
+        out, num_accepted,
+        KIND=kind, HAS_TEMP=has_temp, HAS_TOPK=has_topk, HAS_TOPP=has_topp, HAS_FILTER=has_topk or has_topp,
+        S_BLOCK=s_block, BLOCK4=block4, BLOCK_W=min(128, triton.next_power_of_2(width)),
+        num_warps=4 if not interp else 1,
+    )
+    return out, num_accepted
