@@ -81,16 +81,47 @@ float row_max(Row<T> row, int64_t V) {
   return best;
 }
 
-// Greedy argmax (lowest index on ties; 0 for a row with no value above -inf):
-// the vectorised maximum, then the first index that holds it.
+// Greedy argmax (lowest index on ties; 0 for a row with no value above -inf).
+// Unit-stride rows keep a (max, first index) pair per lane in one pass, which the
+// compiler vectorises with compares and blends; lanes are merged lowest index first.
 template <typename T>
 int64_t row_argmax(Row<T> row, int64_t V) {
   constexpr float kNegInf = -std::numeric_limits<float>::infinity();
-  const float best = row_max(row, V);
-  if (!(best > kNegInf)) return 0;
-  for (int64_t v = 0; v < V; ++v)
-    if (row[v] == best) return v;
-  return 0;
+  float best = kNegInf;
+  int64_t best_index = -1;
+  int64_t v = 0;
+  if (row.stride == 1) {
+    constexpr int kLanes = 16;
+    float lane[kLanes];
+    int32_t lane_index[kLanes];
+    for (int j = 0; j < kLanes; ++j) {
+      lane[j] = kNegInf;
+      lane_index[j] = -1;
+    }
+    // int32 lane indices keep the vectors narrow; rows longer than 2^31 take the
+    // element-wise loop below.
+    const int64_t vec_end = V < (int64_t{1} << 31) - kLanes ? V - V % kLanes : 0;
+    for (; v < vec_end; v += kLanes)
+      for (int j = 0; j < kLanes; ++j) {
+        const float x = static_cast<float>(row.data[v + j]);
+        const bool greater = x > lane[j];
+        lane[j] = greater ? x : lane[j];
+        lane_index[j] = greater ? static_cast<int32_t>(v + j) : lane_index[j];
+      }
+    for (int j = 0; j < kLanes; ++j)
+      if (lane_index[j] >= 0 && (lane[j] > best || (lane[j] == best && lane_index[j] < best_index))) {
+        best = lane[j];
+        best_index = lane_index[j];
+      }
+  }
+  for (; v < V; ++v) {
+    const float x = row[v];
+    if (x > best) {
+      best = x;
+      best_index = v;
+    }
+  }
+  return best_index < 0 ? 0 : best_index;
 }
 
 // Gumbel race over the vocabulary on the stream `salt`: argmax_v weight(v) + G_v,
