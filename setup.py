@@ -21,14 +21,25 @@ from setuptools import find_packages, setup
 ROOT = os.path.dirname(os.path.abspath(__file__))
 
 
+def _is_toolkit(root: str | None) -> bool:
+    return bool(root) and os.path.exists(os.path.join(root, "bin", "nvcc")) and os.path.exists(
+        os.path.join(root, "include", "cuda_runtime.h"))
+
+
 def _find_cuda_home() -> str | None:
+    """CUDA_HOME, else the toolkit behind `nvcc` on PATH, else /usr/local/cuda.
+
+    `nvcc` on PATH may be a wrapper script (e.g. /usr/local/bin/nvcc) rather than a
+    link into the toolkit, so every candidate must hold include/cuda_runtime.h."""
     home = os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH")
-    if home and os.path.exists(os.path.join(home, "bin", "nvcc")):
+    if _is_toolkit(home):
         return home
     nvcc = shutil.which("nvcc")
-    if nvcc:  # /usr/local/bin/nvcc is often a link into the real toolkit
-        return os.path.dirname(os.path.dirname(os.path.realpath(nvcc)))
-    if os.path.exists("/usr/local/cuda/bin/nvcc"):
+    if nvcc:
+        root = os.path.dirname(os.path.dirname(os.path.realpath(nvcc)))
+        if _is_toolkit(root):
+            return root
+    if _is_toolkit("/usr/local/cuda"):
         return "/usr/local/cuda"
     return None
 
@@ -72,7 +83,7 @@ def _extensions():
     sources = ["csrc/ops.cpp"] + sorted(glob.glob("csrc/cpu/*.cpp"))
     include_dirs = [os.path.join(ROOT, "csrc"), os.path.join(ROOT, "csrc", "include")]
     cxx_flags = ["-O3", "-fopenmp"]
-    define_macros = [("Py_LIMITED_API", "0x03090000")]
+    define_macros = []  # py_limited_api=True makes torch define Py_LIMITED_API itself
     if with_cuda:
         sources += sorted(glob.glob("csrc/cuda/*.cu"))
         include_dirs += _nvidia_wheel_includes()
