@@ -1,0 +1,122 @@
+// The addressing and validity rules of the KV rollback ops (DESIGN.md §5:
+// kv_commit, kv_release_pages, window_commit, state_select), shared by the CPU
+// kernels (csrc/cpu/*.cpp) and the CUDA kernels (dspark/kv.cuh) as
+// __host__ __device__ functions, so the CPU tests exercise the rules the GPU runs.
+// The PyTorch reference (dspark_kernels/reference/kv.py) states the same rules
+// as a per-token loop.
+//
+// Every rule says what a kernel does with input that is out of range: the CPU
+// kernels reject such input with an error before touching anything; the CUDA
+// kernels (which cannot raise without a host sync) skip the move / page / row,
+// so that nothing outside the given tensors is ever read or written.
+//
+// No torch header: also compiles under NVRTC.
+#pragma once
+
+#include <stdint.h>
+
+#ifndef DSPARK_HD
+#if defined(__CUDACC__) || defined(__CUDACC_RTC__)
+#define DSPARK_HD __host__ __device__ __forceinline__
+#else
+#define DSPARK_HD inline
+#endif
+#endif
+
+namespace dspark {
+namespace kv {
+
+// A read-only int32 or int64 array (index tensors come in either dtype).
+struct IntArray {
+  const void* ptr;
+  int32_t is_int64;
+};
+
+DSPARK_HD int64_t load_int(IntArray a, int64_t i) {
+  return a.is_int64 ? static_cast<const int64_t*>(a.ptr)[i]
+                    : static_cast<int64_t>(static_cast<const int32_t*>(a.ptr)[i]);
+}
+
+// A read-only flag array (keep masks): bool / uint8 / int32 / int64, nonzero = set.
+struct FlagArray {
+  const void* ptr;
+  int32_t elem_bytes;  // 1, 4 or 8
+};
+
+DSPARK_HD bool load_flag(FlagArray a, int64_t i) {
+  switch (a.elem_bytes) {
+    case 8: return static_cast<const int64_t*>(a.ptr)[i] != 0;
+    case 4: return static_cast<const int32_t*>(a.ptr)[i] != 0;
+    default: return static_cast<const uint8_t*>(a.ptr)[i] != 0;
+  }
+}
+
+// ---------------------------------------------------------------------------
+// kv_commit
+// ---------------------------------------------------------------------------
+
+// The number of path entries kv_commit looks at: num_accept clamped to [0, W].
+DSPARK_HD int64_t commit_count(int64_t num_accept, int64_t W) {
+  return num_accept < 0 ? 0 : (num_accept > W ? W : num_accept);
+}
+
+// Block-table column of logical position `pos`, or -1 when `pos` is negative or
+// past the table's P columns.
+DSPARK_HD int64_t table_column(int64_t pos, int64_t page_size, int64_t P) {
+  if (pos < 0) return -1;
+  const int64_t col = pos / page_size;
+  return col < P ? col : -1;
+}
+
+DSPARK_HD bool page_in_range(int64_t page, int64_t num_pages) { return page >= 0 && page < num_pages; }
+
+// Path entry j of a request moves window index `src_index` (logical position
+// L + src_index) to logical position L + j. Only a real move copies bytes:
+// padding (-1 or any negative entry) and identity moves (src_index == j) do not.
+DSPARK_HD bool is_real_move(int64_t j, int64_t src_index) { return src_index >= 0 && src_index != j; }
+
+// ---------------------------------------------------------------------------
+// kv_release_pages
+// ---------------------------------------------------------------------------
+
+// Block-table columns [first, last) whose pages lose a reference: column p is
+// released iff p * page_size >= new_len and p * page_size < old_len; columns
+// past P do not exist. (Integer identities: p * ps >= n <=> p >= ceil(n / ps) for
+// n > 0; p * ps < o <=> p < ceil(o / ps) for o > 0.)
+DSPARK_HD void release_columns(int64_t new_len, int64_t old_len, int64_t page_size, int64_t P, int64_t* first,
+                               int64_t* last) {
+  const int64_t f = new_len > 0 ? (new_len + page_size - 1) / page_size : 0;
+  int64_t l = old_len > 0 ? (old_len + page_size - 1) / page_size : 0;
+  if (l > P) l = P;
+  *first = f;
+  *last = l > f ? l : f;
+}
+
+// ---------------------------------------------------------------------------
+// window_commit / state_select
+// ---------------------------------------------------------------------------
+
+// Slot of the circular window for absolute position `pos`: pos mod W, or -1
+// (row skipped) for a negative position.
+DSPARK_HD int64_t window_slot(int64_t pos, int64_t W) { return pos < 0 ? -1 : pos % W; }
+
+// state_select: index -1 is padding (out[b] left untouched); any other index
+// outside [0, S) is invalid (an error on the CPU, skipped on CUDA).
+DSPARK_HD bool state_index_valid(int64_t index, int64_t S) { return index >= 0 && index < S; }
+
+// ---------------------------------------------------------------------------
+// Copies
+// ---------------------------------------------------------------------------
+
+// The widest power-of-two access (16, 8, 4, 2 or 1 bytes) that divides every
+// address and byte count given (OR them together).
+DSPARK_HD int32_t vector_bytes(uint64_t address_bits) {
+  if ((address_bits & 15u) == 0) return 16;
+  if ((address_bits & 7u) == 0) return 8;
+  if ((address_bits & 3u) == 0) return 4;
+  if ((address_bits & 1u) == 0) return 2;
+  return 1;
+}
+
+}  // namespace kv
+}  // namespace dspark
