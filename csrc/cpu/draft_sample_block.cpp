@@ -1,0 +1,261 @@
+// draft_sample_block on the CPU (DESIGN.md §5).
+//
+// Without the Markov head: at::parallel_for over the B * gamma rows; each row is
+// copied to the fp32 output (when asked for) and sampled.
+// With it, one step per position k, two parallel phases per step:
+//   1. over vocabulary chunks: l[b, v] = base[b, k, v] + sum_i w1[x_prev(b), i] * w2[i, v]
+//      for every request b (w2's chunk stays in cache across the batch). The sum runs
+//      over i in order in fp32, then the base logit is added: the reference's order,
+//      so the logits equal the reference's bit for bit (contraction into FMA is off).
+//   2. over requests: sample row b of l, which becomes x_prev for step k + 1.
+// Sampling (sampling.h / cpu/row_ops.h): greedy rows take the argmax; sampling rows
+// race s_v + G_v over the top-k / top-p set, s = l / T, G from the draft stream at
+// position offset + k (pruned race: groups of four that cannot win draw no noise).
+#if defined(__clang__)
+#pragma clang fp contract(off)
+#elif defined(__GNUC__)
+#pragma GCC optimize("fp-contract=off")
+#endif
+
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <vector>
+
+#include "cpu/row_ops.h"
+#include "drafting.h"
+#include "dspark/philox.h"
+#include "dspark/sampling.h"
+
+namespace dspark {
+namespace {
+
+constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+constexpr int64_t kChunk = 2048;  // vocabulary columns per task of the Markov phase (8 KB of a w2 row)
+
+struct RowParams {
+  float temperature;
+  int64_t top_k;
+  float top_p;
+  uint64_t seed;
+  uint64_t position;
+};
+
+// One draw from row (greedy argmax, or the race over s + G restricted to the filter).
+template <typename T>
+int64_t sample_row(Row<T> row, int64_t V, const RowParams& rp, std::vector<float>& scratch) {
+  if (!(rp.temperature > 0.f)) return row_argmax(row, V);
+  const float T_ = rp.temperature;
+  int64_t token;
+  if (top_k_active(rp.top_k, V) || top_p_active(rp.top_p)) {
+    scratch.resize(V);
+    for (int64_t v = 0; v < V; ++v) scratch[v] = scale_logit(row[v], T_);
+    const float thr = filter_threshold(scratch, rp.top_k, rp.top_p);
+    auto weight = [&](int64_t v) { return scratch[v] >= thr ? scratch[v] : kNegInf; };
+    token = gumbel_race_salted(V, rp.seed, rp.position, kSaltDraft, weight, weight);
+  } else {
+    auto weight = [&](int64_t v) {
+      const float s = scale_logit(row[v], T_);
+      return s >= kNegInf ? s : kNegInf;  // NaN never races
+    };
+    token = gumbel_race_salted(V, rp.seed, rp.position, kSaltDraft, weight, weight);
+  }
+  return token < 0 ? 0 : token;
+}
+
+struct Common {
+  int64_t B, G, V;
+  const float* temperature;
+  const int64_t* top_k;
+  const float* top_p;
+  const int64_t* seed;
+  const int64_t* offset;
+  int32_t* tokens;  // [B, G]
+
+  RowParams params(int64_t b, int64_t k) const {
+    RowParams rp;
+    rp.temperature = temperature ? temperature[b] : 0.f;
+    rp.top_k = top_k ? top_k[b] : 0;
+    rp.top_p = top_p ? top_p[b] : 1.f;
+    rp.seed = static_cast<uint64_t>(seed[b]);
+    rp.position = static_cast<uint64_t>(offset[b]) + static_cast<uint64_t>(k);
+    return rp;
+  }
+};
+
+// All B * G rows at once (no Markov head).
+template <typename BT>
+void sample_independent(const Common& c, const at::Tensor& base, float* out_logits) {
+  const BT* bp = base.const_data_ptr<BT>();
+  const int64_t s0 = base.stride(0), s1 = base.stride(1), s2 = base.stride(2);
+  const int64_t V = c.V, G = c.G;
+  const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 15) / std::max<int64_t>(V, 1));
+  at::parallel_for(0, c.B * G, grain, [&](int64_t begin, int64_t end) {
+    std::vector<float> scratch;
+    for (int64_t row = begin; row < end; ++row) {
+      const int64_t b = row / G, k = row % G;
+      const Row<BT> in{bp + b * s0 + k * s1, s2};
+      const RowParams rp = c.params(b, k);
+      int64_t token;
+      if (out_logits) {
+        float* o = out_logits + row * V;
+        for (int64_t v = 0; v < V; ++v) o[v] = in[v];
+        token = sample_row(Row<float>{o, 1}, V, rp, scratch);
+      } else {
+        token = sample_row(in, V, rp, scratch);
+      }
+      c.tokens[row] = static_cast<int32_t>(token);
+    }
+  });
+}
+
+// Left to right with the Markov head.
+template <typename BT, typename WT>
+void sample_markov(const Common& c, const at::Tensor& base, const at::Tensor& w1, const at::Tensor& w2,
+                   const int64_t* anchor, float* out_logits) {
+  const BT* bp = base.const_data_ptr<BT>();
+  const int64_t bs0 = base.stride(0), bs1 = base.stride(1), bs2 = base.stride(2);
+  const WT* w1p = w1.const_data_ptr<WT>();
+  const WT* w2p = w2.const_data_ptr<WT>();
+  const int64_t w1s0 = w1.stride(0), w1s1 = w1.stride(1), w2s0 = w2.stride(0), w2s1 = w2.stride(1);
+  const int64_t B = c.B, G = c.G, V = c.V, rank = w1.size(1);
+
+  // The step's logits: row b of step k at buf + b * buf_stride (the output when it is
+  // returned, else a [B, V] workspace reused by every step).
+  std::vector<float> work;
+  float* buf_base;
+  int64_t buf_stride, buf_step;
+  if (out_logits) {
+    buf_base = out_logits;
+    buf_stride = G * V;
+    buf_step = V;
+  } else {
+    work.resize(static_cast<size_t>(B * V));
+    buf_base = work.data();
+    buf_stride = V;
+    buf_step = 0;
+  }
+  std::vector<int64_t> prev(anchor, anchor + B);
+  std::vector<float> h(static_cast<size_t>(B * rank));
+  const int64_t num_chunks = (V + kChunk - 1) / kChunk;
+  const int64_t chunk_grain = 1;  // a chunk is 2048 columns x r x B multiply-adds
+
+  for (int64_t k = 0; k < G; ++k) {
+    float* buf = buf_base + k * buf_step;
+    for (int64_t b = 0; b < B; ++b)
+      for (int64_t i = 0; i < rank; ++i) h[b * rank + i] = static_cast<float>(w1p[prev[b] * w1s0 + i * w1s1]);
+
+    // Phase 1: the corrected logits, by vocabulary chunk; four requests at a time share
+    // each load of a w2 row (the order of the sum over i is the same for every element).
+    at::parallel_for(0, num_chunks, chunk_grain, [&](int64_t cb, int64_t ce) {
+      constexpr int kRows = 4;
+      float acc[kRows][kChunk];
+      for (int64_t chunk = cb; chunk < ce; ++chunk) {
+        const int64_t v0 = chunk * kChunk;
+        const int64_t n = std::min<int64_t>(kChunk, V - v0);
+        for (int64_t b0 = 0; b0 < B; b0 += kRows) {
+          const int rows = static_cast<int>(std::min<int64_t>(kRows, B - b0));
+          for (int r = 0; r < rows; ++r)
+            for (int64_t v = 0; v < n; ++v) acc[r][v] = 0.f;
+          for (int64_t i = 0; i < rank; ++i) {
+            const WT* row = w2p + i * w2s0 + v0 * w2s1;
+            float w2row[kChunk];
+            if (w2s1 == 1) {
+              for (int64_t v = 0; v < n; ++v) w2row[v] = static_cast<float>(row[v]);
+            } else {
+              for (int64_t v = 0; v < n; ++v) w2row[v] = static_cast<float>(row[v * w2s1]);
+            }
+            for (int r = 0; r < rows; ++r) {
+              const float w = h[(b0 + r) * rank + i];
+              float* a = acc[r];
+              for (int64_t v = 0; v < n; ++v) a[v] += w * w2row[v];
+            }
+          }
+          for (int r = 0; r < rows; ++r) {
+            const int64_t b = b0 + r;
+            const BT* brow = bp + b * bs0 + k * bs1 + v0 * bs2;
+            float* o = buf + b * buf_stride + v0;
+            for (int64_t v = 0; v < n; ++v) o[v] = static_cast<float>(brow[v * bs2]) + acc[r][v];
+          }
+        }
+      }
+    });
+
+    // Phase 2: sample every request's row.
+    const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 15) / std::max<int64_t>(V, 1));
+    at::parallel_for(0, B, grain, [&](int64_t b_begin, int64_t b_end) {
+      std::vector<float> scratch;
+      for (int64_t b = b_begin; b < b_end; ++b) {
+        const int64_t token = sample_row(Row<float>{buf + b * buf_stride, 1}, V, c.params(b, k), scratch);
+        c.tokens[b * G + k] = static_cast<int32_t>(token);
+        prev[b] = token;
+      }
+    });
+  }
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor> draft_sample_block_cpu(
+    const at::Tensor& base_logits, const at::Tensor& anchor, const std::optional<at::Tensor>& markov_w1,
+    const std::optional<at::Tensor>& markov_w2, const std::optional<at::Tensor>& temperature,
+    const std::optional<at::Tensor>& top_k, const std::optional<at::Tensor>& top_p, const at::Tensor& seed,
+    const at::Tensor& offset, bool return_logits) {
+  check_draft_sample_block_args(base_logits, anchor, markov_w1, markov_w2, temperature, top_k, top_p, seed,
+                                offset);
+  constexpr const char* op = "draft_sample_block";
+  const int64_t B = base_logits.size(0), G = base_logits.size(1), V = base_logits.size(2);
+  const bool markov = markov_w1.has_value();
+
+  const at::Tensor anchor_c = anchor.to(at::kLong).contiguous();
+  const at::Tensor seed_c = seed.to(at::kLong).contiguous();
+  const at::Tensor offset_c = offset.to(at::kLong).contiguous();
+  at::Tensor temp_c, top_k_c, top_p_c;
+  if (temperature) temp_c = temperature->to(at::kFloat).contiguous();
+  if (top_k) top_k_c = top_k->to(at::kLong).contiguous();
+  if (top_p) top_p_c = top_p->to(at::kFloat).contiguous();
+  const int64_t* anchor_p = anchor_c.const_data_ptr<int64_t>();
+  if (markov) {  // data-dependent check: always on the CPU (DESIGN.md §3)
+    for (int64_t b = 0; b < B; ++b)
+      DSPARK_CHECK(anchor_p[b] >= 0 && anchor_p[b] < V, op, "anchor[", b, "] = ", anchor_p[b],
+                   " is outside [0, V) with V = ", V);
+  }
+
+  at::Tensor tokens = at::empty({B, G}, base_logits.options().dtype(at::kInt));
+  at::Tensor logits = return_logits ? at::empty({B, G, V}, base_logits.options().dtype(at::kFloat))
+                                    : at::empty({0}, base_logits.options().dtype(at::kFloat));
+  if (B == 0 || G == 0) return {tokens, logits};
+
+  Common c;
+  c.B = B;
+  c.G = G;
+  c.V = V;
+  c.temperature = temperature ? temp_c.const_data_ptr<float>() : nullptr;
+  c.top_k = top_k ? top_k_c.const_data_ptr<int64_t>() : nullptr;
+  c.top_p = top_p ? top_p_c.const_data_ptr<float>() : nullptr;
+  c.seed = seed_c.const_data_ptr<int64_t>();
+  c.offset = offset_c.const_data_ptr<int64_t>();
+  c.tokens = tokens.mutable_data_ptr<int32_t>();
+  float* out = return_logits ? logits.mutable_data_ptr<float>() : nullptr;
+
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, base_logits.scalar_type(), "draft_sample_block_base", [&] {
+    using BT = scalar_t;
+    if (!markov) {
+      sample_independent<BT>(c, base_logits, out);
+      return;
+    }
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, markov_w1->scalar_type(), "draft_sample_block_w", [&] {
+      sample_markov<BT, scalar_t>(c, base_logits, *markov_w1, *markov_w2, anchor_p, out);
+    });
+  });
+  return {tokens, logits};
+}
+
+}  // namespace dspark

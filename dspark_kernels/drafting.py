@@ -1,0 +1,278 @@
+"""Drafting ops: ``schedule_verify_lens`` (DSpark's prefix scheduler) and
+``draft_sample_block`` (block-parallel drafting with the DSpark Markov head).
+
+Public wrappers: defaults, validation, backend choice, docstrings (DESIGN.md §5).
+``backend`` forces one of "reference", "cpu", "triton", "cuda"; None picks the best
+one for the inputs' device (CUDA: cuda > triton > reference; CPU: cpu > reference).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from . import _backend
+from ._validation import (
+    _FLOAT_DTYPES,
+    _INT_DTYPES,
+    _check_tensor,
+    _debug_checks_enabled,
+    _default_seed_offset,
+    _fail,
+    _per_request,
+)
+
+# R * gamma candidates are indexed in 32 bits and their fixed-point survival sums must
+# stay below 2^63 (csrc/drafting.h).
+MAX_SCHEDULE_CANDIDATES = 1 << 22
+
+
+# ------------------------------------------------------------------------------------
+# schedule_verify_lens
+# ------------------------------------------------------------------------------------
+
+
+def schedule_verify_lens(
+    confidence: torch.Tensor,
+    sps: torch.Tensor,
+    *,
+    early_stop: bool = True,
+    backend: str | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    r"""How many drafts of each request to verify: DSpark's Algorithm 1 on the device.
+
+    With ``R`` requests, ``gamma`` drafts each and per-draft confidences ``c[r, j]``
+    (the drafter's estimate that draft ``j`` is accepted given the ones before it)::
+
+        a[r, j]  = c[r, 0] * c[r, 1] * ... * c[r, j]          survival (fp32, c clamped to [0, 1])
+        order    = all (r, j) by a descending, then r, then j ascending
+        B_k      = R + k                                      tokens verified with the first k admitted
+        tau_k    = R + a_(1) + ... + a_(k)                    expected tokens per step
+        Theta_k  = tau_k * SPS(B_k)                           expected tokens per second
+
+    ``k = 0`` verifies no draft (``Theta_0 = R * SPS(R)``); ``k`` never exceeds
+    ``min(R * gamma, Bmax - R)`` with ``Bmax = len(sps) - 1``. Lossless mode
+    (``early_stop=True``) admits candidates in order while each one strictly
+    improves Theta and stops at the first that does not; async mode
+    (``early_stop=False``, for confidences two steps old) takes the ``k`` with the
+    largest Theta over the whole range (the smallest such ``k`` on ties). Because
+    survival never increases along a block and ties go to the smaller ``j``, the
+    admitted candidates are always a prefix of each request's block.
+
+    Determinism: survival is an fp32 running product; ``tau`` is summed exactly in
+    fixed point (each survival counts as ``floor(a * 2^40) / 2^40``), Theta is fp64,
+    so every backend returns the same integers, whatever order it sums in. The GPU
+    kernels never synchronise with the host (CUDA-graph safe).
+
+    Args:
+        confidence: ``[R, gamma]`` floating tensor (any strides); NaN counts as 0,
+            values outside ``[0, 1]`` are clamped.
+        sps: ``[Bmax + 1]`` floating tensor, ``sps[B]`` = verify steps per second at a
+            verify batch of ``B`` tokens (profiled). Needs ``Bmax >= R``; entries below
+            ``R`` are not read. A NaN entry never improves Theta.
+        early_stop: lossless (True) or async (False) search.
+        backend: "reference" | "cpu" | "triton" | "cuda" | None.
+
+    Returns:
+        ``verify_lens [R]`` int32 (in ``[0, gamma]``) and ``cu_verify [R + 1]`` int32
+        ``= [0, cumsum(verify_lens)]``, which is verify_block's ``cu_num_draft``.
+    """
+    op = "schedule_verify_lens"
+    _check_tensor(op, "confidence", confidence, dim=2)
+    if not confidence.dtype.is_floating_point:
+        _fail(op, f"confidence must be a floating tensor, got {confidence.dtype}")
+    device = confidence.device
+    _check_tensor(op, "sps", sps, dim=1, device=device)
+    if not sps.dtype.is_floating_point:
+        _fail(op, f"sps must be a floating tensor, got {sps.dtype}")
+    num_req, gamma = confidence.shape
+    if sps.shape[0] < num_req + 1:
+        _fail(op, f"sps must have Bmax + 1 >= R + 1 = {num_req + 1} entries (SPS(R) is the rate without "
+                  f"speculation), got shape {tuple(sps.shape)}")
+    if num_req * gamma > MAX_SCHEDULE_CANDIDATES:
+        _fail(op, f"R * gamma = {num_req * gamma} candidates is more than the supported {MAX_SCHEDULE_CANDIDATES} "
+                  f"(confidence shape {tuple(confidence.shape)})")
+    early_stop = bool(early_stop)
+    name = _backend.choose_backend(op, device, backend)
+    if name in ("cpu", "cuda"):
+        return torch.ops.dspark.schedule_verify_lens(confidence, sps, early_stop)
+    if name == "triton":
+        from .triton.schedule_verify_lens import schedule_verify_lens as triton_schedule
+
+        return triton_schedule(confidence, sps, early_stop)
+    from .reference.schedule_verify_lens import schedule_verify_lens as ref_schedule
+
+    return ref_schedule(confidence, sps, early_stop)
+
+
+def _schedule_verify_lens_fake(confidence, sps, early_stop=True):
+    num_req = confidence.shape[0]
+    return (confidence.new_empty((num_req,), dtype=torch.int32),
+            confidence.new_empty((num_req + 1,), dtype=torch.int32))
+
+
+# ------------------------------------------------------------------------------------
+# draft_sample_block
+# ------------------------------------------------------------------------------------
+
+
+def draft_sample_block(
+    base_logits: torch.Tensor,
+    anchor: torch.Tensor,
+    *,
+    markov_w1: torch.Tensor | None = None,
+    markov_w2: torch.Tensor | None = None,
+    temperature: torch.Tensor | float | None = None,
+    top_k: torch.Tensor | int | None = None,
+    top_p: torch.Tensor | float | None = None,
+    seed: torch.Tensor | int | None = None,
+    offset: torch.Tensor | int | None = None,
+    return_logits: bool = True,
+    backend: str | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    r"""Sample a block of ``gamma`` draft tokens per request (DFlash / DSpark drafting).
+
+    Position ``k`` of request ``b`` samples ``x_k`` from the logits ::
+
+        l_k = base_logits[b, k]                                   without the Markov head
+        l_k = base_logits[b, k] + markov_w1[x_{k-1}] @ markov_w2   with it (x_{-1} = anchor[b])
+
+    so without the Markov weights all positions are independent and sampled at
+    once; with them they are sampled left to right, one step per position.
+    Sampling rows (``T_b = temperature[b] > 0``) draw ``x_k`` from
+    ``F(softmax(l_k / T_b))`` where F is the top-k / top-p filter of verify_block
+    (same rules: top-k keeps ``s >= `` the k-th largest scaled logit, top-p then keeps
+    the tokens whose strictly-larger kept mass is ``< top_p``). The draw is the Gumbel
+    race ``argmax_v (s_v + G_v)`` over the kept tokens, ``s = l_k / T_b`` (an IEEE
+    division), ``G_v`` from the *draft* Philox stream at position ``offset[b] + k``
+    and index ``v`` (never the streams verify_block uses, so drafting and
+    verification noise are independent). ``s`` is not normalised: subtracting the
+    log-sum-exp would shift every score alike and cannot change the winner.
+    Greedy rows (``T_b <= 0`` or ``temperature=None``) take the argmax of ``l_k``
+    (lowest index on ties). A row with no finite score gives token 0.
+
+    The returned ``draft_logits`` are the fp32 ``l_k`` that were sampled from (before
+    temperature), exactly what ``verify_block(draft_logits=...)`` needs with the same
+    ``temperature`` / ``top_k`` / ``top_p`` for draft -> verify to be lossless.
+
+    The Markov correction is an fp32 dot product over ``r`` (the weights may be
+    fp16 / bf16: products are exact in fp32). The reference and the CPU kernel sum
+    over ``i = 0 .. r-1`` in order; GPU kernels sum in the order of their matrix
+    instructions, so GPU logits agree to fp32 rounding and tokens agree except
+    where two race scores are that close.
+
+    Args:
+        base_logits: ``[B, gamma, V]`` float32 / float16 / bfloat16, any strides.
+        anchor: ``[B]`` int32 / int64, the token before the block (``x_{-1}``), in ``[0, V)``.
+        markov_w1: ``[V, r]`` and markov_w2: ``[r, V]``, both or neither, same float dtype.
+        temperature, top_k, top_p: ``[B]`` tensors or scalars for every request.
+        seed, offset: ``[B]`` int64 tensors or Python ints (``seed=None``: from torch's
+            generator of the device; ``offset=None``: 0).
+        return_logits: return the sampled-from logits (else an empty ``[0]`` tensor).
+        backend: "reference" | "cpu" | "triton" | "cuda" | None.
+
+    Returns:
+        ``draft_tokens [B, gamma]`` int32 and ``draft_logits [B, gamma, V]`` float32
+        (or ``[0]`` float32 when ``return_logits=False``).
+    """
+    op = "draft_sample_block"
+    _check_tensor(op, "base_logits", base_logits, dim=3, dtypes=_FLOAT_DTYPES)
+    device = base_logits.device
+    batch, gamma, vocab = base_logits.shape
+    if vocab < 1:
+        _fail(op, f"base_logits must have a vocabulary of at least 1, got shape {tuple(base_logits.shape)}")
+    if vocab > 2**31 - 1:
+        _fail(op, f"vocabulary too large ({vocab} > 2^31 - 1)")
+    _check_tensor(op, "anchor", anchor, dim=1, shape=(batch,), dtypes=_INT_DTYPES, device=device)
+    if (markov_w1 is None) != (markov_w2 is None):
+        _fail(op, f"give both markov_w1 and markov_w2 or neither, got markov_w1 "
+                  f"{'set' if markov_w1 is not None else 'None'} and markov_w2 "
+                  f"{'set' if markov_w2 is not None else 'None'}")
+    if markov_w1 is not None:
+        _check_tensor(op, "markov_w1", markov_w1, dim=2, dtypes=_FLOAT_DTYPES, device=device)
+        rank = markov_w1.shape[1]
+        if markov_w1.shape[0] != vocab or rank < 1:
+            _fail(op, f"markov_w1 must have shape [V, r] = [{vocab}, r >= 1], got {tuple(markov_w1.shape)}")
+        _check_tensor(op, "markov_w2", markov_w2, dim=2, shape=(rank, vocab), dtypes=_FLOAT_DTYPES, device=device)
+        if markov_w2.dtype != markov_w1.dtype:
+            _fail(op, f"markov_w2 must have markov_w1's dtype {markov_w1.dtype}, got {markov_w2.dtype}")
+    temperature = _per_request(op, "temperature", temperature, batch, device, torch.float32)
+    top_k = _per_request(op, "top_k", top_k, batch, device, torch.int32)
+    top_p = _per_request(op, "top_p", top_p, batch, device, torch.float32)
+    seed, offset = _default_seed_offset(op, seed, offset, batch, device)
+    return_logits = bool(return_logits)
+
+    avail = _backend.backends(op)
+    if backend is None and device.type == "cuda" and not avail["cuda"] and avail["triton"]:
+        name = "triton"  # Triton is this op's GPU backend (no CUDA C++ kernel): not a fallback
+    else:
+        name = _backend.choose_backend(op, device, backend)
+    if name != "cpu" and _debug_checks_enabled(device) and markov_w1 is not None:  # C++ CPU checks itself
+        _check_anchor(anchor, vocab)
+    # Through the dispatcher where it holds the chosen kernel (the CUDA key runs Triton when
+    # no CUDA C++ kernel is compiled), so torch.compile and CUDA graphs see one opaque op.
+    if name in ("cpu", "cuda") or (backend is None and name == "triton"):
+        return torch.ops.dspark.draft_sample_block(
+            base_logits, anchor, markov_w1=markov_w1, markov_w2=markov_w2, temperature=temperature, top_k=top_k,
+            top_p=top_p, seed=seed, offset=offset, return_logits=return_logits)
+    args = (base_logits, anchor, markov_w1, markov_w2, temperature, top_k, top_p, seed, offset, return_logits)
+    if name == "triton":
+        from .triton.draft_sample_block import draft_sample_block as triton_draft
+
+        return triton_draft(*args)
+    from .reference.draft_sample_block import draft_sample_block as ref_draft
+
+    return ref_draft(*args)
+
+
+def _check_anchor(anchor: torch.Tensor, vocab: int) -> None:
+    """Data-dependent check (host read): CPU always, CUDA under DSPARK_DEBUG=1."""
+    a = anchor.cpu()
+    bad = (a < 0) | (a >= vocab)
+    if bad.any():
+        b = int(torch.nonzero(bad)[0])
+        _fail("draft_sample_block", f"anchor[{b}] = {int(a[b])} is outside [0, V) with V = {vocab}")
+
+
+def _draft_sample_block_fake(base_logits, anchor, markov_w1=None, markov_w2=None, temperature=None, top_k=None,
+                             top_p=None, seed=None, offset=None, return_logits=True):
+    batch, gamma, vocab = base_logits.shape
+    tokens = base_logits.new_empty((batch, gamma), dtype=torch.int32)
+    logits = base_logits.new_empty((batch, gamma, vocab) if return_logits else (0,), dtype=torch.float32)
+    return tokens, logits
+
+
+# ------------------------------------------------------------------------------------
+# Implementations the dispatcher runs where the extension has no kernel (_registration)
+# ------------------------------------------------------------------------------------
+
+
+def _reference_impl(name: str):
+    if name == "schedule_verify_lens":
+        def impl(confidence, sps, early_stop=True):
+            from .reference.schedule_verify_lens import schedule_verify_lens
+
+            return schedule_verify_lens(confidence, sps, early_stop)
+    else:
+        def impl(base_logits, anchor, markov_w1=None, markov_w2=None, temperature=None, top_k=None, top_p=None,
+                 seed=None, offset=None, return_logits=True):
+            from .reference.draft_sample_block import draft_sample_block
+
+            return draft_sample_block(base_logits, anchor, markov_w1, markov_w2, temperature, top_k, top_p, seed,
+                                      offset, return_logits)
+    return impl
+
+
+def _triton_impl(name: str):
+    if name == "schedule_verify_lens":
+        def impl(confidence, sps, early_stop=True):
+            from .triton.schedule_verify_lens import schedule_verify_lens
+
+            return schedule_verify_lens(confidence, sps, early_stop)
+    else:
+        def impl(base_logits, anchor, markov_w1=None, markov_w2=None, temperature=None, top_k=None, top_p=None,
+                 seed=None, offset=None, return_logits=True):
+            from .triton.draft_sample_block import draft_sample_block
+
+            return draft_sample_block(base_logits, anchor, markov_w1, markov_w2, temperature, top_k, top_p, seed,
+                                      offset, return_logits)
+    return impl
