@@ -1,0 +1,197 @@
+"""The drafter's attention: ``dspark_kernels.draft_block_attention`` (DESIGN.md §5).
+
+Backends: "reference" (float64 loops, the spec), "cpu" (PyTorch SDPA in fp32,
+``dspark_kernels/cpu/draft_block_attention.py``, registered under the CPU key of
+``torch.ops.dspark.draft_block_attention``) and "triton" (FlashAttention-style,
+``dspark_kernels/triton/draft_block_attention.py``, registered under the CUDA key).
+There is no CUDA C++ kernel: on CUDA tensors Triton is the GPU backend.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+
+import torch
+
+from . import _backend
+from ._validation import _FLOAT_DTYPES, _INT_DTYPES, _check_tensor, _debug_checks_enabled, _fail
+
+OP = "draft_block_attention"
+# The CUDA key runs Triton (_registration.py) wherever no compiled CUDA kernel exists.
+_TRITON_ON_CUDA_KEY = "CUDA" not in _backend.COMPILED.get(OP, set())
+
+
+def draft_block_attention(
+    q: torch.Tensor,
+    k_block: torch.Tensor,
+    v_block: torch.Tensor,
+    k_ctx: torch.Tensor,
+    v_ctx: torch.Tensor,
+    cu_block: torch.Tensor,
+    ctx_lens: torch.Tensor,
+    *,
+    sinks: torch.Tensor | None = None,
+    softmax_scale: float | None = None,
+    window: int | None = None,
+    max_block_len: int | None = None,
+    backend: str | None = None,
+) -> torch.Tensor:
+    r"""Block attention of a parallel drafter: each block attends to itself and its context window.
+
+    ``B`` requests drafted blocks of ``n_b = cu_block[b+1] - cu_block[b]`` tokens
+    (ragged, ``n_b = 0`` allowed), flattened into ``T = sum n_b`` rows. Request
+    ``b`` has ``L_b = ctx_lens[b]`` context tokens (absolute positions
+    ``0 .. L_b - 1``) whose keys / values live in a per-request circular window
+    cache: position ``t`` in slot ``t % W`` of ``k_ctx[b] / v_ctx[b]``. Only the
+    last ``n_vis = min(L_b, W, window)`` positions are visible (``window=None``:
+    ``W``; ``window`` caps the context at that many most recent tokens).
+
+    Query ``i`` of request ``b`` (row ``r = cu_block[b] + i``), head ``h``, kv head
+    ``g = h // (H / Hkv)`` (GQA / MQA) attends **non-causally** to all its block's
+    keys and to the visible context keys::
+
+        K = [k_ctx[b, t % W, g] for t in L_b - n_vis .. L_b - 1] ++ [k_block[r', g] for r' in block b]
+        V = likewise from v_ctx / v_block
+        s_j = softmax_scale * <q[r, h], K_j>
+        out[r, h] = sum_j exp(s_j) V_j / (sum_j exp(s_j) + exp(sinks[h]))
+
+    The sink term is absent when ``sinks`` is None (an attention sink is an extra
+    logit with no value, as in gpt-oss / DeepSeek-V4; it is not scaled by
+    ``softmax_scale``). ``softmax_scale`` defaults to ``1 / sqrt(D)``. Math in fp32
+    or better (reference: float64), output in q's dtype.
+
+    Args:
+        q: ``[T, H, D]`` float32 / float16 / bfloat16; any strides.
+        k_block, v_block: ``[T, Hkv, D]`` the block's own keys / values (q's dtype),
+            ``H % Hkv == 0``.
+        k_ctx, v_ctx: ``[B, W, Hkv, D]`` the circular context window caches (q's dtype).
+        cu_block: ``[B + 1]`` int32 / int64 offsets, ``cu[0] = 0``, non-decreasing, ``cu[B] = T``.
+        ctx_lens: ``[B]`` int32 / int64, ``>= 0`` (may exceed ``W``: the window wraps).
+        sinks: ``[H]`` float tensor of per-head sink logits, or None.
+        softmax_scale: a float, default ``1 / sqrt(D)``.
+        window: an int ``>= 0``, at most this many most recent context tokens; None: ``W``.
+        max_block_len: an int ``>=`` the longest block; it only sizes the GPU grid
+            (a smaller value is still correct, just slower). None reads it from
+            ``cu_block`` (one host read: pass it under CUDA graphs / torch.compile).
+        backend: "reference" | "cpu" | "triton" | None ("cuda" does not exist for
+            this op: Triton is its GPU backend).
+
+    Returns:
+        ``out [T, H, D]`` in q's dtype, contiguous.
+    """
+    _validate(q, k_block, v_block, k_ctx, v_ctx, cu_block, ctx_lens, sinks, softmax_scale, window, max_block_len)
+    if max_block_len is None:
+        max_block_len = int((cu_block[1:] - cu_block[:-1]).max()) if cu_block.shape[0] > 1 else 0
+    max_block_len = int(max_block_len)
+    softmax_scale = None if softmax_scale is None else float(softmax_scale)
+    window = None if window is None else int(window)
+    name = _backend.choose_backend(OP, q.device, backend)
+    # On CUDA tensors Triton runs through the op too (its CUDA key), so torch.compile and
+    # CUDA graphs see one opaque op; the registered kernels check the data themselves.
+    via_op = name in ("cpu", "cuda") or (name == "triton" and q.is_cuda and _TRITON_ON_CUDA_KEY)
+    if via_op:
+        return torch.ops.dspark.draft_block_attention(
+            q, k_block, v_block, k_ctx, v_ctx, cu_block, ctx_lens, sinks=sinks, softmax_scale=softmax_scale,
+            window=window, max_block_len=max_block_len)
+    if _debug_checks_enabled(q.device):
+        _check_data(cu_block, ctx_lens, q.shape[0])
+    args = (q, k_block, v_block, k_ctx, v_ctx, cu_block, ctx_lens, sinks, softmax_scale, window, max_block_len)
+    if name == "triton":
+        from .triton.draft_block_attention import draft_block_attention as triton_impl
+
+        return triton_impl(*args)
+    from .reference.draft_block_attention import draft_block_attention as reference_impl
+
+    return reference_impl(*args)
+
+
+# --------------------------------------------------------------------------- checks
+
+
+def _validate(q, k_block, v_block, k_ctx, v_ctx, cu_block, ctx_lens, sinks, softmax_scale, window,
+              max_block_len) -> None:
+    """Shape / dtype / device checks (no data reads): every message names the argument."""
+    op = OP
+    _check_tensor(op, "q", q, dim=3, dtypes=_FLOAT_DTYPES)
+    device, dtype = q.device, q.dtype
+    num_tokens, num_heads, head_dim = q.shape
+    if head_dim < 1 or num_heads < 1:
+        _fail(op, f"q must have at least one head of dimension >= 1, got shape {tuple(q.shape)}")
+    _check_tensor(op, "k_block", k_block, dim=3, device=device)
+    num_kv_heads = k_block.shape[1]
+    if k_block.shape[0] != num_tokens or k_block.shape[2] != head_dim:
+        _fail(op, f"k_block must have shape [T, Hkv, D] = [{num_tokens}, Hkv, {head_dim}] (T, D from q), "
+                  f"got {tuple(k_block.shape)}")
+    if num_kv_heads < 1 or num_heads % num_kv_heads != 0:
+        _fail(op, f"k_block must have Hkv kv heads dividing the H = {num_heads} query heads, "
+                  f"got shape {tuple(k_block.shape)}")
+    _check_tensor(op, "v_block", v_block, dim=3, shape=k_block.shape, device=device)
+    _check_tensor(op, "k_ctx", k_ctx, dim=4, device=device)
+    batch = k_ctx.shape[0]
+    if tuple(k_ctx.shape[2:]) != (num_kv_heads, head_dim):
+        _fail(op, f"k_ctx must have shape [B, W, Hkv, D] = [B, W, {num_kv_heads}, {head_dim}], "
+                  f"got {tuple(k_ctx.shape)}")
+    _check_tensor(op, "v_ctx", v_ctx, dim=4, shape=k_ctx.shape, device=device)
+    for name, t in (("k_block", k_block), ("v_block", v_block), ("k_ctx", k_ctx), ("v_ctx", v_ctx)):
+        if t.dtype != dtype:
+            _fail(op, f"{name} must have q's dtype {dtype}, got {t.dtype}")
+    _check_tensor(op, "cu_block", cu_block, dim=1, shape=(batch + 1,), dtypes=_INT_DTYPES, device=device)
+    _check_tensor(op, "ctx_lens", ctx_lens, dim=1, shape=(batch,), dtypes=_INT_DTYPES, device=device)
+    if sinks is not None:
+        _check_tensor(op, "sinks", sinks, dim=1, shape=(num_heads,), dtypes=_FLOAT_DTYPES, device=device)
+    if softmax_scale is not None and (not isinstance(softmax_scale, numbers.Real) or isinstance(softmax_scale, bool)
+                                      or not math.isfinite(float(softmax_scale))):
+        _fail(op, f"softmax_scale must be a finite float or None, got {softmax_scale!r}")
+    if window is not None and (not isinstance(window, numbers.Integral) or isinstance(window, bool) or window < 0):
+        _fail(op, f"window must be an int >= 0 or None, got {window!r}")
+    if max_block_len is not None and (not isinstance(max_block_len, (numbers.Integral, torch.SymInt))
+                                      or isinstance(max_block_len, bool) or max_block_len < 0):
+        _fail(op, f"max_block_len must be an int >= 0 or None, got {max_block_len!r}")
+
+
+def _check_data(cu_block: torch.Tensor, ctx_lens: torch.Tensor, num_tokens: int) -> None:
+    """Data-dependent checks (host reads): CPU always, CUDA under DSPARK_DEBUG=1."""
+    op = OP
+    cu = cu_block.tolist()
+    if cu[0] != 0:
+        _fail(op, f"cu_block[0] must be 0, got {cu[0]}")
+    if cu[-1] != num_tokens:
+        _fail(op, f"cu_block[B] must equal q.size(0) = {num_tokens}, got {cu[-1]}")
+    for b in range(len(cu) - 1):
+        if cu[b + 1] < cu[b]:
+            _fail(op, f"cu_block must be non-decreasing, got cu_block[{b}] = {cu[b]} > cu_block[{b + 1}] = {cu[b + 1]}")
+    if ctx_lens.numel() and int(ctx_lens.min()) < 0:
+        b = int(torch.argmin(ctx_lens))
+        _fail(op, f"ctx_lens[{b}] must be >= 0, got {int(ctx_lens[b])}")
+
+
+# --------------------------------------------------------------------------- registered kernels
+
+
+def _op_cpu(q, k_block, v_block, k_ctx, v_ctx, cu_block, ctx_lens, *, sinks=None, softmax_scale=None, window=None,
+            max_block_len=0):
+    """CPU key of torch.ops.dspark.draft_block_attention: checks, then PyTorch SDPA in fp32."""
+    from .cpu.draft_block_attention import draft_block_attention as cpu_impl
+
+    _validate(q, k_block, v_block, k_ctx, v_ctx, cu_block, ctx_lens, sinks, softmax_scale, window, max_block_len)
+    _check_data(cu_block, ctx_lens, q.shape[0])
+    return cpu_impl(q, k_block, v_block, k_ctx, v_ctx, cu_block, ctx_lens, sinks, softmax_scale, window,
+                    max_block_len)
+
+
+def _op_cuda(q, k_block, v_block, k_ctx, v_ctx, cu_block, ctx_lens, *, sinks=None, softmax_scale=None, window=None,
+             max_block_len=0):
+    """CUDA key: checks (data checks only under DSPARK_DEBUG=1: no host sync), then Triton."""
+    from .triton.draft_block_attention import draft_block_attention as triton_impl
+
+    _validate(q, k_block, v_block, k_ctx, v_ctx, cu_block, ctx_lens, sinks, softmax_scale, window, max_block_len)
+    if _debug_checks_enabled(q.device):
+        _check_data(cu_block, ctx_lens, q.shape[0])
+    return triton_impl(q, k_block, v_block, k_ctx, v_ctx, cu_block, ctx_lens, sinks, softmax_scale, window,
+                       max_block_len)
+
+
+def _op_fake(q, k_block, v_block, k_ctx, v_ctx, cu_block, ctx_lens, *, sinks=None, softmax_scale=None, window=None,
+             max_block_len=0):
+    return q.new_empty(q.shape)
