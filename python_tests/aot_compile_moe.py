@@ -1,0 +1,137 @@
+"""Compile the MoE Triton kernels for sm_90 ahead of time, without a GPU.
+
+    python python_tests/aot_compile_moe.py [--arch 90]
+
+Runs Triton's full lowering (TTIR -> TTGIR -> LLVM -> PTX -> cubin with the bundled
+ptxas) for the configs the heuristic picks at the DeepSeek-V3 / Qwen3-30B-A3B
+shapes, with the specialisations the JIT applies at run time (16-byte aligned
+pointers and strides, unit strides folded to 1). Prints shared memory, registers
+and spills per kernel; exits 1 if a kernel fails to compile or spills. This is
+what a machine without a GPU can check beyond the interpreter (test_moe.py runs
+it, marked slow). TRITON_INTERPRET must be unset: the kernels are compiled, not
+interpreted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import subprocess
+import sys
+import tempfile
+
+os.environ.pop("TRITON_INTERPRET", None)
+
+import torch  # noqa: E402
+import triton  # noqa: E402
+from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.compiler import ASTSource  # noqa: E402
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from dspark_kernels.triton import _moe_common  # noqa: E402
+from dspark_kernels.triton import fused_moe as fm  # noqa: E402
+from dspark_kernels.triton import grouped_gemm as gg  # noqa: E402
+from dspark_kernels.triton import moe_align as ma  # noqa: E402
+
+UNIT = {"s_xk", "s_wk", "s_ak", "s_on"}  # unit strides: the JIT folds them to the constant 1
+NOT_ALIGNED = {"numel", "E", "block_m", "length", "num_blocks", "num_chunks", "T", "top_k"}
+
+
+def compile_one(target, fn, types: dict, consts: dict, warps: int, stages: int) -> tuple[bool, str]:
+    sig = {n: types.get(n, "constexpr") for n in fn.arg_names}
+    consts = dict(consts)
+    for n in UNIT & set(sig):
+        sig[n], consts[n] = "constexpr", 1
+    attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(fn.arg_names)
+             if sig[n] != "constexpr" and (sig[n].startswith("*") or n not in NOT_ALIGNED)}
+    try:
+        k = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=consts, attrs=attrs), target=target,
+                           options=dict(num_warps=warps, num_stages=stages))
+    except Exception as exc:  # noqa: BLE001 - reported per kernel
+        return False, f"{type(exc).__name__}: {str(exc)[:2000]}"
+    info = f"shared {k.metadata.shared} B"
+    cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    if os.path.exists(cuobjdump):
+        with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+            f.write(k.asm["cubin"])
+            f.flush()
+            res = subprocess.run([cuobjdump, "-res-usage", f.name], capture_output=True, text=True).stdout
+        m = re.search(r"REG:(\d+) STACK:(\d+)", res)
+        if m:
+            info += f", {m.group(1)} registers, stack {m.group(2)} B"
+            if int(m.group(2)) > 0:
+                return False, info + " (spills)"
+    return True, info
+
+
+def jobs():
+    """(label, kernel, arg types, constexprs, warps, stages)."""
+    out = []
+    i32 = "*i32"
+    for ids_t in ("*i32", "*i64"):
+        e_block, c, bm_pow2, tb = ma._sizes(4096, 256, 16)
+        out.append((f"moe_align hist ids {ids_t}", ma._chunk_hist_kernel,
+                    dict(ids_ptr=ids_t, numel="i32", E="i32", table_ptr=i32), dict(C=c, E_BLOCK=e_block), 4, 3))
+    out.append(("moe_align scan", ma._chunk_scan_kernel, dict(table_ptr=i32, totals_ptr=i32, num_chunks="i32"),
+                dict(E_BLOCK=256, E_TILE=32, C_TILE=64), 4, 3))
+    for mode in (0, 1, 2):
+        e_block, c, bm_pow2, tb = ma._sizes(4096, 256, 16)
+        out.append((f"moe_align scatter mode {mode}", ma._align_scatter_kernel, dict(
+            ids_ptr=i32, numel="i32", E="i32", block_m="i32", length="i32", num_blocks="i32", table_ptr=i32,
+            totals_ptr=i32, num_chunks="i32", sorted_ptr=i32, expert_ids_ptr=i32, post_pad_ptr=i32),
+            dict(C=c, E_BLOCK=e_block, MODE=mode, NC_BLOCK=ma._SMALL_CHUNKS, TB=tb, BM_POW2=bm_pow2), 4, 3))
+    seen = set()
+    for (E, k, H, I) in ((256, 8, 7168, 2048), (128, 8, 2048, 768)):
+        for M in (1, 64, 1024, 8192):
+            cfg = _moe_common.heuristic_config(M, E, H, I, k, torch.bfloat16)
+            key = tuple(cfg.values())
+            if key in seen:
+                continue
+            seen.add(key)
+            bm, bn, bk, w, st = (cfg[x] for x in _moe_common.CONFIG_KEYS)
+            tag = f"bf16 {bm}x{bn}x{bk} w{w} s{st}"
+            out.append((f"fused_moe gemm1 {tag}", fm._gemm1_kernel, dict(
+                x_ptr="*bf16", s_xm="i32", s_xk="i32", w_ptr="*bf16", s_we="i32", s_wn="i32", s_wk="i32",
+                up_offset="i32", h_ptr="*bf16", s_hm="i32", sorted_ptr=i32, expert_ids_ptr=i32, post_pad_ptr=i32,
+                numel="i32", top_k="i32", K="i32", I="i32"),
+                dict(BLOCK_M=bm, BLOCK_N=bn // 2, BLOCK_K=bk, PRECISION="tf32"), w, st))
+            for atomic in (False, True):
+                out.append((f"fused_moe gemm2 {tag} atomic={atomic}", fm._gemm2_kernel, dict(
+                    h_ptr="*bf16", s_hm="i32", w_ptr="*bf16", s_we="i32", s_wn="i32", s_wk="i32", y_ptr="*fp32",
+                    s_ym="i32", weights_ptr="*fp32", sorted_ptr=i32, expert_ids_ptr=i32, post_pad_ptr=i32,
+                    numel="i32", top_k="i32", K="i32", N="i32"),
+                    dict(ATOMIC=atomic, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, PRECISION="tf32"), w, st))
+    out.append(("fused_moe topk_sum", fm._topk_sum_kernel, dict(
+        y_ptr="*fp32", ids_ptr=i32, E="i32", out_ptr="*bf16", s_om="i32", s_on="i32", N="i32"),
+        dict(TOP_K=8, BLOCK_N=1024), 4, 3))
+    for T, E in ((8, 256), (4096, 16)):
+        cfg = _moe_common.grouped_gemm_config(T, E, 4096, 7168, torch.bfloat16)
+        bm, bn, bk, w, st = (cfg[x] for x in _moe_common.CONFIG_KEYS)
+        out.append((f"grouped_gemm bf16 {bm}x{bn}x{bk} w{w} s{st}", gg._grouped_gemm_kernel, dict(
+            a_ptr="*bf16", s_am="i32", s_ak="i32", w_ptr="*bf16", s_we="i32", s_wn="i32", s_wk="i32",
+            out_ptr="*bf16", s_om="i32", s_on="i32", offs_ptr=i32, T="i32", N="i32", K="i32", E="i32"),
+            dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, G_BLOCK=triton.next_power_of_2(E + 1), PRECISION="tf32"),
+            w, st))
+    return out
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--arch", type=int, default=90)
+    p.add_argument("--only", help="compile only kernels whose label contains this")
+    args = p.parse_args(argv)
+    target = GPUTarget("cuda", args.arch, 32)
+    failed = 0
+    for label, fn, types, consts, warps, stages in jobs():
+        if args.only and args.only not in label:
+            continue
+        ok, info = compile_one(target, fn, types, consts, warps, stages)
+        failed += not ok
+        print(f"{'ok  ' if ok else 'FAIL'} {label}: {info}", flush=True)
+    print(f"{'all compiled' if not failed else f'{failed} failed'} for sm_{args.arch}")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
