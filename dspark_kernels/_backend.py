@@ -80,12 +80,17 @@ def triton_available() -> bool:
     return TRITON_AVAILABLE
 
 
+# Ops whose cpu backend is PyTorch code registered under the CPU key from Python
+# (_registration.py), not a C++ kernel: always available.
+PYTORCH_CPU_OPS = frozenset({"moe_align", "grouped_gemm", "fused_moe", "draft_block_attention"})
+
+
 def backends(op: str = "verify_block") -> dict[str, bool]:
     """Which implementations of `op` can run here: {"reference", "cpu", "triton", "cuda"} -> bool."""
     kernels = COMPILED.get(op, set())
     return {
         "reference": True,
-        "cpu": "CPU" in kernels,
+        "cpu": "CPU" in kernels or op in PYTORCH_CPU_OPS,
         "triton": TRITON_AVAILABLE and op in TRITON_OPS,
         "cuda": "CUDA" in kernels and torch.cuda.is_available(),
     }
@@ -118,7 +123,9 @@ def choose_backend(op: str, device: torch.device, backend: str | None) -> str:
     order = ("cuda", "triton", "reference") if device.type == "cuda" else ("cpu", "reference")
     for name in order:
         if available[name]:
-            if name != order[0]:
+            # Ops with no C++ at all (PYTORCH_CPU_OPS) have Triton as their GPU backend by
+            # design: choosing it is not a fallback worth a warning.
+            if name != order[0] and not (name == "triton" and op in PYTORCH_CPU_OPS):
                 warn_once(f"{op}:{device.type}", f"dspark_kernels.{op}: backend {order[0]!r} is not available "
                           f"({_load_error or 'not built'}); falling back to {name!r}")
             return name
