@@ -66,3 +66,24 @@ def softmax64(logits, temperature, top_k=0, top_p=1.0):
     e = [math.exp(x - m) if k else 0.0 for x, k in zip(s, keep)]
     z = sum(e)
     return [x / z for x in e]
+
+
+CHI2_FALSE_ALARM = 1e-6
+
+
+def chi2_check(samples, probs, label, false_alarm=CHI2_FALSE_ALARM):
+    """Pearson χ² of integer samples against probabilities, at a fixed false-alarm rate;
+    tokens of probability zero must never be drawn."""
+    from scipy.stats import chi2
+
+    probs = torch.as_tensor(probs, dtype=torch.float64)
+    counts = torch.bincount(samples.to(torch.int64), minlength=probs.numel()).double()
+    n = counts.sum()
+    assert n > 1000, label
+    zero = probs <= 0
+    assert counts[zero].sum() == 0, f"{label}: drew tokens of probability zero"
+    expected = probs[~zero] * n
+    stat = float(((counts[~zero] - expected) ** 2 / expected).sum())
+    dof = max(int((~zero).sum()) - 1, 1)
+    limit = chi2.isf(false_alarm, dof)
+    assert stat < limit, f"{label}: chi2 = {stat:.1f} >= {limit:.1f} (dof {dof}, n {int(n)})"

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import backend_device
-from helpers import softmax64
+from helpers import chi2_check, softmax64
 
 import dspark_kernels as dk
 from dspark_kernels.reference import philox
@@ -309,22 +309,6 @@ CHI2_FALSE_ALARM = 1e-6
 TRIALS = 100_000
 
 
-def _chi2_check(samples, probs, label):
-    from scipy.stats import chi2
-
-    probs = torch.as_tensor(probs, dtype=torch.float64)
-    counts = torch.bincount(samples.to(torch.int64), minlength=probs.numel()).double()
-    n = counts.sum()
-    assert n > 1000, label
-    zero = probs <= 0
-    assert counts[zero].sum() == 0, f"{label}: drew tokens of probability zero"
-    expected = probs[~zero] * n
-    stat = float(((counts[~zero] - expected) ** 2 / expected).sum())
-    dof = max(int((~zero).sum()) - 1, 1)
-    limit = chi2.isf(CHI2_FALSE_ALARM, dof)
-    assert stat < limit, f"{label}: chi2 = {stat:.1f} >= {limit:.1f} (dof {dof}, n {int(n)})"
-
-
 def _stat_backend():
     return "cpu" if "cpu" in BACKENDS else "reference"
 
@@ -351,11 +335,11 @@ def test_drafted_tokens_follow_the_markov_distribution(filters):
         temperature=temp, top_k=top_k, top_p=top_p, seed=torch.randint(0, 2**62, (trials,), generator=g), offset=0,
         backend=_stat_backend())
     l0 = (rows[0] + w1[anchor] @ w2).tolist()
-    _chi2_check(tokens[:, 0], softmax64(l0, temp, top_k, top_p), "position 0")
+    chi2_check(tokens[:, 0], softmax64(l0, temp, top_k, top_p), "position 0")
     for x0 in torch.bincount(tokens[:, 0].long(), minlength=vocab).argsort(descending=True)[:2].tolist():
         sel = tokens[:, 0] == x0
         l1 = (rows[1] + w1[x0] @ w2).tolist()
-        _chi2_check(tokens[sel, 1], softmax64(l1, temp, top_k, top_p), f"position 1 | x0 = {x0}")
+        chi2_check(tokens[sel, 1], softmax64(l1, temp, top_k, top_p), f"position 1 | x0 = {x0}")
         assert torch.allclose(logits[sel, 1][0], torch.tensor(l1), atol=1e-5)
 
 
@@ -366,7 +350,7 @@ def test_drafted_tokens_follow_softmax_without_markov():
     tokens, _ = dk.draft_sample_block(rows.repeat(TRIALS, 1, 1), torch.zeros(TRIALS, dtype=torch.int32),
                                       temperature=1.3, seed=torch.randint(0, 2**62, (TRIALS,), generator=g),
                                       offset=torch.arange(TRIALS), return_logits=False, backend=_stat_backend())
-    _chi2_check(tokens[:, 0], softmax64(rows[0].tolist(), 1.3), "softmax(base / T)")
+    chi2_check(tokens[:, 0], softmax64(rows[0].tolist(), 1.3), "softmax(base / T)")
 
 
 @pytest.mark.parametrize("mode", ["markov", "markov-filters", "plain", "shared-noise-probe"])
@@ -401,12 +385,12 @@ def test_end_to_end_draft_then_verify_is_lossless(mode):
                                temperature=temp, **filt, seed=seed, offset=offset, max_num_draft=gamma,
                                backend=_stat_backend())
     p = [softmax64(r.tolist(), temp, filt["top_k"], filt["top_p"]) for r in target]
-    _chi2_check(out[:, 0], p[0], f"{mode}: first emitted token")
+    chi2_check(out[:, 0], p[0], f"{mode}: first emitted token")
     first_accepted = acc >= 1
-    _chi2_check(out[first_accepted, 1], p[1], f"{mode}: {'bonus' if gamma == 1 else 'second'} token | first accepted")
+    chi2_check(out[first_accepted, 1], p[1], f"{mode}: {'bonus' if gamma == 1 else 'second'} token | first accepted")
     both = acc >= 2
     if gamma >= 2 and int(both.sum()) > 2000:
-        _chi2_check(out[both, 2], p[2], f"{mode}: bonus token | both accepted")
+        chi2_check(out[both, 2], p[2], f"{mode}: bonus token | both accepted")
     # Acceptance of the first draft: sum_v min(p0, q0) with q0 the drafted distribution.
     q0 = softmax64(((rows[0] + w1[1] @ w2) if markov else rows[0]).tolist(), temp, filt["top_k"], filt["top_p"])
     expected = sum(min(a, b) for a, b in zip(p[0], q0))

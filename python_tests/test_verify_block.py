@@ -9,7 +9,7 @@ import random
 import pytest
 import torch
 from conftest import available_backends, backend_device
-from helpers import make_verify_inputs, softmax64
+from helpers import chi2_check, make_verify_inputs, softmax64
 
 import dspark_kernels as dk
 from dspark_kernels.reference import philox
@@ -126,22 +126,6 @@ def test_reference_matches_fp64_oracle(mode, filters):
 CHI2_FALSE_ALARM = 1e-6
 
 
-def _chi2_check(samples, probs, label):
-    from scipy.stats import chi2
-
-    probs = torch.as_tensor(probs, dtype=torch.float64)
-    counts = torch.bincount(samples.to(torch.int64), minlength=probs.numel()).double()
-    n = counts.sum()
-    assert n > 1000, label
-    zero = probs <= 0
-    assert counts[zero].sum() == 0, f"{label}: drew tokens of probability zero"
-    expected = probs[~zero] * n
-    stat = float(((counts[~zero] - expected) ** 2 / expected).sum())
-    dof = max(int((~zero).sum()) - 1, 1)
-    limit = chi2.isf(CHI2_FALSE_ALARM, dof)
-    assert stat < limit, f"{label}: chi2 = {stat:.1f} >= {limit:.1f} (dof {dof}, n {int(n)})"
-
-
 def _stat_backend():
     # The CPU kernel equals the reference exactly (tested below), and runs 1e5 trials in a blink.
     return "cpu" if dk.backends()["cpu"] else "reference"
@@ -180,9 +164,9 @@ def test_emitted_tokens_follow_target(mode):
     cu = torch.arange(0, gamma * trials + 1, gamma, dtype=torch.int32)
     out, acc = dk.verify_block(target_rows.repeat(trials, 1), drafts.reshape(-1).to(torch.int32), cu,
                                backend=_stat_backend(), **kwargs)
-    _chi2_check(out[:, 0], p[0], f"{mode}: first token")
+    chi2_check(out[:, 0], p[0], f"{mode}: first token")
     first_accepted = acc >= 1
-    _chi2_check(out[first_accepted, 1], p[1], f"{mode}: second token | first accepted")
+    chi2_check(out[first_accepted, 1], p[1], f"{mode}: second token | first accepted")
     rate = float(first_accepted.double().mean())
     if mode == "point":  # the op sees q = one_hot(x): accepted with probability p(x)
         expected = sum(a * b for a, b in zip(p[0], q[0]))
@@ -420,7 +404,6 @@ def test_cpu_64bit_addressing_past_2_31_elements():
     except RuntimeError:
         pytest.skip("not enough memory")
     n0 = rows - 2 - 3  # request 0: all drafts but the first are never read (rejected at once)
-    num_draft = [n0, 3]
     g = torch.Generator().manual_seed(0)
     drafts = torch.randint(0, vocab, (n0 + 3,), generator=g, dtype=torch.int32)
     target[0] = torch.randn(vocab, generator=g).half()
