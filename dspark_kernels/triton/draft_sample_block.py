@@ -46,6 +46,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ._filters import top_k_threshold, top_p_threshold
 from .philox import gumbel_from_word, random_words4, split_u64
 
 SALT_DRAFT = tl.constexpr(0x44524654)
@@ -100,14 +101,6 @@ def _row_params(temp_ptr, topk_ptr, topp_ptr, b, V, HAS_TEMP: tl.constexpr, HAS_
     return t, k, (k > 0) & (k < V), p, (p > 0.0) & (p < 1.0)
 
 
-@triton.jit
-def _key_to_float(key):
-    """Inverse of the order-preserving key ``(bits >= 0 ? bits : bits ^ 0x7fffffff) + 2^31``."""
-    kk = (key - 2147483648).to(tl.int32)
-    bits = tl.where(kk >= 0, kk, kk ^ 0x7FFFFFFF)
-    return bits.to(tl.float32, bitcast=True)
-
-
 # ----------------------------------------------------------------------------------------
 # Top-k / top-p threshold (one program per row)
 # ----------------------------------------------------------------------------------------
@@ -127,9 +120,6 @@ def _threshold_kernel(
     if (t > 0.0) & (k_on | p_on):
         row_ptr = x_ptr + b.to(tl.int64) * sx0 + kk.to(tl.int64) * sx1
         offs = tl.arange(0, BLOCK)
-        RADIX: tl.constexpr = 1 << RADIX_BITS
-        NPASS: tl.constexpr = 32 // RADIX_BITS
-        digits = tl.arange(0, RADIX).to(tl.int64)
         # Row max of s (always kept by either filter).
         m = tl.full([], _NEG_INF, tl.float32)
         for c0 in range(0, V, BLOCK):
@@ -139,50 +129,10 @@ def _threshold_kernel(
             s = tl.where(mask, tl.math.div_rn(x, t), _NEG_INF)
             m = tl.maximum(m, tl.max(tl.where(s == s, s, _NEG_INF), axis=0))
         safe_m = tl.where(m > _NEG_INF, m, 0.0)
-        # top-k: the largest key t with count(key >= t) >= k (the k-th largest value).
         if k_on:
-            prefix = tl.zeros([], tl.int64)
-            for ps in range(NPASS):
-                shift = 32 - (ps + 1) * RADIX_BITS
-                cand = prefix + (digits << shift)
-                cnt = tl.zeros([RADIX], tl.int64)
-                for c0 in range(0, V, BLOCK):
-                    cols = c0 + offs
-                    mask = cols < V
-                    x = tl.load(row_ptr + cols.to(tl.int64) * sx2, mask=mask, other=0.0).to(tl.float32)
-                    s = tl.math.div_rn(x, t)
-                    bits = tl.where(s == 0.0, 0.0, s).to(tl.int32, bitcast=True)
-                    key = tl.where(bits >= 0, bits, bits ^ 0x7FFFFFFF).to(tl.int64) + 2147483648
-                    key = tl.where(mask & (s == s), key, -1)
-                    cnt += tl.sum((key[:, None] >= cand[None, :]).to(tl.int64), axis=0)
-                j = tl.max(tl.where(cnt >= k, digits, 0), axis=0)
-                prefix = prefix + (j << shift)
-            thr = _key_to_float(prefix)
-        # top-p over the top-k set: the largest key t with mass(key >= t) >= top_p * total.
+            thr = top_k_threshold(row_ptr, sx2, V, t, k, BLOCK, RADIX_BITS)
         if p_on:
-            prefix = tl.zeros([], tl.int64)
-            total = tl.zeros([], tl.float64)
-            for ps in range(NPASS):
-                shift = 32 - (ps + 1) * RADIX_BITS
-                cand = prefix + (digits << shift)
-                mass = tl.zeros([RADIX], tl.float64)
-                for c0 in range(0, V, BLOCK):
-                    cols = c0 + offs
-                    mask = cols < V
-                    x = tl.load(row_ptr + cols.to(tl.int64) * sx2, mask=mask, other=0.0).to(tl.float32)
-                    s = tl.math.div_rn(x, t)
-                    kept = mask & (s >= thr) & (s > _NEG_INF)
-                    e = tl.where(kept, tl.exp(s - safe_m), 0.0).to(tl.float64)
-                    bits = tl.where(s == 0.0, 0.0, s).to(tl.int32, bitcast=True)
-                    key = tl.where(bits >= 0, bits, bits ^ 0x7FFFFFFF).to(tl.int64) + 2147483648
-                    key = tl.where(kept, key, -1)
-                    mass += tl.sum(tl.where(key[:, None] >= cand[None, :], e[:, None], 0.0), axis=0)
-                # Pass 0's first candidate is key 0, below every value: its mass is the total.
-                total = tl.where(ps == 0, tl.sum(tl.where(digits == 0, mass, 0.0), axis=0), total)
-                target = p.to(tl.float64) * total
-                j = tl.max(tl.where(mass >= target, digits, 0), axis=0)
-                prefix = prefix + (j << shift)
-            thr = tl.where(total > 0.0, _key_to_float(prefix), thr)
+            thr = top_p_threshold(row_ptr, sx2, V, t, thr, safe_m, p, BLOCK, RADIX_BITS)
     tl.store(thr_ptr + row, thr)
 
 

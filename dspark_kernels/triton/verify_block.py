@@ -62,6 +62,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ._filters import top_k_threshold, top_p_threshold
 from .philox import gumbel_from_word, random_word, random_words4, select_word, split_u64, uniform_from_word
 
 # Globals read inside @triton.jit functions must be constexpr.
@@ -213,26 +214,13 @@ def _merge_argmax(ws_max_ptr, ws_arg_ptr, ridx, S, V, S_BLOCK: tl.constexpr):
 # ----------------------------------------------------------------------------------------
 
 
-# Order-preserving key of an fp32 value s (-0.0 taken as +0.0), an int64 in [0, 2^32):
-#     bits = bitcast<int32>(s);  key = (bits >= 0 ? bits : bits ^ 0x7fffffff) + 2^31
-# so s1 < s2  <=>  key(s1) < key(s2). It is written inline in the kernel's loops.
-
-
-@triton.jit
-def _key_to_float(key):
-    """Inverse of the order-preserving key."""
-    k = (key - 2147483648).to(tl.int32)
-    bits = tl.where(k >= 0, k, k ^ 0x7FFFFFFF)
-    return bits.to(tl.float32, bitcast=True)
-
-
 @triton.jit
 def _filter_kernel(
     logits_ptr, stride_row, stride_col, num_rows,
     cu_ptr, temp_ptr, topk_ptr, topp_ptr, V, num_chunks, W, max_num_draft, S,
     ws_m_ptr, thr_ptr, lse_ptr,
     IS_TARGET: tl.constexpr, HAS_TOPK: tl.constexpr, HAS_TOPP: tl.constexpr,
-    BLOCK: tl.constexpr, RADIX_BITS: tl.constexpr, RADIX: tl.constexpr, NPASS: tl.constexpr,
+    BLOCK: tl.constexpr, RADIX_BITS: tl.constexpr,
     S_BLOCK: tl.constexpr,
 ):
     pid = tl.program_id(0)
@@ -251,63 +239,17 @@ def _filter_kernel(
     if live & (t > 0.0) & (k_on | p_on):
         row_ptr = logits_ptr + row * stride_row
         offs = tl.arange(0, BLOCK)
-        digits = tl.arange(0, RADIX).to(tl.int64)
         # Row max of s (always kept by either filter) from the split statistics.
         sp = tl.arange(0, S_BLOCK)
         ms = tl.load(ws_m_ptr + pid.to(tl.int64) * S + sp, mask=sp < S, other=_NEG_INF)
         m = tl.max(ms, axis=0)
         safe_m = tl.where(m > _NEG_INF, m, 0.0)
 
-        # top-k: the largest key t with count(key >= t) >= k (the k-th largest value).
         thr = tl.full([], _NEG_INF, tl.float32)  # keep all
         if k_on:
-            prefix = tl.zeros([], tl.int64)
-            for ps in range(NPASS):
-                shift = 32 - (ps + 1) * RADIX_BITS
-                cand = prefix + (digits << shift)
-                cnt2 = tl.zeros([BLOCK, RADIX], tl.int32)  # per lane, reduced after the pass
-                for c in range(0, num_chunks):
-                    cols = c * BLOCK + offs
-                    mask = cols < V
-                    x = tl.load(row_ptr + cols.to(tl.int64) * stride_col, mask=mask, other=0.0).to(tl.float32)
-                    s = tl.math.div_rn(x, t)
-                    # Order-preserving int key of s (inlined: helper calls are slow in the interpreter).
-                    bits = tl.where(s == 0.0, 0.0, s).to(tl.int32, bitcast=True)
-                    key = tl.where(bits >= 0, bits, bits ^ 0x7FFFFFFF).to(tl.int64) + 2147483648
-                    key = tl.where(mask, key, -1)
-                    cnt2 += (key[:, None] >= cand[None, :]).to(tl.int32)
-                cnt = tl.sum(cnt2, axis=0)
-                j = tl.max(tl.where(cnt >= k, digits, 0), axis=0)
-                prefix = prefix + (j << shift)
-            thr = _key_to_float(prefix)
-        # top-p over the top-k set: the largest key t with mass(key >= t) >= top_p * total.
+            thr = top_k_threshold(row_ptr, stride_col, V, t, k, BLOCK, RADIX_BITS)
         if p_on:
-            prefix = tl.zeros([], tl.int64)
-            total = tl.zeros([], tl.float64)
-            for ps in range(NPASS):
-                shift = 32 - (ps + 1) * RADIX_BITS
-                cand = prefix + (digits << shift)
-                mass2 = tl.zeros([BLOCK, RADIX], tl.float64)  # per lane, reduced after the pass
-                for c in range(0, num_chunks):
-                    cols = c * BLOCK + offs
-                    mask = cols < V
-                    x = tl.load(row_ptr + cols.to(tl.int64) * stride_col, mask=mask, other=0.0).to(tl.float32)
-                    s = tl.math.div_rn(x, t)
-                    kept = mask & (s >= thr) & (s > _NEG_INF)
-                    e = tl.where(kept, tl.exp(s - safe_m), 0.0).to(tl.float64)
-                    bits = tl.where(s == 0.0, 0.0, s).to(tl.int32, bitcast=True)
-                    key = tl.where(bits >= 0, bits, bits ^ 0x7FFFFFFF).to(tl.int64) + 2147483648
-                    key = tl.where(kept, key, -1)
-                    mass2 += tl.where(key[:, None] >= cand[None, :], e[:, None], 0.0)
-                mass = tl.sum(mass2, axis=0)
-                # Pass 0's first candidate is key 0, below every value: its mass is the total.
-                total = tl.where(ps == 0, tl.sum(tl.where(digits == 0, mass, 0.0), axis=0), total)
-                target = p.to(tl.float64) * total
-                j = tl.max(tl.where(mass >= target, digits, 0), axis=0)
-                prefix = prefix + (j << shift)
-            # The answer is the key of a kept value (>= the top-k threshold); an empty
-            # kept set (all -inf) keeps the top-k threshold.
-            thr = tl.where(total > 0.0, _key_to_float(prefix), thr)
+            thr = top_p_threshold(row_ptr, stride_col, V, t, thr, safe_m, p, BLOCK, RADIX_BITS)
         # Log-sum-exp of the kept tokens.
         acc_vec = tl.zeros([BLOCK], tl.float32)
         for c in range(0, num_chunks):
@@ -643,7 +585,7 @@ def verify_block(
         # 8 in the interpreter (fewer, larger numpy steps).
         radix_bits = _radix_bits or (4 if not interp else 8)
         common = dict(HAS_TOPK=has_topk, HAS_TOPP=has_topp, BLOCK=fblock, RADIX_BITS=radix_bits,
-                      RADIX=1 << radix_bits, NPASS=32 // radix_bits, S_BLOCK=s_block,
+                      S_BLOCK=s_block,
                       num_warps=8 if not interp else 1)
         _filter_kernel[(programs,)](
             target_logits, target_logits.stride(0), target_logits.stride(1), num_rows,

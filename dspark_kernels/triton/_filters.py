@@ -1,0 +1,89 @@
+"""Top-k / top-p thresholds in Triton, shared by verify_block and draft_sample_block.
+
+The rules are those of ``reference/sampling.py`` (and ``csrc/cpu/row_ops.h``):
+top-k keeps scaled logits ``s >= `` the k-th largest; top-p then keeps the kept
+tokens whose strictly-greater mass is below ``top_p``. Both are thresholds on
+``s``, found here without sorting: a radix search over the order-preserving int
+key of fp32 (``RADIX_BITS`` bits per pass, ``32 / RADIX_BITS`` passes over the
+row), exact for top-k (integer counts) and with masses summed in fp64 for top-p.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+_NEG_INF = tl.constexpr(float("-inf"))
+
+
+@triton.jit
+def key_to_float(key):
+    """Inverse of the order-preserving key ``(bits >= 0 ? bits : bits ^ 0x7fffffff) + 2^31``."""
+    k = (key - 2147483648).to(tl.int32)
+    bits = tl.where(k >= 0, k, k ^ 0x7FFFFFFF)
+    return bits.to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _float_key(s):
+    # -0.0 is taken as +0.0, so equal values have equal keys.
+    bits = tl.where(s == 0.0, 0.0, s).to(tl.int32, bitcast=True)
+    return tl.where(bits >= 0, bits, bits ^ 0x7FFFFFFF).to(tl.int64) + 2147483648
+
+
+@triton.jit
+def top_k_threshold(row_ptr, stride, V, t, k, BLOCK: tl.constexpr, RADIX_BITS: tl.constexpr):
+    """The k-th largest scaled logit ``x / t`` of a row: the largest key with count(key >= it) >= k."""
+    RADIX: tl.constexpr = 1 << RADIX_BITS
+    NPASS: tl.constexpr = 32 // RADIX_BITS
+    offs = tl.arange(0, BLOCK)
+    digits = tl.arange(0, RADIX).to(tl.int64)
+    prefix = tl.zeros([], tl.int64)
+    for ps in range(NPASS):
+        shift = 32 - (ps + 1) * RADIX_BITS
+        cand = prefix + (digits << shift)
+        cnt2 = tl.zeros([BLOCK, RADIX], tl.int32)  # per lane, reduced once per pass
+        for c0 in range(0, V, BLOCK):
+            cols = c0 + offs
+            mask = cols < V
+            x = tl.load(row_ptr + cols.to(tl.int64) * stride, mask=mask, other=0.0).to(tl.float32)
+            s = tl.math.div_rn(x, t)
+            key = tl.where(mask & (s == s), _float_key(s), -1)  # NaN never counts
+            cnt2 += (key[:, None] >= cand[None, :]).to(tl.int32)
+        cnt = tl.sum(cnt2, axis=0)
+        j = tl.max(tl.where(cnt >= k, digits, 0), axis=0)
+        prefix = prefix + (j << shift)
+    return key_to_float(prefix)
+
+
+@triton.jit
+def top_p_threshold(row_ptr, stride, V, t, thr, safe_m, p, BLOCK: tl.constexpr, RADIX_BITS: tl.constexpr):
+    """Top-p over the tokens kept by ``thr`` (the top-k threshold, or -inf): the largest key
+    with mass(key >= it) >= p * total, masses exp(s - safe_m) in fp32 summed in fp64.
+    Returns ``thr`` unchanged when nothing is kept (an all -inf row)."""
+    RADIX: tl.constexpr = 1 << RADIX_BITS
+    NPASS: tl.constexpr = 32 // RADIX_BITS
+    offs = tl.arange(0, BLOCK)
+    digits = tl.arange(0, RADIX).to(tl.int64)
+    prefix = tl.zeros([], tl.int64)
+    total = tl.zeros([], tl.float64)
+    for ps in range(NPASS):
+        shift = 32 - (ps + 1) * RADIX_BITS
+        cand = prefix + (digits << shift)
+        mass2 = tl.zeros([BLOCK, RADIX], tl.float64)  # per lane, reduced once per pass
+        for c0 in range(0, V, BLOCK):
+            cols = c0 + offs
+            mask = cols < V
+            x = tl.load(row_ptr + cols.to(tl.int64) * stride, mask=mask, other=0.0).to(tl.float32)
+            s = tl.math.div_rn(x, t)
+            kept = mask & (s >= thr) & (s > _NEG_INF)
+            e = tl.where(kept, tl.exp(s - safe_m), 0.0).to(tl.float64)
+            key = tl.where(kept, _float_key(s), -1)
+            mass2 += tl.where(key[:, None] >= cand[None, :], e[:, None], 0.0)
+        mass = tl.sum(mass2, axis=0)
+        # Pass 0's first candidate is key 0, below every value: its mass is the total.
+        total = tl.where(ps == 0, tl.sum(tl.where(digits == 0, mass, 0.0), axis=0), total)
+        target = p.to(tl.float64) * total
+        j = tl.max(tl.where(mass >= target, digits, 0), axis=0)
+        prefix = prefix + (j << shift)
+    return tl.where(total > 0.0, key_to_float(prefix), thr)
