@@ -43,7 +43,7 @@ import torch
 import dspark_kernels
 
 from . import timing
-from .report import new_case
+from .report import add_speedups, new_case
 
 NAME = "commit"
 HELP = "kv_commit: KV-cache rollback (chains and trees) vs a per-layer eager index_copy_ loop"
@@ -313,11 +313,7 @@ def _run_case(args, ctx, preset: Preset, kind: str, batch: int, names: list[str]
                     method=t.method, copies=t.copies)
         case["GBps"] = base["bytes"] / t.median_s / 1e9
         case["pct_ceiling"] = 100.0 * case["GBps"] / ceiling if ceiling else None
-    times = {c["backend"]: c["median_s"] for c in cases if c["status"] == "ok"}
-    for c in cases:
-        if c["status"] == "ok":
-            c["speedup_vs_reference"] = times["reference"] / c["median_s"] if "reference" in times else None
-            c["speedup_vs_eager"] = times["eager"] / c["median_s"] if "eager" in times else None
+    add_speedups(cases)
     return cases
 
 

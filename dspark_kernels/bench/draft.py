@@ -39,7 +39,7 @@ import dspark_kernels
 
 from . import timing
 from .presets import DTYPES, VOCAB_PRESETS
-from .report import new_case
+from .report import add_speedups, new_case
 
 NAME = "draft"
 HELP = "draft_sample_block: block drafting with the DSpark Markov head, vs the reference and eager PyTorch"
@@ -250,9 +250,5 @@ def _run_case(args, ctx, names, explicit, avail, ceiling, group, preset, vocab, 
         case.update(status="ok", note="; ".join(notes), median_s=t.median_s, p20_s=t.p20_s, p80_s=t.p80_s, n=t.n,
                     method=t.method, copies=t.copies, GBps=nbytes / t.median_s / 1e9)
         case["pct_ceiling"] = 100.0 * case["GBps"] / ceiling if ceiling else None
-    times = {c["backend"]: c["median_s"] for c in cases if c["status"] == "ok"}
-    for c in cases:
-        if c["status"] == "ok":
-            c["speedup_vs_reference"] = times["reference"] / c["median_s"] if "reference" in times else None
-            c["speedup_vs_eager"] = times["eager"] / c["median_s"] if "eager" in times else None
+    add_speedups(cases)
     return cases

@@ -42,7 +42,7 @@ import dspark_kernels
 
 from . import timing
 from .presets import DTYPES, dtype_name
-from .report import new_case
+from .report import add_speedups, new_case
 
 NAME = "moe"
 HELP = "fused_moe: the MoE layer of the verify pass vs the reference, vLLM's fused_experts and torch._grouped_mm"
@@ -331,10 +331,7 @@ def _run_case(args, ctx, preset: Preset, group: str, weights, m: int, names: lis
         case["GBps"] = nbytes / t.median_s / 1e9
         case["pct_ceiling"] = 100.0 * case["GBps"] / ceiling if ceiling else None
 
-    times = {c["backend"]: c["median_s"] for c in cases if c["status"] == "ok"}
-    for c in cases:
-        if c["status"] == "ok":
-            c["speedup_vs_reference"] = times["reference"] / c["median_s"] if "reference" in times else None
+    add_speedups(cases, baselines=("reference",))
     return cases
 
 

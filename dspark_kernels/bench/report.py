@@ -274,3 +274,14 @@ class Progress:
     def close(self) -> None:
         if self._bar is not None:
             self._bar.close()
+
+
+def add_speedups(cases: list[dict], baselines=("reference", "eager")) -> list[dict]:
+    """Set ``speedup_vs_<b>`` = time of baseline backend ``b`` / the case's time on every
+    timed case of one group (the same inputs in the same run); None without ``b``."""
+    times = {c["backend"]: c["median_s"] for c in cases if c["status"] == "ok"}
+    for c in cases:
+        if c["status"] == "ok":
+            for b in baselines:
+                c[f"speedup_vs_{b}"] = times[b] / c["median_s"] if b in times else None
+    return cases

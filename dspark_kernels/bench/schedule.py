@@ -24,7 +24,7 @@ import torch
 import dspark_kernels
 
 from . import timing
-from .report import new_case
+from .report import add_speedups, new_case
 
 NAME = "schedule"
 HELP = "schedule_verify_lens: DSpark's prefix scheduler, vs the reference and eager PyTorch"
@@ -157,11 +157,7 @@ def run(args, ctx) -> list[dict]:
                                 method=t.method, copies=t.copies, GBps=nbytes / t.median_s / 1e9)
                     ceiling = ctx.ceiling_GBps()
                     case["pct_ceiling"] = 100.0 * case["GBps"] / ceiling if ceiling else None
-                times = {c["backend"]: c["median_s"] for c in group_cases if c["status"] == "ok"}
-                for c in group_cases:
-                    if c["status"] == "ok":
-                        c["speedup_vs_reference"] = times["reference"] / c["median_s"] if "reference" in times else None
-                        c["speedup_vs_eager"] = times["eager"] / c["median_s"] if "eager" in times else None
+                add_speedups(group_cases)
                 cases += group_cases
     progress.close()
     return cases

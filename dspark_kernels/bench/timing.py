@@ -177,3 +177,23 @@ def cpu_copy_ceiling(nbytes: int = 256 * 2**20, repeat: int = 10) -> dict:
     timing = time_cpu(lambda _i: dst.copy_(src), warmup=2, repeat=repeat)
     return {"kind": "cpu-memcpy", "bytes": nbytes, "median_s": timing.median_s,
             "GBps": 2 * nbytes / timing.median_s / 1e9, "threads": torch.get_num_threads()}
+
+
+def time_backend(ctx, name: str, fn, inputs: list) -> "Timing":
+    """Time ``fn(inputs[i])`` rotating over the input copies: CUDA events (and graphs)
+    for GPU backends, perf_counter otherwise; the reference, slow, gets two timed calls
+    after the correctness check that served as its warm-up."""
+    if ctx.device.type == "cuda" and name != "reference":
+        return time_cuda(lambda i: fn(inputs[i]), copies=len(inputs), repeat=ctx.repeat,
+                         max_time=ctx.max_time, graph=ctx.graph)
+
+    def sync_call(i):
+        out = fn(inputs[i])
+        if ctx.device.type == "cuda":
+            torch.cuda.synchronize()
+        return out
+
+    if name == "reference":
+        return time_cpu(sync_call, copies=len(inputs), repeat=ctx.repeat, max_time=ctx.max_time, warmup=0,
+                        min_repeat=2)
+    return time_cpu(sync_call, copies=len(inputs), repeat=ctx.repeat, max_time=ctx.max_time)

@@ -47,7 +47,7 @@ import dspark_kernels
 from . import timing
 from .baselines import Unavailable, eager_verify_block, flashinfer_chain, vllm_rejection
 from .presets import DEFAULT_BATCHES, DEFAULT_GAMMA, DTYPES, QUICK_BATCHES, QUICK_VOCAB, VOCAB_PRESETS
-from .report import new_case
+from .report import add_speedups, new_case
 
 NAME = "verify"
 HELP = "verify_block: lossless batched acceptance, vs eager PyTorch, the reference and the anchors"
@@ -365,7 +365,7 @@ def _run_case(args, ctx, group: Group, batch: int, names: list[str], explicit: b
             notes.append("torch RNG: not compared")
         case["correct"] = all(checks) if checks else None
         try:
-            t = _time(ctx, name, fn, inputs)
+            t = timing.time_backend(ctx, name, fn, inputs)
         except Exception as exc:  # noqa: BLE001
             case["status"], case["note"] = "error", "timing: " + _short(exc)
             continue
@@ -374,26 +374,7 @@ def _run_case(args, ctx, group: Group, batch: int, names: list[str], explicit: b
         case["GBps"] = base["bytes"] / t.median_s / 1e9
         case["pct_ceiling"] = 100.0 * case["GBps"] / ceiling if ceiling else None
 
-    times = {c["backend"]: c["median_s"] for c in cases if c["status"] == "ok"}
-    for c in cases:
-        if c["status"] == "ok":
-            c["speedup_vs_reference"] = times["reference"] / c["median_s"] if "reference" in times else None
-            c["speedup_vs_eager"] = times["eager"] / c["median_s"] if "eager" in times else None
+    add_speedups(cases)
     return cases
 
 
-def _time(ctx, name: str, fn, inputs: list[dict]) -> timing.Timing:
-    if ctx.device.type == "cuda" and name != "reference":
-        return timing.time_cuda(lambda i: fn(inputs[i]), copies=len(inputs), repeat=ctx.repeat,
-                                max_time=ctx.max_time, graph=ctx.graph)
-
-    def sync_call(i):
-        out = fn(inputs[i])
-        if ctx.device.type == "cuda":
-            torch.cuda.synchronize()
-        return out
-
-    if name == "reference":  # slow: the check call was its warm-up, and two timed calls will do
-        return timing.time_cpu(sync_call, copies=len(inputs), repeat=ctx.repeat, max_time=ctx.max_time, warmup=0,
-                               min_repeat=2)
-    return timing.time_cpu(sync_call, copies=len(inputs), repeat=ctx.repeat, max_time=ctx.max_time)
