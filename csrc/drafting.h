@@ -91,23 +91,7 @@ inline void check_draft_sample_block_args(
     DSPARK_CHECK(w2.device() == base_logits.device(), op, "markov_w2 must be on ", base_logits.device(),
                  ", got ", w2.device());
   }
-  auto check_per_request = [&](const at::Tensor& t, const char* name, bool floating) {
-    DSPARK_CHECK(t.dim() == 1 && t.size(0) == B, op, name, " must have shape [B] = [", B, "], got ", t.sizes());
-    DSPARK_CHECK(t.device() == base_logits.device(), op, name, " must be on ", base_logits.device(), ", got ",
-                 t.device());
-    if (floating) {
-      DSPARK_CHECK(at::isFloatingType(t.scalar_type()), op, name, " must be a floating tensor, got ",
-                   t.scalar_type());
-    } else {
-      DSPARK_CHECK(t.scalar_type() == at::kInt || t.scalar_type() == at::kLong, op, name,
-                   " must be int32 or int64, got ", t.scalar_type());
-    }
-  };
-  if (temperature.has_value()) check_per_request(*temperature, "temperature", true);
-  if (top_k.has_value()) check_per_request(*top_k, "top_k", false);
-  if (top_p.has_value()) check_per_request(*top_p, "top_p", true);
-  check_per_request(seed, "seed", false);
-  check_per_request(offset, "offset", false);
+  check_sampling_args(op, base_logits, B, temperature, top_k, top_p, seed, offset);
 }
 
 }  // namespace dspark

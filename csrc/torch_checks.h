@@ -27,3 +27,53 @@
 #define DSPARK_CHECK_INT(op, t)                                                         \
   DSPARK_CHECK((t).scalar_type() == at::kInt || (t).scalar_type() == at::kLong, op,    \
                #t " must be int32 or int64, got ", (t).scalar_type())
+
+#include <c10/util/Optional.h>
+
+namespace dspark {
+
+// The per-request sampling arguments every sampling op takes (temperature, top_k,
+// top_p optional; seed and offset required): each a [B] tensor on `ref`'s device,
+// floating for temperature / top_p, int32 / int64 for the others.
+inline void check_sampling_args(const char* op, const at::Tensor& ref, int64_t B,
+                                const std::optional<at::Tensor>& temperature,
+                                const std::optional<at::Tensor>& top_k,
+                                const std::optional<at::Tensor>& top_p, const at::Tensor& seed,
+                                const at::Tensor& offset) {
+  auto check = [&](const at::Tensor& t, const char* name, bool floating) {
+    DSPARK_CHECK(t.dim() == 1 && t.size(0) == B, op, name, " must have shape [B] = [", B, "], got ",
+                 t.sizes());
+    DSPARK_CHECK(t.device() == ref.device(), op, name, " must be on ", ref.device(), ", got ", t.device());
+    if (floating) {
+      DSPARK_CHECK(at::isFloatingType(t.scalar_type()), op, name, " must be a floating tensor, got ",
+                   t.scalar_type());
+    } else {
+      DSPARK_CHECK(t.scalar_type() == at::kInt || t.scalar_type() == at::kLong, op, name,
+                   " must be int32 or int64, got ", t.scalar_type());
+    }
+  };
+  if (temperature.has_value()) check(*temperature, "temperature", true);
+  if (top_k.has_value()) check(*top_k, "top_k", false);
+  if (top_p.has_value()) check(*top_p, "top_p", true);
+  check(seed, "seed", false);
+  check(offset, "offset", false);
+}
+
+// The same arguments as the CPU kernels read them: contiguous int64 seed / offset /
+// top_k and fp32 temperature / top_p (undefined tensors for absent optionals).
+struct SamplingTensors {
+  at::Tensor seed, offset, temperature, top_k, top_p;
+
+  SamplingTensors(const std::optional<at::Tensor>& temperature_, const std::optional<at::Tensor>& top_k_,
+                  const std::optional<at::Tensor>& top_p_, const at::Tensor& seed_, const at::Tensor& offset_)
+      : seed(seed_.to(at::kLong).contiguous()), offset(offset_.to(at::kLong).contiguous()) {
+    if (temperature_) temperature = temperature_->to(at::kFloat).contiguous();
+    if (top_k_) top_k = top_k_->to(at::kLong).contiguous();
+    if (top_p_) top_p = top_p_->to(at::kFloat).contiguous();
+  }
+  const float* temperature_ptr() const { return temperature.defined() ? temperature.const_data_ptr<float>() : nullptr; }
+  const int64_t* top_k_ptr() const { return top_k.defined() ? top_k.const_data_ptr<int64_t>() : nullptr; }
+  const float* top_p_ptr() const { return top_p.defined() ? top_p.const_data_ptr<float>() : nullptr; }
+};
+
+}  // namespace dspark

@@ -215,12 +215,7 @@ std::tuple<at::Tensor, at::Tensor> draft_sample_block_cpu(
   const bool markov = markov_w1.has_value();
 
   const at::Tensor anchor_c = anchor.to(at::kLong).contiguous();
-  const at::Tensor seed_c = seed.to(at::kLong).contiguous();
-  const at::Tensor offset_c = offset.to(at::kLong).contiguous();
-  at::Tensor temp_c, top_k_c, top_p_c;
-  if (temperature) temp_c = temperature->to(at::kFloat).contiguous();
-  if (top_k) top_k_c = top_k->to(at::kLong).contiguous();
-  if (top_p) top_p_c = top_p->to(at::kFloat).contiguous();
+  const SamplingTensors sp(temperature, top_k, top_p, seed, offset);
   const int64_t* anchor_p = anchor_c.const_data_ptr<int64_t>();
   if (markov) {  // data-dependent check: always on the CPU (DESIGN.md §3)
     for (int64_t b = 0; b < B; ++b)
@@ -237,11 +232,11 @@ std::tuple<at::Tensor, at::Tensor> draft_sample_block_cpu(
   c.B = B;
   c.G = G;
   c.V = V;
-  c.temperature = temperature ? temp_c.const_data_ptr<float>() : nullptr;
-  c.top_k = top_k ? top_k_c.const_data_ptr<int64_t>() : nullptr;
-  c.top_p = top_p ? top_p_c.const_data_ptr<float>() : nullptr;
-  c.seed = seed_c.const_data_ptr<int64_t>();
-  c.offset = offset_c.const_data_ptr<int64_t>();
+  c.temperature = sp.temperature_ptr();
+  c.top_k = sp.top_k_ptr();
+  c.top_p = sp.top_p_ptr();
+  c.seed = sp.seed.const_data_ptr<int64_t>();
+  c.offset = sp.offset.const_data_ptr<int64_t>();
   c.tokens = tokens.mutable_data_ptr<int32_t>();
   float* out = return_logits ? logits.mutable_data_ptr<float>() : nullptr;
 

@@ -182,12 +182,7 @@ std::tuple<at::Tensor, at::Tensor> verify_block_cpu(
   // Range-check the ids before narrowing, so an int64 id like 2^32 + 5 cannot pass as 5.
   const at::Tensor drafts_wide = draft_tokens.to(at::kLong).contiguous();
   const at::Tensor drafts = draft_tokens.to(at::kInt).contiguous();
-  const at::Tensor seed_c = seed.to(at::kLong).contiguous();
-  const at::Tensor offset_c = offset.to(at::kLong).contiguous();
-  at::Tensor temp_c, top_k_c, top_p_c;
-  if (temperature) temp_c = temperature->to(at::kFloat).contiguous();
-  if (top_k) top_k_c = top_k->to(at::kLong).contiguous();
-  if (top_p) top_p_c = top_p->to(at::kFloat).contiguous();
+  const SamplingTensors sp(temperature, top_k, top_p, seed, offset);
 
   // Data-dependent checks: always on the CPU (DESIGN.md §3).
   const int32_t* cu_p = cu.const_data_ptr<int32_t>();
@@ -219,9 +214,8 @@ std::tuple<at::Tensor, at::Tensor> verify_block_cpu(
     using TT = scalar_t;
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, draft_type, "verify_block_cpu_draft", [&] {
       verify_block_kernel<TT, scalar_t>(
-          target_logits, d_p, cu_p, draft_dist, kind, temperature ? temp_c.const_data_ptr<float>() : nullptr,
-          top_k ? top_k_c.const_data_ptr<int64_t>() : nullptr, top_p ? top_p_c.const_data_ptr<float>() : nullptr,
-          seed_c.const_data_ptr<int64_t>(), offset_c.const_data_ptr<int64_t>(), B, max_num_draft,
+          target_logits, d_p, cu_p, draft_dist, kind, sp.temperature_ptr(), sp.top_k_ptr(), sp.top_p_ptr(),
+          sp.seed.const_data_ptr<int64_t>(), sp.offset.const_data_ptr<int64_t>(), B, max_num_draft,
           out.mutable_data_ptr<int32_t>(), num_accepted.mutable_data_ptr<int32_t>());
     });
   });
