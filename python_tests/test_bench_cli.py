@@ -127,3 +127,62 @@ def test_commit_quick(tmp_path):
             assert c["correct"] is True, c
             assert (c["cache_bytes"] == 0) == (c["mode"] == "chain"), c
     assert any(c["backend"] == "eager" and c["status"] == "ok" for c in cases)
+
+
+def test_loop_tiny_quick(tmp_path, capsys):
+    """The end-to-end loop on tiny untrained models: speculative vs AR on the same prompts (never trains)."""
+    from dspark_kernels.bench.loop import LOOP_KEYS, SPLIT_COLS
+
+    js, png = tmp_path / "loop.json", tmp_path / "loop.png"
+    rc = main(["loop", "--model", "tiny", "--quick", "--json", str(js), "--plot", str(png), *FAST])
+    assert rc == 0
+    table = capsys.readouterr().out
+    assert "loop · tiny γ=5" in table and "loop · tiny autoregressive" in table
+    assert "identical" in table and "/".join(SPLIT_COLS) in table
+    doc = json.loads(js.read_text())
+    _check_doc(doc)
+    cases = doc["cases"]
+    assert all(c["status"] == "ok" for c in cases), cases
+    for c in cases:
+        for key in LOOP_KEYS:
+            assert key in c, (key, c)
+        assert c["op"] == "loop" and c["preset"] == c["model"] == "tiny" and c["vocab"] == 256
+        assert c["batch"] == 2 and c["max_new_tokens"] == 32
+        assert c["tokens"] == 2 * 32 and c["tokens_per_s"] > 0 and c["ar_tokens_per_s"] > 0
+        assert c["tau"] == pytest.approx(c["tokens"] / c["steps"])
+        assert sum(c["op_pct"].values()) >= 100.0 - 1e-6  # the regions and the host rest cover the run
+        assert c["op_time_s"]["target forward"] > 0
+    ar = [c for c in cases if c["mode"] == "autoregressive"]
+    spec = [c for c in cases if c["mode"] != "autoregressive"]
+    assert len(ar) == 1 and ar[0]["gamma"] == 0 and ar[0]["tau"] == pytest.approx(1.0)
+    assert {(c["gamma"], c["mode"]) for c in spec} == {(5, "static"), (5, "dspark")}
+    for c in spec:
+        assert 1.0 <= c["tau"] <= c["gamma"] + 1
+        assert c["ar_tokens_per_s"] == ar[0]["tokens_per_s"]
+        assert c["speedup_vs_ar"] == pytest.approx(c["tokens_per_s"] / c["ar_tokens_per_s"])
+        assert c["identical"] is True and c["correct"] is True  # greedy: lossless means token for token
+        assert c["op_time_s"]["drafter forward"] > 0 and c["drafter_passes"] > 0
+    assert any("schedule_verify_lens" in c["op_time_s"] for c in spec if c["mode"] == "dspark")
+    if HAS_MATPLOTLIB:
+        from matplotlib.image import imread
+
+        image = imread(str(png))
+        assert image.ndim == 3 and image.shape[0] > 100 and image.shape[1] > 100
+    else:
+        assert not png.exists()
+
+
+def test_loop_auto_never_trains(tmp_path, monkeypatch):
+    """`all` runs loop with --model auto and --quick: without cached trained models it uses tiny ones."""
+    from dspark_kernels.bench import loop
+    from dspark_kernels.bench.__main__ import _defaults_for, build_parser
+
+    monkeypatch.setenv("DSPARK_CACHE", str(tmp_path))  # an empty cache
+    model, why = loop.resolve_model("auto")
+    assert model == "tiny" and "not cached" in why
+    assert loop.resolve_model("tiny") == ("tiny", "tiny")
+    parser, _ = build_parser()
+    ns = _defaults_for(loop, parser.parse_args(["all", "--model", "tiny"]))
+    assert ns.model == "tiny" and ns.quick is True
+    ns = _defaults_for(loop, parser.parse_args(["all"]))
+    assert ns.model == "auto" and ns.quick is True

@@ -11,8 +11,14 @@ Adding a subcommand is one new module in this package that defines
     def add_arguments(parser): ...      # its own flags (the common ones are already there)
     def run(args, ctx) -> list[dict]:   # the cases, built with report.new_case(...)
 
+Optional, for a subcommand whose results need columns of their own (``loop``)::
+
+    TABLE_HEADER = [...]; def table_row(case) -> list[str]   # its block of the table
+    def plot_group(ax_left, ax_right, cases): ...            # its row of the plot
+    ALL_DEFAULTS = {"quick": True}                           # what `all` overrides
+
 Modules are found by ``subcommands()`` (any module here with ``NAME`` and ``run``);
-``dspark-bench all`` runs each with its defaults. ``ctx`` is a ``BenchContext``:
+``dspark-bench all`` runs each with its defaults (and ``ALL_DEFAULTS``). ``ctx`` is a ``BenchContext``:
 the device, the measured copy ceilings, timing settings and a progress factory.
 Infrastructure lives in ``timing`` (timers, ceilings), ``report`` (JSON, table,
 plot, progress), ``presets`` and ``baselines``.

@@ -38,18 +38,28 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict]:
     cmds = subcommands()
     for name, mod in cmds.items():
         mod.add_arguments(sub.add_parser(name, parents=[common], help=mod.HELP, description=mod.HELP))
-    sub.add_parser("all", parents=[common], help="every subcommand with its defaults",
-                   description=f"Run every subcommand ({', '.join(cmds)}) with its defaults.")
+    all_p = sub.add_parser("all", parents=[common], help="every subcommand with its defaults",
+                           description=f"Run every subcommand ({', '.join(cmds)}) with its defaults "
+                                       "(loop: its --quick case).")
+    all_p.add_argument("--model", choices=("auto", "trained", "tiny"), default="auto",
+                       help="models of `loop` (default auto: the cached trained ones, else the tiny untrained "
+                            "ones; `all` never trains unless --model trained)")
     return parser, cmds
 
 
 def _defaults_for(mod, common_args: argparse.Namespace) -> argparse.Namespace:
-    """The subcommand's default arguments, with the common options of `common_args`."""
+    """The subcommand's default arguments, with the options of `common_args` (the common ones and
+    any of `all`'s own that the subcommand also has, e.g. --model), then its ``ALL_DEFAULTS``."""
     p = argparse.ArgumentParser(add_help=False, parents=[_common_parser()])
     mod.add_arguments(p)
     ns = p.parse_args([])
     for key in vars(_common_parser().parse_args([])):
         setattr(ns, key, getattr(common_args, key))
+    for key, value in vars(common_args).items():
+        if key != "command" and hasattr(ns, key):
+            setattr(ns, key, value)
+    for key, value in getattr(mod, "ALL_DEFAULTS", {}).items():
+        setattr(ns, key, value)
     return ns
 
 
@@ -90,7 +100,8 @@ def main(argv: list[str] | None = None) -> int:
         cases += mod.run(ns, ctx)
     doc["cases"] = cases
 
-    print(report.format_table(cases, ctx.ceilings))
+    own_rows = {m.NAME: (m.TABLE_HEADER, m.table_row) for m in cmds.values() if hasattr(m, "table_row")}
+    print(report.format_table(cases, ctx.ceilings, own_rows))
     print(f"\n{doc['device']}: {doc['gpu_name'] or doc['cpu_name']}; torch {doc['torch']}, triton {doc['triton']}, "
           f"python {doc['python']}, {doc['threads']} threads, commit {(doc['commit'] or '?')[:9]}")
     if args.json:
@@ -98,11 +109,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.record:
         log(f"results recorded: {report.record(doc)}")
     if args.plot:
-        log(report.plot(cases, args.plot))
+        log(report.plot(cases, args.plot, {m.NAME: m.plot_group for m in cmds.values() if hasattr(m, "plot_group")}))
 
     bad = [c for c in cases if c.get("correct") is False]
     own_errors = [c for c in cases if c.get("status") == "error" and c.get("backend") in ("cuda", "triton", "cpu",
-                                                                                           "reference", "*")]
+                                                                                           "reference", "fused", "*")]
     for c in bad:
         print(f"MISMATCH: {c['op']} {c['group']} B={c['batch']} backend={c['backend']}", file=sys.stderr)
     for c in own_errors:

@@ -163,8 +163,11 @@ def _render(rows: list[list[str]], header: list[str]) -> str:
     return "\n".join(out)
 
 
-def format_table(cases: list[dict], ceilings: dict | None = None) -> str:
-    """A plain-text table: one block per (op, group), rows per batch and backend."""
+def format_table(cases: list[dict], ceilings: dict | None = None, custom: dict | None = None) -> str:
+    """A plain-text table: one block per (op, group), rows per batch and backend.
+
+    ``custom`` maps an op to ``(header, row_fn)`` for subcommands with columns of
+    their own (``row_fn(case)`` returns the row's cells), e.g. ``loop``."""
     out: list[str] = []
     if ceilings:
         parts = [f"{k} {v['GBps']:.1f} GB/s ({v['kind']})" for k, v in ceilings.items() if v]
@@ -177,6 +180,10 @@ def format_table(cases: list[dict], ceilings: dict | None = None) -> str:
     header += ["acc"] if has_acc else []
     header += ["check", "note"]
     for (op, group), items in groups.items():
+        if custom and op in custom:
+            own_header, row_fn = custom[op]
+            out += ["", f"{op} · {group}", _render([row_fn(c) for c in items], list(own_header))]
+            continue
         rows = []
         for c in items:
             ok = c.get("status") == "ok"
@@ -201,8 +208,10 @@ def format_table(cases: list[dict], ceilings: dict | None = None) -> str:
 # --------------------------------------------------------------------------- plot
 
 
-def plot(cases: list[dict], path: str | os.PathLike) -> str:
-    """PNG: time and % of the copy ceiling against batch size, one line per backend."""
+def plot(cases: list[dict], path: str | os.PathLike, custom: dict | None = None) -> str:
+    """PNG: time and % of the copy ceiling against batch size, one line per backend.
+
+    ``custom`` maps an op to ``fn(ax_left, ax_right, cases)`` that draws its groups' row instead."""
     try:
         import matplotlib
 
@@ -218,6 +227,10 @@ def plot(cases: list[dict], path: str | os.PathLike) -> str:
     fig, axes = plt.subplots(n, 2, figsize=(11, 2.8 * n + 0.6), squeeze=False)
     for row, ((op, group), items) in enumerate(groups.items()):
         ax_t, ax_p = axes[row]
+        if custom and op in custom:
+            custom[op](ax_t, ax_p, items)
+            ax_t.set_title(f"{op} · {group}", fontsize=9)
+            continue
         backends = list(dict.fromkeys(c["backend"] for c in items))
         for be in backends:
             pts = sorted((c["batch"], c["median_s"], c.get("pct_ceiling")) for c in items if c["backend"] == be)

@@ -1,0 +1,418 @@
+"""The loop's small models, built by our own code: a MoE target and a DSpark drafter.
+
+Target: a decoder-only transformer (RMSNorm, RoPE, GQA attention, SwiGLU; the
+layers in ``moe_layers`` are top-k mixture-of-experts feed-forwards in vLLM's
+``w13 / w2`` layout, so the verify pass runs ``fused_moe``). It has two forwards
+over the same weights:
+
+* ``forward_dense``: a batch of whole sequences, causal (training, and the
+  from-scratch rebuilds the tests compare the paged cache with);
+* ``forward_paged``: a ragged batch of new tokens per request that reads and
+  writes a paged KV cache ``[num_pages, page_size, Hkv, D]`` per layer and
+  K/V (the layout ``kv_commit`` moves), as an engine's verify pass does.
+
+Both return the logits and the hidden states of ``hidden_layers`` (concatenated),
+which the drafter conditions on.
+
+Drafter (DSpark): a parallel backbone over ``[anchor, mask × (γ−1)]`` at positions
+``L … L+γ−1`` (``L`` = the anchor's position); block query ``k`` predicts the token
+at ``L+k+1``. Each layer attends non-causally to its block and to the projected
+target hidden states of the last ``window`` committed positions (< L), held in a
+circular window cache per layer (``draft_block_attention`` / ``window_commit``).
+The target's embedding and LM head are shared (tied); the Markov head adds
+``W1[x_{k−1}] @ W2`` to the block's base logits (``draft_sample_block``), and the
+confidence head ``c_k = σ(w·h_k + b)`` estimates the chance that draft ``k`` is
+accepted once its prefix is, which the scheduler turns into verify lengths.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+@dataclass(frozen=True)
+class TargetConfig:
+    vocab_size: int = 256
+    d_model: int = 128
+    n_layers: int = 4
+    n_heads: int = 4
+    n_kv_heads: int = 2
+    d_ff: int = 384              # dense SwiGLU width
+    moe_layers: tuple[int, ...] = (1, 3)
+    n_experts: int = 8
+    top_k: int = 2
+    d_expert: int = 192          # each expert's SwiGLU width (I)
+    hidden_layers: tuple[int, ...] = (1, 3)   # outputs of these layers go to the drafter
+    rope_theta: float = 10000.0
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.n_heads
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class DrafterConfig:
+    d_model: int = 128
+    n_layers: int = 2
+    n_heads: int = 4
+    n_kv_heads: int = 2
+    d_ff: int = 384
+    window: int = 128            # W: context positions each block sees (circular cache size)
+    max_gamma: int = 16          # block positions with a learned embedding
+    markov_rank: int = 32        # r of W1 [V, r] / W2 [r, V]
+    rope_theta: float = 10000.0
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.n_heads
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+# --------------------------------------------------------------------------- shared pieces
+
+def rope(x: torch.Tensor, positions: torch.Tensor, theta: float) -> torch.Tensor:
+    """Rotary position embedding (rotate-half form) of ``x [..., T, H, D]`` at ``positions [..., T]``."""
+    d = x.shape[-1]
+    inv_freq = theta ** (-torch.arange(0, d, 2, device=x.device, dtype=torch.float32) / d)
+    ang = positions.to(torch.float32)[..., None] * inv_freq        # [..., T, D/2]
+    cos = torch.cat([ang.cos(), ang.cos()], -1)[..., None, :].to(x.dtype)   # [..., T, 1, D]
+    sin = torch.cat([ang.sin(), ang.sin()], -1)[..., None, :].to(x.dtype)
+    x1, x2 = x[..., : d // 2], x[..., d // 2:]
+    return x * cos + torch.cat([-x2, x1], -1) * sin
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, d: int, eps: float = 1e-6):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(d))
+        self.eps = eps
+
+    def forward(self, x):
+        return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
+
+
+class SwiGLU(nn.Module):
+    def __init__(self, d: int, d_ff: int):
+        super().__init__()
+        self.w13 = nn.Linear(d, 2 * d_ff, bias=False)   # gate rows, then up rows (vLLM layout)
+        self.w2 = nn.Linear(d_ff, d, bias=False)
+
+    def forward(self, x):
+        gate, up = self.w13(x).chunk(2, -1)
+        return self.w2(F.silu(gate) * up)
+
+
+class MoE(nn.Module):
+    """Top-k mixture of SwiGLU experts; ``w13 [E, 2I, H]``, ``w2 [E, H, I]`` as fused_moe takes them.
+
+    Routing: softmax over the router logits, keep the top-k, renormalise (Qwen3 /
+    Mixtral style). ``fused=True`` runs ``dspark_kernels.fused_moe`` (inference);
+    the training path is a differentiable loop over experts with the same formula.
+    """
+
+    def __init__(self, d: int, n_experts: int, top_k: int, d_expert: int):
+        super().__init__()
+        self.top_k = top_k
+        self.router = nn.Linear(d, n_experts, bias=False)
+        self.w13 = nn.Parameter(torch.randn(n_experts, 2 * d_expert, d) / math.sqrt(d))
+        self.w2 = nn.Parameter(torch.randn(n_experts, d, d_expert) / math.sqrt(d_expert))
+
+    def route(self, x2d):
+        probs = torch.softmax(self.router(x2d).float(), -1)
+        weights, ids = probs.topk(self.top_k, -1)
+        return (weights / weights.sum(-1, keepdim=True)).to(x2d.dtype), ids
+
+    def forward(self, x, *, fused: bool = False, backend: str | None = None):
+        shape = x.shape
+        x2d = x.reshape(-1, shape[-1])
+        weights, ids = self.route(x2d)
+        if fused:
+            from .. import fused_moe
+
+            out = fused_moe(x2d.contiguous(), self.w13.detach(), self.w2.detach(), weights, ids,
+                            backend=backend)
+        else:
+            out = torch.zeros_like(x2d)
+            d_expert = self.w2.shape[-1]
+            for e in range(self.w13.shape[0]):
+                tok, slot = (ids == e).nonzero(as_tuple=True)
+                if tok.numel() == 0:
+                    continue
+                h = x2d[tok] @ self.w13[e].t()
+                h = F.silu(h[:, :d_expert]) * h[:, d_expert:]
+                out = out.index_add(0, tok, (h @ self.w2[e].t()) * weights[tok, slot, None])
+        return out.reshape(shape)
+
+
+def _expand_kv(t: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """``[..., Hkv, D]`` → ``[..., H, D]`` (GQA: kv head g serves query heads g·H/Hkv …)."""
+    rep = n_heads // t.shape[-2]
+    return t if rep == 1 else t.repeat_interleave(rep, dim=-2)
+
+
+# --------------------------------------------------------------------------- target
+
+class TargetLayer(nn.Module):
+    def __init__(self, cfg: TargetConfig, moe: bool):
+        super().__init__()
+        d, hd = cfg.d_model, cfg.head_dim
+        self.cfg = cfg
+        self.attn_norm = RMSNorm(d)
+        self.wq = nn.Linear(d, cfg.n_heads * hd, bias=False)
+        self.wk = nn.Linear(d, cfg.n_kv_heads * hd, bias=False)
+        self.wv = nn.Linear(d, cfg.n_kv_heads * hd, bias=False)
+        self.wo = nn.Linear(cfg.n_heads * hd, d, bias=False)
+        self.ffn_norm = RMSNorm(d)
+        self.ffn = MoE(d, cfg.n_experts, cfg.top_k, cfg.d_expert) if moe else SwiGLU(d, cfg.d_ff)
+
+    def qkv(self, h, positions):
+        cfg = self.cfg
+        q = self.wq(h).unflatten(-1, (cfg.n_heads, cfg.head_dim))
+        k = self.wk(h).unflatten(-1, (cfg.n_kv_heads, cfg.head_dim))
+        v = self.wv(h).unflatten(-1, (cfg.n_kv_heads, cfg.head_dim))
+        return rope(q, positions, cfg.rope_theta), rope(k, positions, cfg.rope_theta), v
+
+    def feed_forward(self, x, fused, backend):
+        h = self.ffn_norm(x)
+        if isinstance(self.ffn, MoE):
+            return x + self.ffn(h, fused=fused, backend=backend)
+        return x + self.ffn(h)
+
+
+class Target(nn.Module):
+    def __init__(self, cfg: TargetConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        nn.init.normal_(self.embed.weight, std=cfg.d_model ** -0.5)   # tied head: logits ~ N(0, 1) at init
+        self.layers = nn.ModuleList(TargetLayer(cfg, i in cfg.moe_layers) for i in range(cfg.n_layers))
+        self.norm = RMSNorm(cfg.d_model)
+
+    def lm_head(self, x):
+        return x @ self.embed.weight.t()     # tied with the embedding; the drafter shares both
+
+    @property
+    def hidden_size(self) -> int:
+        return self.cfg.d_model * len(self.cfg.hidden_layers)
+
+    def forward_dense(self, tokens: torch.Tensor, *, return_kv: bool = False):
+        """``tokens [Bt, S]`` at positions ``0 … S−1`` → (logits ``[Bt, S, V]``, hidden ``[Bt, S, Dh]``).
+
+        ``return_kv=True`` adds the per-layer ``[K, V, K, V, …]`` (each ``[Bt, S, Hkv, D]``):
+        what a cache rebuilt from scratch for these tokens holds.
+        """
+        bt, s = tokens.shape
+        positions = torch.arange(s, device=tokens.device).expand(bt, s)
+        x = self.embed(tokens.long())
+        hidden, kv = [], []
+        for i, layer in enumerate(self.layers):
+            q, k, v = layer.qkv(layer.attn_norm(x), positions)
+            kv += [k, v]
+            o = F.scaled_dot_product_attention(q.transpose(1, 2), _expand_kv(k, self.cfg.n_heads).transpose(1, 2),
+                                               _expand_kv(v, self.cfg.n_heads).transpose(1, 2), is_causal=True)
+            x = x + layer.wo(o.transpose(1, 2).flatten(-2))
+            x = layer.feed_forward(x, fused=False, backend=None)
+            if i in self.cfg.hidden_layers:
+                hidden.append(x)
+        out = (self.lm_head(self.norm(x)), torch.cat(hidden, -1))
+        return out + (kv,) if return_kv else out
+
+    @torch.no_grad()
+    def forward_paged(self, tokens: torch.Tensor, positions: torch.Tensor, row_req: torch.Tensor,
+                      row_idx: torch.Tensor, seq_lens: torch.Tensor, kv_caches: list[torch.Tensor],
+                      block_table: torch.Tensor, page_size: int, max_seq_len: int, max_rows: int,
+                      *, backend: str | None = None):
+        """A ragged batch of new tokens against a paged KV cache (the verify / prefill pass).
+
+        Row ``t`` is token ``tokens[t]`` of request ``row_req[t]`` at absolute position
+        ``positions[t]``, the ``row_idx[t]``-th new row of that request; request ``b``
+        has ``seq_lens[b]`` tokens once these are written (its earlier ones are already
+        in the cache). K/V of every row are written to page ``block_table[b, pos //
+        page_size]``, slot ``pos % page_size`` of ``kv_caches[2·layer]`` (K) and
+        ``[2·layer + 1]`` (V); row ``t`` attends causally to its request's positions
+        ``≤ positions[t]``. ``max_seq_len`` / ``max_rows`` (≥ every ``seq_lens`` / row
+        count) size the padded attention; the engine knows them on the host.
+        Returns (logits ``[T, V]`` float32, hidden ``[T, Dh]``).
+        """
+        cfg = self.cfg
+        nb = block_table.shape[0]
+        key_pos = torch.arange(max_seq_len, device=tokens.device)
+        key_pages = block_table[:, key_pos // page_size].clamp(min=0).long()     # [B, S]
+        key_slots = (key_pos % page_size).expand(nb, -1)
+        # Padded queries: [B, max_rows]; padding rows attend to position 0 and are dropped.
+        q_pos = torch.zeros(nb, max_rows, dtype=torch.long, device=tokens.device)
+        q_pos[row_req, row_idx] = positions.long()
+        mask = (key_pos[None, None, :] <= q_pos[:, :, None]) & (key_pos[None, None, :] < seq_lens[:, None, None])
+        w_pages = block_table[row_req, positions // page_size].long()
+        w_slots = positions.long() % page_size
+        x = self.embed(tokens.long())
+        hidden = []
+        for i, layer in enumerate(self.layers):
+            q, k, v = layer.qkv(layer.attn_norm(x), positions)
+            k_cache, v_cache = kv_caches[2 * i], kv_caches[2 * i + 1]
+            k_cache[w_pages, w_slots] = k.to(k_cache.dtype)
+            v_cache[w_pages, w_slots] = v.to(v_cache.dtype)
+            keys = _expand_kv(k_cache[key_pages, key_slots].to(q.dtype), cfg.n_heads)     # [B, S, H, D]
+            values = _expand_kv(v_cache[key_pages, key_slots].to(q.dtype), cfg.n_heads)
+            q_pad = q.new_zeros(nb, max_rows, cfg.n_heads, cfg.head_dim)
+            q_pad[row_req, row_idx] = q
+            o = F.scaled_dot_product_attention(q_pad.transpose(1, 2), keys.transpose(1, 2), values.transpose(1, 2),
+                                               attn_mask=mask[:, None])
+            o = o.transpose(1, 2)[row_req, row_idx]                                         # [T, H, D]
+            x = x + layer.wo(o.flatten(-2))
+            x = layer.feed_forward(x, fused=True, backend=backend)
+            if i in cfg.hidden_layers:
+                hidden.append(x)
+        return self.lm_head(self.norm(x)).float(), torch.cat(hidden, -1)
+
+
+# --------------------------------------------------------------------------- drafter
+
+class DrafterLayer(nn.Module):
+    def __init__(self, cfg: DrafterConfig):
+        super().__init__()
+        d, hd = cfg.d_model, cfg.head_dim
+        self.cfg = cfg
+        self.attn_norm = RMSNorm(d)
+        self.wq = nn.Linear(d, cfg.n_heads * hd, bias=False)
+        self.wk = nn.Linear(d, cfg.n_kv_heads * hd, bias=False)
+        self.wv = nn.Linear(d, cfg.n_kv_heads * hd, bias=False)
+        self.wo = nn.Linear(cfg.n_heads * hd, d, bias=False)
+        self.ffn_norm = RMSNorm(d)
+        self.ffn = SwiGLU(d, cfg.d_ff)
+
+    def kv(self, h, positions):
+        """Keys (RoPE at ``positions``) and values of ``h``: the block's own or the context's."""
+        cfg = self.cfg
+        k = self.wk(h).unflatten(-1, (cfg.n_kv_heads, cfg.head_dim))
+        v = self.wv(h).unflatten(-1, (cfg.n_kv_heads, cfg.head_dim))
+        return rope(k, positions, cfg.rope_theta), v
+
+    def q(self, h, positions):
+        cfg = self.cfg
+        return rope(self.wq(h).unflatten(-1, (cfg.n_heads, cfg.head_dim)), positions, cfg.rope_theta)
+
+
+class Drafter(nn.Module):
+    def __init__(self, cfg: DrafterConfig, target: Target):
+        super().__init__()
+        if cfg.d_model != target.cfg.d_model:
+            raise ValueError(f"drafter d_model ({cfg.d_model}) must equal the target's ({target.cfg.d_model}): "
+                             "the embedding and LM head are shared")
+        self.cfg = cfg
+        self.vocab_size = target.cfg.vocab_size
+        d = cfg.d_model
+        self.context_proj = nn.Linear(target.hidden_size, d, bias=False)
+        self.context_norm = RMSNorm(d)
+        self.mask_embed = nn.Parameter(torch.randn(d) * d ** -0.5)
+        self.block_pos = nn.Parameter(torch.zeros(cfg.max_gamma, d))
+        self.layers = nn.ModuleList(DrafterLayer(cfg) for _ in range(cfg.n_layers))
+        self.norm = RMSNorm(d)
+        self.markov_w1 = nn.Parameter(torch.zeros(self.vocab_size, cfg.markov_rank))
+        self.markov_w2 = nn.Parameter(torch.randn(cfg.markov_rank, self.vocab_size) / math.sqrt(cfg.markov_rank))
+        self.confidence = nn.Linear(d, 1)
+        # Shared with the target and not trained here; a plain attribute, not a submodule,
+        # so the drafter's state_dict holds only its own weights.
+        self.__dict__["target"] = target
+
+    def context_kv(self, hidden: torch.Tensor, positions: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Per layer, the keys/values of committed target hidden states ``[..., Dh]`` at ``positions``."""
+        c = self.context_norm(self.context_proj(hidden))
+        return [layer.kv(c, positions) for layer in self.layers]
+
+    def block_input(self, anchor: torch.Tensor, gamma: int) -> torch.Tensor:
+        """``[anchor, mask × (γ−1)]`` embeddings plus the block-position embedding: ``[..., γ, d]``."""
+        first = self.target.embed(anchor.long())[..., None, :]
+        rest = self.mask_embed.expand(*anchor.shape, gamma - 1, -1)
+        return torch.cat([first, rest], -2) + self.block_pos[:gamma]
+
+    def heads(self, x):
+        """Base logits ``U_k`` (shared LM head) and confidence ``c_k`` from the block's last hidden states."""
+        h = self.norm(x)
+        return self.target.lm_head(h), torch.sigmoid(self.confidence(h).squeeze(-1))
+
+    @torch.no_grad()
+    def forward_block(self, anchor: torch.Tensor, anchor_pos: torch.Tensor, gamma: int,
+                      windows: list[tuple[torch.Tensor, torch.Tensor]], slot: torch.Tensor, num_slots: int,
+                      *, backend: str | None = None):
+        """Draft blocks for the requests in window slots ``slot [B]`` (ascending).
+
+        ``windows[l] = (k_win, v_win)``, each ``[num_slots, W, Hkv, D]``, hold each slot's
+        context keys / values at slot ``position % W``; request ``b``'s context is its
+        ``anchor_pos[b]`` committed positions. Returns base logits ``[B, γ, V]`` float32
+        and confidences ``[B, γ]``.
+        """
+        from .. import draft_block_attention
+
+        cfg = self.cfg
+        nb = anchor.shape[0]
+        positions = anchor_pos[:, None] + torch.arange(gamma, device=anchor.device)      # [B, γ]
+        x = self.block_input(anchor, gamma).reshape(nb * gamma, -1)
+        flat_pos = positions.reshape(-1)
+        # Every slot takes part (empty blocks for the idle ones), so the window
+        # caches are used in place, without a gather of the active slots.
+        block_len = torch.zeros(num_slots, dtype=torch.int64, device=anchor.device)
+        block_len[slot] = gamma
+        cu_block = torch.zeros(num_slots + 1, dtype=torch.int32, device=anchor.device)
+        cu_block[1:] = block_len.cumsum(0)
+        ctx_lens = torch.zeros(num_slots, dtype=torch.int64, device=anchor.device)
+        ctx_lens[slot] = anchor_pos.long()
+        for layer, (k_win, v_win) in zip(self.layers, windows):
+            h = layer.attn_norm(x)
+            kb, vb = layer.kv(h, flat_pos)
+            o = draft_block_attention(layer.q(h, flat_pos), kb, vb, k_win, v_win, cu_block, ctx_lens,
+                                      max_block_len=gamma, backend=backend)
+            x = x + layer.wo(o.flatten(-2))
+            x = x + layer.ffn(layer.ffn_norm(x))
+        logits, conf = self.heads(x)
+        return logits.float().reshape(nb, gamma, -1), conf.float().reshape(nb, gamma)
+
+    def forward_train(self, tokens: torch.Tensor, hidden: torch.Tensor, anchors: torch.Tensor, gamma: int):
+        """Teacher-forced blocks for distillation.
+
+        ``tokens [Bt, S]`` with the target's ``hidden [Bt, S, Dh]``; ``anchors [Bt, A]``
+        positions (each ``+ γ < S``). Block ``j`` of sequence ``b`` is ``[tokens[b, a],
+        mask…]`` at positions ``a … a+γ−1`` and sees context positions
+        ``max(0, a − W) … a − 1`` and its own block, as at inference. Returns the
+        Markov-corrected logits ``[Bt, A, γ, V]`` (previous token = the data token, as
+        drafting sees it once the prefix is accepted) and confidences ``[Bt, A, γ]``.
+        """
+        cfg = self.cfg
+        bt, s = tokens.shape
+        na = anchors.shape[1]
+        dev = tokens.device
+        ctx_pos = torch.arange(s, device=dev).expand(bt, s)
+        ctx = self.context_kv(hidden, ctx_pos)
+        blk_pos = anchors[..., None] + torch.arange(gamma, device=dev)                   # [Bt, A, γ]
+        anchor_tok = tokens.gather(1, anchors)
+        x = self.block_input(anchor_tok, gamma).reshape(bt, na * gamma, -1)
+        flat_pos = blk_pos.reshape(bt, na * gamma)
+        # mask [Bt, A·γ, S + A·γ]: context t visible iff a − W ≤ t < a; block keys iff same block
+        a = anchors.repeat_interleave(gamma, 1)[..., None]                                # [Bt, A·γ, 1]
+        t = torch.arange(s, device=dev)
+        ctx_vis = (t < a) & (t >= a - cfg.window)
+        blk_id = torch.arange(na, device=dev).repeat_interleave(gamma)
+        blk_vis = (blk_id[:, None] == blk_id[None, :]).expand(bt, -1, -1)
+        mask = torch.cat([ctx_vis, blk_vis], -1)[:, None]
+        for layer, (kc, vc) in zip(self.layers, ctx):
+            h = layer.attn_norm(x)
+            kb, vb = layer.kv(h, flat_pos)
+            keys = _expand_kv(torch.cat([kc, kb], 1), cfg.n_heads).transpose(1, 2)
+            values = _expand_kv(torch.cat([vc, vb], 1), cfg.n_heads).transpose(1, 2)
+            o = F.scaled_dot_product_attention(layer.q(h, flat_pos).transpose(1, 2), keys, values, attn_mask=mask)
+            x = x + layer.wo(o.transpose(1, 2).flatten(-2))
+            x = x + layer.ffn(layer.ffn_norm(x))
+        logits, conf = self.heads(x)
+        prev = tokens.gather(1, blk_pos.reshape(bt, -1)).reshape(bt, na, gamma)          # x_{k−1} for query k
+        logits = logits.reshape(bt, na, gamma, -1) + self.markov_w1[prev] @ self.markov_w2
+        return logits, conf.reshape(bt, na, gamma)

@@ -1,0 +1,214 @@
+"""Train the loop's models on the CPU: a byte-level target and a distilled DSpark drafter.
+
+The corpus is text every machine with Python has: the standard library's ``.py``
+files (sorted, a fixed byte budget, files joined by the EOS byte 0). The target
+is trained by next-byte cross-entropy; the drafter by the DSpark losses against
+the frozen target on the same text:
+
+* CE: ``−Σ_v p_v log q_v`` with ``p`` the target's next-token distribution at the
+  block position and ``q`` the drafter's (base + Markov head, previous token taken
+  from the data, as drafting sees it once the prefix is accepted);
+* TV: ``½ Σ_v |p_v − q_v|`` (one minus the acceptance probability);
+* BCE of the confidence head against ``Σ_v min(p_v, q_v)``, the probability that
+  speculative sampling accepts the position given its prefix was accepted.
+
+Models are cached (``$DSPARK_CACHE`` or ``~/.cache/dspark_kernels``) under a key
+made of the configs, the training settings and the corpus, so the first run
+trains (a few minutes on 2 cores) and later runs load.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import sysconfig
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from .models import Drafter, DrafterConfig, Target, TargetConfig
+
+EOS = 0   # the byte that ends a file (never inside Python source)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    corpus_bytes: int = 6_000_000
+    seq_len: int = 256
+    batch: int = 16
+    target_steps: int = 600
+    target_lr: float = 3e-3
+    drafter_steps: int = 400
+    drafter_lr: float = 3e-3
+    drafter_anchors: int = 16     # blocks per sequence per step
+    drafter_gamma: int = 8
+    seed: int = 0
+
+
+def stdlib_corpus(max_bytes: int, root: str | None = None) -> tuple[torch.Tensor, list[str]]:
+    """The first ``max_bytes`` of the standard library's sorted ``.py`` files, EOS-joined (uint8)."""
+    root = Path(root or sysconfig.get_paths()["stdlib"])
+    files = sorted(p for p in root.rglob("*.py") if "site-packages" not in p.parts and "test" not in p.parts)
+    chunks, names, total = [], [], 0
+    for p in files:
+        try:
+            data = p.read_bytes()
+        except OSError:
+            continue
+        if EOS in data:
+            continue
+        chunks.append(data + bytes([EOS]))
+        names.append(str(p.relative_to(root)))
+        total += len(chunks[-1])
+        if total >= max_bytes:
+            break
+    if not chunks:
+        raise RuntimeError(f"no Python source found under {root}")
+    return torch.frombuffer(bytearray(b"".join(chunks)[:max_bytes]), dtype=torch.uint8).clone(), names
+
+
+def _batches(corpus: torch.Tensor, seq_len: int, batch: int, gen: torch.Generator):
+    hi = corpus.numel() - seq_len - 1
+    while True:
+        starts = torch.randint(0, hi, (batch,), generator=gen)
+        idx = starts[:, None] + torch.arange(seq_len + 1)
+        yield corpus[idx].long()
+
+
+def _lr(step: int, total: int, peak: float) -> float:
+    warm = max(1, total // 20)
+    if step < warm:
+        return peak * (step + 1) / warm
+    return peak * 0.5 * (1 + math.cos(math.pi * (step - warm) / max(1, total - warm)))
+
+
+def train_target(target: Target, corpus: torch.Tensor, tc: TrainConfig, log=print) -> list[float]:
+    """Next-byte cross-entropy with AdamW and a cosine schedule; returns the loss per step."""
+    gen = torch.Generator().manual_seed(tc.seed)
+    opt = torch.optim.AdamW(target.parameters(), lr=tc.target_lr, weight_decay=0.01, betas=(0.9, 0.95))
+    data = _batches(corpus, tc.seq_len, tc.batch, gen)
+    losses, t0 = [], time.perf_counter()
+    target.train()
+    for step in range(tc.target_steps):
+        for group in opt.param_groups:
+            group["lr"] = _lr(step, tc.target_steps, tc.target_lr)
+        x = next(data)
+        logits, _ = target.forward_dense(x[:, :-1])
+        loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), x[:, 1:].reshape(-1))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(target.parameters(), 1.0)
+        opt.step()
+        losses.append(loss.item())
+        if log and (step % 50 == 0 or step == tc.target_steps - 1):
+            log(f"  target step {step:4d}/{tc.target_steps}  loss {loss.item():.3f} nats/byte  "
+                f"({time.perf_counter() - t0:.0f} s)")
+    target.eval()
+    return losses
+
+
+def distill_losses(drafter: Drafter, target: Target, x: torch.Tensor, anchors: torch.Tensor, gamma: int):
+    """(CE, TV, BCE) of the drafter against the frozen target on tokens ``x [Bt, S]``."""
+    with torch.no_grad():
+        t_logits, hidden = target.forward_dense(x)
+        pos = anchors[..., None] + torch.arange(gamma)                         # [Bt, A, γ]
+        p = torch.softmax(t_logits.gather(1, pos.reshape(x.shape[0], -1, 1).expand(-1, -1, t_logits.shape[-1]))
+                          .reshape(*pos.shape, -1).float(), -1)
+    logits, conf = drafter.forward_train(x, hidden, anchors, gamma)
+    logq = torch.log_softmax(logits.float(), -1)
+    q = logq.exp()
+    ce = -(p * logq).sum(-1).mean()
+    tv = 0.5 * (p - q).abs().sum(-1).mean()
+    accept = torch.minimum(p, q).sum(-1).detach().clamp(0, 1)
+    bce = F.binary_cross_entropy(conf.clamp(1e-6, 1 - 1e-6), accept)
+    return ce, tv, bce
+
+
+def train_drafter(drafter: Drafter, target: Target, corpus: torch.Tensor, tc: TrainConfig, log=print) -> list[float]:
+    """Distil the drafter from the frozen target (CE + TV + BCE); returns the loss per step."""
+    gen = torch.Generator().manual_seed(tc.seed + 1)
+    params = [p for p in drafter.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=tc.drafter_lr, weight_decay=0.01, betas=(0.9, 0.95))
+    data = _batches(corpus, tc.seq_len - 1, tc.batch, gen)
+    losses, t0 = [], time.perf_counter()
+    target.eval()
+    for prm in target.parameters():
+        prm.requires_grad_(False)
+    drafter.train()
+    gamma = tc.drafter_gamma
+    for step in range(tc.drafter_steps):
+        for group in opt.param_groups:
+            group["lr"] = _lr(step, tc.drafter_steps, tc.drafter_lr)
+        x = next(data)
+        anchors = torch.randint(0, x.shape[1] - gamma + 1, (x.shape[0], tc.drafter_anchors), generator=gen)
+        ce, tv, bce = distill_losses(drafter, target, x, anchors, gamma)
+        loss = ce + tv + bce
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        losses.append(loss.item())
+        if log and (step % 50 == 0 or step == tc.drafter_steps - 1):
+            log(f"  drafter step {step:4d}/{tc.drafter_steps}  CE {ce.item():.3f}  TV {tv.item():.3f}  "
+                f"BCE {bce.item():.3f}  ({time.perf_counter() - t0:.0f} s)")
+    drafter.eval()
+    for prm in target.parameters():
+        prm.requires_grad_(True)
+    return losses
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("DSPARK_CACHE", Path.home() / ".cache" / "dspark_kernels"))
+
+
+def _cache_key(target_cfg, drafter_cfg, train_cfg, corpus: torch.Tensor) -> str:
+    desc = json.dumps([target_cfg.to_dict(), drafter_cfg.to_dict(), asdict(train_cfg),
+                       hashlib.sha256(corpus.numpy().tobytes()).hexdigest(), torch.__version__.split("+")[0],
+                       "v1"], sort_keys=True)
+    return hashlib.sha256(desc.encode()).hexdigest()[:16]
+
+
+def load_or_train(target_cfg: TargetConfig | None = None, drafter_cfg: DrafterConfig | None = None,
+                  train_cfg: TrainConfig | None = None, *, retrain: bool = False, log=print):
+    """The trained (target, drafter, info): from the cache, else trained now and cached."""
+    target_cfg = target_cfg or TargetConfig()
+    drafter_cfg = drafter_cfg or DrafterConfig()
+    train_cfg = train_cfg or TrainConfig()
+    corpus, files = stdlib_corpus(train_cfg.corpus_bytes)
+    # The last 5 % of the text is held out: the demo's prompts come from there.
+    split = int(corpus.numel() * 0.95)
+    train_text, held_out = corpus[:split], corpus[split:]
+    torch.manual_seed(train_cfg.seed)
+    target = Target(target_cfg)
+    drafter = Drafter(drafter_cfg, target)
+    path = cache_dir() / f"loop-{_cache_key(target_cfg, drafter_cfg, train_cfg, corpus)}.pt"
+    if path.exists() and not retrain:
+        state = torch.load(path, map_location="cpu", weights_only=False)
+        target.load_state_dict(state["target"])
+        drafter.load_state_dict(state["drafter"])
+        info = state["info"]
+        info["cached"] = str(path)
+    else:
+        if log:
+            log(f"training the loop's models on {len(files)} stdlib files ({split / 1e6:.1f} MB; cached at {path})")
+        threads = torch.get_num_threads()
+        t0 = time.perf_counter()
+        t_losses = train_target(target, train_text, train_cfg, log)
+        t1 = time.perf_counter()
+        d_losses = train_drafter(drafter, target, train_text, train_cfg, log)
+        t2 = time.perf_counter()
+        info = {"target_loss": sum(t_losses[-20:]) / 20, "drafter_loss": sum(d_losses[-20:]) / 20,
+                "target_train_s": t1 - t0, "drafter_train_s": t2 - t1, "threads": threads,
+                "corpus_files": len(files), "corpus_bytes": int(corpus.numel())}
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        torch.save({"target": target.state_dict(), "drafter": drafter.state_dict(), "info": info}, tmp)
+        tmp.replace(path)
+        info["cached"] = None
+    info["held_out"] = held_out
+    return target.eval(), drafter.eval(), info
