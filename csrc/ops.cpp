@@ -50,6 +50,8 @@ TORCH_LIBRARY(dspark, m) {
       "-> (Tensor sorted_token_ids, Tensor expert_ids, Tensor num_tokens_post_pad)");
   m.def("grouped_gemm(Tensor a, Tensor w, Tensor expert_offsets) -> Tensor");
   m.def("grouped_gemm_out(Tensor a, Tensor w, Tensor expert_offsets, *, Tensor(a!) out) -> ()");
+  // The masked (expert-parallel) layout: out [E, max_m, N], rows i >= masked_m[e] zero.
+  m.def("grouped_gemm_masked(Tensor a, Tensor w, Tensor masked_m) -> Tensor");
   m.def(
       "fused_moe(Tensor x, Tensor w13, Tensor w2, Tensor topk_weights, Tensor topk_ids, *, "
       "str activation=\"silu\") -> Tensor");

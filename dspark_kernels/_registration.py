@@ -48,6 +48,7 @@ SCHEMAS = {
     ),
     "grouped_gemm": "grouped_gemm(Tensor a, Tensor w, Tensor expert_offsets) -> Tensor",
     "grouped_gemm_out": "grouped_gemm_out(Tensor a, Tensor w, Tensor expert_offsets, *, Tensor(a!) out) -> ()",
+    "grouped_gemm_masked": "grouped_gemm_masked(Tensor a, Tensor w, Tensor masked_m) -> Tensor",
     "fused_moe": (
         "fused_moe(Tensor x, Tensor w13, Tensor w2, Tensor topk_weights, Tensor topk_ids, *, "
         "str activation=\"silu\") -> Tensor"
@@ -134,9 +135,9 @@ def _register_kv() -> None:
 
 
 def _register_moe() -> None:
-    """moe_align / grouped_gemm(_out) / fused_moe: fakes (exact shapes); the PyTorch cpu
-    backend on the CPU key and Triton on the CUDA key wherever the extension has no
-    kernel for the op (it has none: see dspark_kernels/moe.py)."""
+    """moe_align / grouped_gemm(_out) / grouped_gemm_masked / fused_moe: fakes (exact
+    shapes); the PyTorch cpu backend on the CPU key and Triton on the CUDA key wherever
+    the extension has no kernel for the op (it has none: see dspark_kernels/moe.py)."""
     from . import moe
     from .reference.moe import align_sizes
 
@@ -150,6 +151,7 @@ def _register_moe() -> None:
         "moe_align": moe_align_fake,
         "grouped_gemm": lambda a, w, expert_offsets: a.new_empty((a.shape[0], w.shape[1])),
         "grouped_gemm_out": lambda a, w, expert_offsets, out: None,
+        "grouped_gemm_masked": lambda a, w, masked_m: a.new_empty((a.shape[0], a.shape[1], w.shape[1])),
         "fused_moe": lambda x, w13, w2, topk_weights, topk_ids, activation="silu": x.new_empty(
             (x.shape[0], w2.shape[1])),
     }

@@ -1,9 +1,9 @@
 """MoE ops for the target's verify pass (DESIGN.md §5 "MoE grouped GEMM"): public wrappers.
 
-``moe_align``, ``grouped_gemm`` and ``fused_moe``, each a documented function with
-``backend=None`` ∈ {"reference", "cpu", "triton", "cuda"} and a custom op
-``torch.ops.dspark.<op>`` (``grouped_gemm(out=...)`` goes to
-``torch.ops.dspark.grouped_gemm_out``).
+``moe_align``, ``grouped_gemm``, ``grouped_gemm_masked`` (the expert-parallel layout)
+and ``fused_moe``, each a documented function with ``backend=None`` ∈ {"reference",
+"cpu", "triton", "cuda"} and a custom op ``torch.ops.dspark.<op>``
+(``grouped_gemm(out=...)`` goes to ``torch.ops.dspark.grouped_gemm_out``).
 
 Backends:
 
@@ -13,9 +13,10 @@ Backends:
   CPU implementation, the GEMMs are oneDNN's: bf16 as it is with fp32
   accumulation, fp16 / fp32 in fp32). ``moe_align``'s is a vectorised,
   sync-free PyTorch version that runs on any device.
-* ``triton``: the GPU backend (``triton/{moe_align,grouped_gemm,fused_moe}.py``),
-  registered under the CUDA dispatch key; ``backend=None`` on CUDA tensors runs it
-  through ``torch.ops.dspark.*`` (so ``torch.compile`` and CUDA graphs see one op).
+* ``triton``: the GPU backend (``triton/{moe_align,grouped_gemm,grouped_gemm_masked,
+  fused_moe}.py``), registered under the CUDA dispatch key; ``backend=None`` on CUDA
+  tensors runs it through ``torch.ops.dspark.*`` (so ``torch.compile`` and CUDA graphs
+  see one op).
 * ``cuda``: none (Triton is the GPU backend; a CUDA C++ kernel would only be added
   where it wins).
 """
@@ -84,6 +85,26 @@ def _check_grouped_gemm(a, w, expert_offsets, out=None):
                       f"expert_offsets[{e + 1}] = {int(offs[e + 1])}")
         if int(offs[-1]) > a.shape[0]:
             _fail(op, f"expert_offsets[E] must be <= a.size(0) = {a.shape[0]}, got {int(offs[-1])}")
+
+
+def _check_grouped_gemm_masked(a, w, masked_m):
+    op = "grouped_gemm_masked"
+    _check_tensor(op, "a", a, dim=3, dtypes=_FLOAT_DTYPES)
+    device = a.device
+    num_experts, max_m, k = a.shape
+    _check_tensor(op, "w", w, dim=3, dtypes=(a.dtype,), device=device)
+    if w.shape[0] != num_experts or w.shape[2] != k:
+        _fail(op, f"w must be [E, N, K] with E = a.size(0) = {num_experts} and K = a.size(2) = {k}, "
+                  f"got shape {tuple(w.shape)}")
+    _check_tensor(op, "masked_m", masked_m, dim=1, shape=(num_experts,), dtypes=_INT_DTYPES, device=device)
+    if max_m >= 2**31:
+        _fail(op, f"a.size(1) (max_m) must be < 2^31, got {max_m}")
+    if _debug_checks_enabled(device):
+        counts = masked_m.detach().cpu().to(torch.int64)
+        bad = (counts < 0) | (counts > max_m)
+        if bad.any():
+            e = int(torch.nonzero(bad)[0])
+            _fail(op, f"masked_m[{e}] = {int(counts[e])} is outside [0, max_m] with max_m = a.size(1) = {max_m}")
 
 
 def _check_fused_moe(x, w13, w2, topk_weights, topk_ids, activation):
@@ -163,6 +184,25 @@ def _torch_grouped_gemm_out(a, w, expert_offsets, out):
     out[offs[-1]:] = 0
 
 
+def _torch_grouped_gemm_masked(a, w, masked_m):
+    """One GEMM per expert with tokens over its first ``masked_m[e]`` rows (the padding rows
+    of ``a`` are never read); the output's padding rows are zeroed, nothing else twice."""
+    num_experts, max_m, _ = a.shape
+    out = torch.empty((num_experts, max_m, w.shape[1]), dtype=a.dtype, device=a.device)
+    cdt = _compute_dtype(a.dtype)
+    for e, m in enumerate(masked_m.tolist()):
+        m = min(max(m, 0), max_m)
+        if m:
+            if cdt == a.dtype:
+                _mm_into(out[e, :m], a[e, :m], w[e])
+            else:
+                res = torch.empty((m, w.shape[1]), dtype=cdt, device=a.device)
+                _mm_into(res, a[e, :m].to(cdt), w[e])
+                out[e, :m] = res
+        out[e, m:] = 0
+    return out
+
+
 def _torch_fused_moe(x, w13, w2, topk_weights, topk_ids):
     """Slots sorted by expert, rows gathered once; per touched expert only its two GEMMs
     (into slices of sorted buffers); SiLU-and-mul, the routed weights and the top-k sum
@@ -217,6 +257,11 @@ def grouped_gemm_out_cpu(a, w, expert_offsets, out):
     _torch_grouped_gemm_out(a, w, expert_offsets, out)
 
 
+def grouped_gemm_masked_cpu(a, w, masked_m):
+    _check_grouped_gemm_masked(a, w, masked_m)
+    return _torch_grouped_gemm_masked(a, w, masked_m)
+
+
 def fused_moe_cpu(x, w13, w2, topk_weights, topk_ids, activation="silu"):
     _check_fused_moe(x, w13, w2, topk_weights, topk_ids, activation)
     return _torch_fused_moe(x, w13, w2, topk_weights, topk_ids)
@@ -241,6 +286,13 @@ def grouped_gemm_out_triton(a, w, expert_offsets, out):
 
     _check_grouped_gemm(a, w, expert_offsets, out)
     impl(a, w, expert_offsets, out)
+
+
+def grouped_gemm_masked_triton(a, w, masked_m):
+    from .triton.grouped_gemm_masked import grouped_gemm_masked as impl
+
+    _check_grouped_gemm_masked(a, w, masked_m)
+    return impl(a, w, masked_m)
 
 
 def fused_moe_triton(x, w13, w2, topk_weights, topk_ids, activation="silu"):
@@ -342,6 +394,49 @@ def grouped_gemm(a: torch.Tensor, w: torch.Tensor, expert_offsets: torch.Tensor,
         return result
     out.copy_(result)
     return out
+
+
+def grouped_gemm_masked(a: torch.Tensor, w: torch.Tensor, masked_m: torch.Tensor, *,
+                        backend: str | None = None) -> torch.Tensor:
+    r"""Grouped GEMM in the masked (expert-parallel) layout: ``out[e, i] = a[e, i] @ w[e]^T``.
+
+    ::
+
+        out[e, i] = a[e, i] @ w[e]^T    for i <  masked_m[e]
+                  = 0                   for masked_m[e] <= i < max_m
+
+    The layout after expert-parallel dispatch (DeepGEMM's ``m_grouped_gemm_masked``):
+    expert ``e`` owns the ``max_m`` rows ``a[e]``, of which the first ``masked_m[e]``
+    hold tokens. Rows at or past ``masked_m[e]`` of ``a`` are never read (garbage or
+    NaN there is fine) and the same rows of the output are written as zeros (a
+    decision: the output is fully defined, so a caller can reduce over it without
+    a mask; it costs a store of the padding rows). fp32 accumulation, the output in
+    ``a``'s dtype. The counts stay on the device: no host sync on CUDA, the GPU
+    kernel (Triton) skips the tiles without tokens before loading any weight, so
+    the cost follows the tokens present, not the capacity ``max_m``.
+
+    Args:
+        a: ``[E, max_m, K]`` bfloat16 / float16 / float32, any strides.
+        w: ``[E, N, K]`` (nn.Linear layout), ``a``'s dtype, any strides (a transposed
+            view of ``[E, K, N]`` storage is read as it is).
+        masked_m: ``[E]`` int32 / int64, ``0 <= masked_m[e] <= max_m`` (checked on CPU,
+            and on CUDA under ``DSPARK_DEBUG=1``; elsewhere a value outside is clamped
+            to ``[0, max_m]``).
+        backend: "reference" | "cpu" | "triton" | "cuda" | None.
+
+    Returns:
+        ``[E, max_m, N]`` in ``a``'s dtype.
+    """
+    op = "grouped_gemm_masked"
+    mode = _mode(op, _device_of(op, "a", a), backend)
+    if mode == "op":
+        return torch.ops.dspark.grouped_gemm_masked(a, w, masked_m)
+    _check_grouped_gemm_masked(a, w, masked_m)
+    if mode == "triton":
+        from .triton.grouped_gemm_masked import grouped_gemm_masked as impl
+
+        return impl(a, w, masked_m)
+    return _ref.grouped_gemm_masked(a, w, masked_m)
 
 
 def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor,

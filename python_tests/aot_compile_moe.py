@@ -32,10 +32,11 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from dspark_kernels.triton import _moe_common  # noqa: E402
 from dspark_kernels.triton import fused_moe as fm  # noqa: E402
 from dspark_kernels.triton import grouped_gemm as gg  # noqa: E402
+from dspark_kernels.triton import grouped_gemm_masked as ggm  # noqa: E402
 from dspark_kernels.triton import moe_align as ma  # noqa: E402
 
 UNIT = {"s_xk", "s_wk", "s_ak", "s_on"}  # unit strides: the JIT folds them to the constant 1
-NOT_ALIGNED = {"numel", "E", "block_m", "length", "num_blocks", "num_chunks", "T", "top_k"}
+NOT_ALIGNED = {"numel", "E", "block_m", "length", "num_blocks", "num_chunks", "T", "top_k", "max_blocks", "max_m"}
 
 
 def compile_one(target, fn, types: dict, consts: dict, warps: int, stages: int) -> tuple[bool, str]:
@@ -90,29 +91,44 @@ def jobs():
                 continue
             seen.add(key)
             bm, bn, bk, w, st = (cfg[x] for x in _moe_common.CONFIG_KEYS)
-            tag = f"bf16 {bm}x{bn}x{bk} w{w} s{st}"
-            out.append((f"fused_moe gemm1 {tag}", fm._gemm1_kernel, dict(
-                x_ptr="*bf16", s_xm="i32", s_xk="i32", w_ptr="*bf16", s_we="i32", s_wn="i32", s_wk="i32",
-                up_offset="i32", h_ptr="*bf16", s_hm="i32", sorted_ptr=i32, expert_ids_ptr=i32, post_pad_ptr=i32,
-                numel="i32", top_k="i32", K="i32", I="i32"),
-                dict(BLOCK_M=bm, BLOCK_N=bn // 2, BLOCK_K=bk, PRECISION="tf32"), w, st))
-            for atomic in (False, True):
-                out.append((f"fused_moe gemm2 {tag} atomic={atomic}", fm._gemm2_kernel, dict(
-                    h_ptr="*bf16", s_hm="i32", w_ptr="*bf16", s_we="i32", s_wn="i32", s_wk="i32", y_ptr="*fp32",
-                    s_ym="i32", weights_ptr="*fp32", sorted_ptr=i32, expert_ids_ptr=i32, post_pad_ptr=i32,
-                    numel="i32", top_k="i32", K="i32", N="i32"),
-                    dict(ATOMIC=atomic, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, PRECISION="tf32"), w, st))
+            for persistent in (False, True):
+                tag = f"bf16 {bm}x{bn}x{bk} w{w} s{st}{' persistent' if persistent else ''}"
+                out.append((f"fused_moe gemm1 {tag}", fm._gemm1_kernel, dict(
+                    x_ptr="*bf16", s_xm="i32", s_xk="i32", w_ptr="*bf16", s_we="i32", s_wn="i32", s_wk="i32",
+                    up_offset="i32", h_ptr="*bf16", s_hm="i32", sorted_ptr=i32, expert_ids_ptr=i32,
+                    post_pad_ptr=i32, numel="i32", top_k="i32", K="i32", I="i32", max_blocks="i32"),
+                    dict(PERSISTENT=persistent, BLOCK_M=bm, BLOCK_N=bn // 2, BLOCK_K=bk, PRECISION="tf32"), w, st))
+                for atomic in (False, True):
+                    out.append((f"fused_moe gemm2 {tag} atomic={atomic}", fm._gemm2_kernel, dict(
+                        h_ptr="*bf16", s_hm="i32", w_ptr="*bf16", s_we="i32", s_wn="i32", s_wk="i32",
+                        y_ptr="*fp32", s_ym="i32", weights_ptr="*fp32", sorted_ptr=i32, expert_ids_ptr=i32,
+                        post_pad_ptr=i32, numel="i32", top_k="i32", K="i32", N="i32", max_blocks="i32"),
+                        dict(PERSISTENT=persistent, ATOMIC=atomic, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
+                             PRECISION="tf32"), w, st))
     out.append(("fused_moe topk_sum", fm._topk_sum_kernel, dict(
         y_ptr="*fp32", ids_ptr=i32, E="i32", out_ptr="*bf16", s_om="i32", s_on="i32", N="i32"),
         dict(TOP_K=8, BLOCK_N=1024), 4, 3))
     for T, E in ((8, 256), (4096, 16)):
         cfg = _moe_common.grouped_gemm_config(T, E, 4096, 7168, torch.bfloat16)
         bm, bn, bk, w, st = (cfg[x] for x in _moe_common.CONFIG_KEYS)
-        out.append((f"grouped_gemm bf16 {bm}x{bn}x{bk} w{w} s{st}", gg._grouped_gemm_kernel, dict(
-            a_ptr="*bf16", s_am="i32", s_ak="i32", w_ptr="*bf16", s_we="i32", s_wn="i32", s_wk="i32",
-            out_ptr="*bf16", s_om="i32", s_on="i32", offs_ptr=i32, T="i32", N="i32", K="i32", E="i32"),
-            dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, G_BLOCK=triton.next_power_of_2(E + 1), PRECISION="tf32"),
-            w, st))
+        for persistent in (False, True):
+            out.append((f"grouped_gemm bf16 {bm}x{bn}x{bk} w{w} s{st}{' persistent' if persistent else ''}",
+                        gg._grouped_gemm_kernel, dict(
+                            a_ptr="*bf16", s_am="i32", s_ak="i32", w_ptr="*bf16", s_we="i32", s_wn="i32",
+                            s_wk="i32", out_ptr="*bf16", s_om="i32", s_on="i32", offs_ptr=i32, T="i32", N="i32",
+                            K="i32", E="i32"),
+                        dict(PERSISTENT=persistent, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
+                             G_BLOCK=triton.next_power_of_2(E + 1), PRECISION="tf32"), w, st))
+    for E, max_m in ((32, 8), (16, 64), (8, 4096)):  # DeepSeek-V3 widths, decode to prefill capacities
+        cfg = ggm.masked_gemm_config(E, max_m, 4096, 7168, torch.bfloat16)
+        bm, bn, bk, w, st = (cfg[x] for x in _moe_common.CONFIG_KEYS)
+        for counts_t in ("*i32", "*i64"):
+            out.append((f"grouped_gemm_masked bf16 {bm}x{bn}x{bk} w{w} s{st} masked_m {counts_t}",
+                        ggm._grouped_gemm_masked_kernel, dict(
+                            a_ptr="*bf16", s_ae="i32", s_am="i32", s_ak="i32", w_ptr="*bf16", s_we="i32",
+                            s_wn="i32", s_wk="i32", out_ptr="*bf16", s_oe="i32", s_om="i32", s_on="i32",
+                            masked_m_ptr=counts_t, max_m="i32", N="i32", K="i32"),
+                        dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, PRECISION="tf32"), w, st))
     return out
 
 

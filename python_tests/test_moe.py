@@ -344,6 +344,102 @@ def test_fused_moe_triton_reductions_chunks_and_determinism():
     assert rel_err(triton_fused_moe(*inputs, config=cfg), want) <= 1e-5
 
 
+# --------------------------------------------------------------------------- the two Triton schedules
+
+# tiles small enough that every case has more (row block, N tile) pairs than the
+# interpreter's persistent programs, so each program loops
+SCHEDULE_CFG = dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=32, num_warps=1, num_stages=1)
+
+
+@pytest.mark.skipif("triton" not in _backends("fused_moe"), reason="needs triton")
+@pytest.mark.parametrize("persistent", [False, True], ids=["grid", "persistent"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("case", FM_CASES, ids=lambda c: f"M{c[0]}-{c[5]}")
+def test_fused_moe_triton_schedules_equal_reference(case, dtype, persistent):
+    from dspark_kernels.triton.fused_moe import fused_moe as triton_fused_moe
+
+    dev = backend_device("triton")
+    inputs = _fm_inputs(case, dtype, seed=13, device=dev)
+    want = ref.fused_moe(*(t.cpu() for t in inputs))
+    got = triton_fused_moe(*inputs, config=dict(SCHEDULE_CFG, persistent=persistent))
+    assert got.dtype == dtype and rel_err(got, want) <= TOL[dtype], rel_err(got, want)
+    assert (got.cpu()[(inputs[4].cpu() < 0).all(1)] == 0).all()
+    if _interp("triton"):  # the same tiles in another order: the same bits
+        other = triton_fused_moe(*inputs, config=dict(SCHEDULE_CFG, persistent=not persistent))
+        assert torch.equal(got, other)
+
+
+@pytest.mark.skipif("triton" not in _backends("fused_moe"), reason="needs triton")
+@pytest.mark.parametrize("programs", [1, 2, 40])
+def test_persistent_schedule_any_number_of_programs(monkeypatch, programs):
+    """One program doing every tile, a few looping, more programs than tiles (most find none);
+    with chunks (a new num_tokens_post_pad per chunk), atomics and nothing routed."""
+    from dspark_kernels.triton import _moe_common
+    from dspark_kernels.triton import grouped_gemm as gg
+    from dspark_kernels.triton.fused_moe import fused_moe as triton_fused_moe
+
+    monkeypatch.setattr(_moe_common, "persistent_programs", lambda work, *a, **k: programs)
+    monkeypatch.setattr(gg, "persistent_programs", lambda work, *a, **k: programs)
+    dev = backend_device("triton")
+    cfg = dict(SCHEDULE_CFG, persistent=True)
+    inputs = _fm_inputs((8, 3, 5, 48, 40, "pad"), torch.float32, seed=14, device=dev)
+    want = ref.fused_moe(*(t.cpu() for t in inputs))
+    assert rel_err(triton_fused_moe(*inputs, config=cfg), want) <= 1e-5
+    assert rel_err(triton_fused_moe(*inputs, config=cfg, chunk_tokens=3), want) <= 1e-5
+    assert rel_err(triton_fused_moe(*inputs, config=cfg, reduce="atomic"), want) <= 1e-5
+    nothing = torch.full_like(inputs[4], -1)
+    out = triton_fused_moe(inputs[0], inputs[1], inputs[2], inputs[3], nothing, config=cfg)
+    assert (out == 0).all()
+    a, w = inputs[0], inputs[1][:, :24]
+    offs = torch.tensor([0, 3, 3, 5, 5, 7], dtype=torch.int32, device=dev)
+    got = gg.grouped_gemm(a, w, offs, config=cfg)
+    assert rel_err(got, ref.grouped_gemm(a.cpu(), w.cpu(), offs.cpu())) <= 1e-5
+
+
+@pytest.mark.skipif("triton" not in _backends("grouped_gemm"), reason="needs triton")
+@pytest.mark.parametrize("persistent", [False, True], ids=["grid", "persistent"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("case", GG_CASES, ids=lambda c: f"T{c[0]}")
+def test_grouped_gemm_triton_schedules_equal_reference(case, dtype, persistent):
+    """Both schedules into an output poisoned with NaN: every element written (tail rows 0)."""
+    from dspark_kernels.triton.grouped_gemm import grouped_gemm_out as triton_grouped_gemm_out
+
+    T, K, N, offs = case
+    g = torch.Generator().manual_seed(T + 1)
+    a = (torch.randn(T, K, generator=g) * 0.1).to(dtype)
+    w = (torch.randn(len(offs) - 1, N, K, generator=g) * 0.1).to(dtype)
+    offs = torch.tensor(offs, dtype=torch.int32)
+    want = ref.grouped_gemm(a, w, offs)
+    dev = backend_device("triton")
+    out = torch.full((T, N), float("nan"), dtype=dtype, device=dev)
+    triton_grouped_gemm_out(a.to(dev), w.to(dev), offs.to(dev), out, config=dict(SCHEDULE_CFG, persistent=persistent))
+    assert not torch.isnan(out).any() and rel_err(out, want) <= TOL[dtype]
+
+
+def test_schedule_heuristic_and_config_key(tmp_path, monkeypatch):
+    from dspark_kernels.triton import _moe_common as common
+    from dspark_kernels.triton.fused_moe import default_candidates
+
+    assert common.prefers_persistent(8 * 8 / 256)            # DeepSeek-V3, 8 verify tokens
+    assert common.prefers_persistent(64 * 8 / 256)
+    assert not common.prefers_persistent(4096 * 8 / 256)
+    base = dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=64, num_warps=4, num_stages=3)
+    assert common.check_config(base, "t") == base                     # absent: the heuristic decides
+    assert common.check_config(dict(base, persistent=True), "t")["persistent"] is True
+    with pytest.raises(ValueError, match="persistent"):
+        common.check_config(dict(base, persistent="yes"), "t")
+    monkeypatch.setenv("DSPARK_MOE_CONFIG_DIR", str(tmp_path))
+    path = tmp_path / common.config_file_name(8, 32, 64, torch.bfloat16, "dev")
+    common.write_tuned(str(path), {8: dict(base, persistent=True), 256: dict(base, persistent=False)})
+    assert common.tuned_config(8, 8, 64, 32, torch.bfloat16, device="dev") == dict(base, persistent=True)
+    assert common.tuned_config(300, 8, 64, 32, torch.bfloat16, device="dev")["persistent"] is False
+    cands = default_candidates(torch.bfloat16)
+    assert {c["persistent"] for c in cands if c["BLOCK_M"] == 16} == {False, True}
+    if common.interpreting():
+        assert common.persistent_programs(0, base, 2) == 1
+        assert common.persistent_programs(100, base, 2) == common.INTERPRETER_PROGRAMS
+
+
 @pytest.mark.parametrize("backend", ["reference"] + _backends("fused_moe"))
 def test_fused_moe_no_tokens_and_nothing_routed(backend):
     dev = backend_device(backend)
@@ -604,6 +700,24 @@ def test_cuda_fused_moe_bf16_real_shapes(preset, m, kind):
 
     assert torch.equal(got, triton_fused_moe(*inputs))  # deterministic
     assert rel_err(triton_fused_moe(*inputs, reduce="atomic"), want) <= 1e-2
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
+@pytest.mark.parametrize("preset,m", [("deepseek-v3", 8), ("qwen3-30b-a3b", 64), ("qwen3-30b-a3b", 1000)])
+def test_cuda_fused_moe_both_schedules(preset, m):
+    """The persistent and the grid schedule at the heuristic's tiles, each against the reference."""
+    from dspark_kernels.triton import _moe_common
+    from dspark_kernels.triton.fused_moe import fused_moe as triton_fused_moe
+
+    inputs = _cuda_case(preset, m, "pad")
+    want = ref.fused_moe(*inputs)
+    E, k, H, I = PRESETS[preset]
+    cfg = _moe_common.heuristic_config(m, E, H, I, k, torch.bfloat16)
+    outs = [triton_fused_moe(*inputs, config=dict(cfg, persistent=p)) for p in (False, True)]
+    for got in outs:
+        assert rel_err(got, want) <= 1e-2
+    assert rel_err(outs[0], outs[1]) <= 1e-3
 
 
 @pytest.mark.cuda

@@ -22,7 +22,9 @@ gives ``touched`` and TFLOP/s (``2·M·k·3·H·I`` FLOPs over the time), the fi
 of merit at large M.
 
 Backends: ``triton`` (default reduction, deterministic), ``triton-atomic``
-(fp32 atomics for the top-k sum), ``cpu`` (PyTorch per-expert loop),
+(fp32 atomics for the top-k sum), ``triton-persistent`` / ``triton-grid`` (the
+default config with the schedule forced, to measure the heuristic's choice; only
+with ``--backend``), ``cpu`` (PyTorch per-expert loop),
 ``reference`` (fp32 loop over all experts; ``x ref`` is the ratio to it), and the
 anchors when importable: ``vllm`` (``fused_experts``) and ``grouped_mm``
 (``torch._grouped_mm`` twice, with the sort, SiLU-and-mul and scatter-add an
@@ -54,7 +56,8 @@ PRESETS = {  # name -> (E, top_k, H, I)
 QUICK_PRESET = ("quick", (16, 4, 128, 64))
 DEFAULT_M = (1, 4, 8, 16, 32, 64, 128, 256, 1024, 4096)
 QUICK_M = (1, 8)
-OWN = ("triton", "triton-atomic", "cpu", "reference")
+OWN = ("triton", "triton-atomic", "triton-persistent", "triton-grid", "cpu", "reference")
+SCHEDULES = {"triton-persistent": True, "triton-grid": False}
 BASELINES = ("vllm", "grouped_mm")
 ALL_BACKENDS = OWN + BASELINES
 TOLERANCE = 2e-2
@@ -123,10 +126,18 @@ def touched_experts(ids: torch.Tensor, num_experts: int) -> int:
 
 
 def own_runner(name: str):
-    if name == "triton-atomic":
+    if name.startswith("triton-"):
+        from ..triton._moe_common import fused_moe_config
         from ..triton.fused_moe import fused_moe as triton_fused_moe
-
+    if name == "triton-atomic":
         return lambda w, t: triton_fused_moe(t["x"], w[0], w[1], t["topk_weights"], t["topk_ids"], reduce="atomic")
+    if name in SCHEDULES:
+        def run_schedule(w, t):
+            (E, two_i, H), (M, k) = w[0].shape, t["topk_ids"].shape
+            cfg = dict(fused_moe_config(M, E, H, two_i // 2, k, t["x"].dtype), persistent=SCHEDULES[name])
+            return triton_fused_moe(t["x"], w[0], w[1], t["topk_weights"], t["topk_ids"], config=cfg)
+
+        return run_schedule
     backend = name
 
     def run(w, t):
@@ -222,7 +233,7 @@ def _availability(name: str, device: torch.device, explicit: bool, flops: float,
     if name in BASELINES:
         return None
     avail = dspark_kernels.backends("fused_moe")
-    base = "triton" if name == "triton-atomic" else name
+    base = "triton" if name.startswith("triton-") else name
     if base == "triton" and device.type == "cpu":
         if not explicit:
             return "skipped", "Triton interpreter on CPU: far too slow to mean anything (--backend triton forces it)"

@@ -2,6 +2,8 @@
 
 * ``moe_align``: the vLLM ``moe_align_block_size`` layout, written as a Python loop.
 * ``grouped_gemm``: one ``a[seg] @ w[e]^T`` per expert segment, in float32.
+* ``grouped_gemm_masked``: one ``a[e, :masked_m[e]] @ w[e]^T`` per expert (the
+  expert-parallel layout), in float32; the rest of each expert's rows are 0.
 * ``fused_moe``: vLLM's ``torch_moe`` test reference: repeat every token top-k
   times, loop over the experts, SiLU-and-mul, weighted sum over the top-k slots.
 """
@@ -65,6 +67,20 @@ def grouped_gemm(a: torch.Tensor, w: torch.Tensor, expert_offsets: torch.Tensor)
         lo, hi = offs[e], offs[e + 1]
         if hi > lo:
             out[lo:hi] = a[lo:hi].float() @ w[e].float().t()
+    return out.to(a.dtype)
+
+
+def grouped_gemm_masked(a: torch.Tensor, w: torch.Tensor, masked_m: torch.Tensor) -> torch.Tensor:
+    """``out[e, i] = a[e, i] @ w[e]^T`` for ``i < masked_m[e]``; rows ``i >= masked_m[e]``
+    are 0 and the matching rows of ``a`` are never read. ``masked_m`` is clamped to
+    ``[0, max_m]`` (the public wrapper rejects values outside). Float32 math, output
+    in ``a``'s dtype."""
+    num_experts, max_m, _ = a.shape
+    out = torch.zeros(num_experts, max_m, w.shape[1], dtype=torch.float32, device=a.device)
+    for e, m in enumerate(masked_m.tolist()):
+        m = min(max(m, 0), max_m)
+        if m:
+            out[e, :m] = a[e, :m].float() @ w[e].float().t()
     return out.to(a.dtype)
 
 

@@ -25,12 +25,20 @@ are hundreds of MB), a few percent of the GEMM time at M in the thousands.
 ``"atomic"`` (fp32 ``atomic_add`` into ``[M, H]``) skips that buffer but the
 order of the k additions, hence the last bits, vary from run to run.
 
-Schedule. The row-block axis of the grid is an upper bound on the blocks that
-exist, ``min(len/BLOCK_M, cdiv(M·k, BLOCK_M) + min(E, M·k))`` (each touched expert
-adds at most one partial block); blocks at or past ``num_tokens_post_pad`` return
-at once, so the work grows with the experts the routing touches, never with E.
-Row blocks vary fastest, so the programs of one expert's weight tile run together
-(L2 reuse at large M).
+Schedule (``_moe_common``'s docstring; the config's ``"persistent"``, else
+``prefers_persistent``: persistent in the verify regime, the grid above it). Both
+GEMMs cover the same tiles, (row block, N tile), row blocks varying fastest so
+that the programs of one expert's weight tile run together (L2 reuse at large M).
+
+* grid ``(bound, N tiles)``, ``bound = min(len/BLOCK_M, cdiv(M·k, BLOCK_M) +
+  min(E, M·k))`` (each touched expert adds at most one partial block); blocks at or
+  past ``num_tokens_post_pad`` return at once, so the work grows with the experts
+  the routing touches, never with E;
+* persistent: ``min(bound · N tiles, SMs × programs per SM)`` programs, each looping
+  over ``tile = pid, pid + P, …`` below ``cdiv(num_tokens_post_pad, BLOCK_M) · N
+  tiles``, a count the kernel loads from ``num_tokens_post_pad`` itself (no host
+  sync, CUDA-graph safe). Only touched (expert, N tile) pairs exist as tiles; a
+  block whose expert id is −1 loads no weight.
 
 Very large M is processed in chunks of tokens so that the scratch buffers stay
 under ``_SCRATCH_BYTES`` (M·k·H fp32 at M = 64k, H = 7168, k = 8 would be 15 GB).
@@ -51,12 +59,11 @@ _SCRATCH_BYTES = 2 * 2**30
 
 
 @triton.jit
-def _row_block(sorted_ptr, expert_ids_ptr, post_pad_ptr, numel, top_k, BLOCK_M: tl.constexpr):
-    """(live, expert, slots [BM], slot_ok [BM], tokens [BM] int64) of row block program_id(0)."""
-    pid_m = tl.program_id(0)
-    total = tl.load(post_pad_ptr)
+def _row_block(pid_m, total, sorted_ptr, expert_ids_ptr, numel, top_k, BLOCK_M: tl.constexpr):
+    """(live, expert, slots [BM], slot_ok [BM], tokens [BM] int64) of row block ``pid_m``;
+    a block at or past ``total`` (num_tokens_post_pad) or of expert −1 is not live."""
     live = pid_m * BLOCK_M < total
-    e = tl.load(expert_ids_ptr + pid_m)
+    e = tl.load(expert_ids_ptr + pid_m, mask=live, other=-1)
     live = live & (e >= 0)
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     slots = tl.load(sorted_ptr + rows, mask=(rows >= 0) & live, other=numel)
@@ -66,12 +73,21 @@ def _row_block(sorted_ptr, expert_ids_ptr, post_pad_ptr, numel, top_k, BLOCK_M: 
 
 
 @triton.jit
-def _gemm1_kernel(x_ptr, s_xm, s_xk, w_ptr, s_we, s_wn, s_wk, up_offset, h_ptr, s_hm,
-                  sorted_ptr, expert_ids_ptr, post_pad_ptr, numel, top_k, K, I,
-                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr):
-    live, e, slots, slot_ok, tokens = _row_block(sorted_ptr, expert_ids_ptr, post_pad_ptr, numel, top_k, BLOCK_M)
-    if live:
-        offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+def _num_tiles(total, max_blocks, n_cols, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """(row blocks, tiles) of a persistent launch: the row blocks that exist, read from
+    num_tokens_post_pad on the device (and never more than the host's bound), times the
+    N tiles."""
+    row_blocks = tl.minimum(tl.cdiv(total, BLOCK_M), max_blocks)
+    return row_blocks, row_blocks * tl.cdiv(n_cols, BLOCK_N)
+
+
+@triton.jit
+def _gemm1_tile(pid_m, pid_n, total, x_ptr, s_xm, s_xk, w_ptr, s_we, s_wn, s_wk, up_offset, h_ptr, s_hm,
+                sorted_ptr, expert_ids_ptr, numel, top_k, K, I,
+                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr):
+    live, e, slots, slot_ok, tokens = _row_block(pid_m, total, sorted_ptr, expert_ids_ptr, numel, top_k, BLOCK_M)
+    if live:  # no weight byte is loaded for a block without an expert
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         n_ok = offs_n < I
         offs_k = tl.arange(0, BLOCK_K)
         a_ptrs = x_ptr + tokens[:, None] * s_xm + offs_k[None, :] * s_xk
@@ -95,13 +111,32 @@ def _gemm1_kernel(x_ptr, s_xm, s_xk, w_ptr, s_we, s_wn, s_wk, up_offset, h_ptr, 
 
 
 @triton.jit
-def _gemm2_kernel(h_ptr, s_hm, w_ptr, s_we, s_wn, s_wk, y_ptr, s_ym, weights_ptr,
-                  sorted_ptr, expert_ids_ptr, post_pad_ptr, numel, top_k, K, N,
-                  ATOMIC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+def _gemm1_kernel(x_ptr, s_xm, s_xk, w_ptr, s_we, s_wn, s_wk, up_offset, h_ptr, s_hm,
+                  sorted_ptr, expert_ids_ptr, post_pad_ptr, numel, top_k, K, I, max_blocks,
+                  PERSISTENT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                   PRECISION: tl.constexpr):
-    live, e, slots, slot_ok, tokens = _row_block(sorted_ptr, expert_ids_ptr, post_pad_ptr, numel, top_k, BLOCK_M)
+    total = tl.load(post_pad_ptr)
+    if PERSISTENT:
+        row_blocks, num_tiles = _num_tiles(total, max_blocks, I, BLOCK_M, BLOCK_N)
+        for tile in range(tl.program_id(0), num_tiles, tl.num_programs(0)):
+            # row blocks fastest: the programs running together share an expert's weight tile (L2)
+            _gemm1_tile(tile % row_blocks, tile // row_blocks, total, x_ptr, s_xm, s_xk, w_ptr, s_we, s_wn, s_wk,
+                        up_offset, h_ptr, s_hm, sorted_ptr, expert_ids_ptr, numel, top_k, K, I,
+                        BLOCK_M, BLOCK_N, BLOCK_K, PRECISION)
+    else:
+        _gemm1_tile(tl.program_id(0), tl.program_id(1), total, x_ptr, s_xm, s_xk, w_ptr, s_we, s_wn, s_wk,
+                    up_offset, h_ptr, s_hm, sorted_ptr, expert_ids_ptr, numel, top_k, K, I,
+                    BLOCK_M, BLOCK_N, BLOCK_K, PRECISION)
+
+
+@triton.jit
+def _gemm2_tile(pid_m, pid_n, total, h_ptr, s_hm, w_ptr, s_we, s_wn, s_wk, y_ptr, s_ym, weights_ptr,
+                sorted_ptr, expert_ids_ptr, numel, top_k, K, N,
+                ATOMIC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                PRECISION: tl.constexpr):
+    live, e, slots, slot_ok, tokens = _row_block(pid_m, total, sorted_ptr, expert_ids_ptr, numel, top_k, BLOCK_M)
     if live:
-        offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         n_ok = offs_n < N
         offs_k = tl.arange(0, BLOCK_K)
         a_ptrs = h_ptr + slots[:, None] * s_hm + offs_k[None, :]
@@ -121,6 +156,24 @@ def _gemm2_kernel(h_ptr, s_hm, w_ptr, s_we, s_wn, s_wk, y_ptr, s_ym, weights_ptr
             tl.atomic_add(y_ptr + tokens[:, None] * s_ym + offs_n[None, :], acc, mask=mask)
         else:
             tl.store(y_ptr + slots[:, None] * s_ym + offs_n[None, :], acc, mask=mask)
+
+
+@triton.jit
+def _gemm2_kernel(h_ptr, s_hm, w_ptr, s_we, s_wn, s_wk, y_ptr, s_ym, weights_ptr,
+                  sorted_ptr, expert_ids_ptr, post_pad_ptr, numel, top_k, K, N, max_blocks,
+                  PERSISTENT: tl.constexpr, ATOMIC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                  BLOCK_K: tl.constexpr, PRECISION: tl.constexpr):
+    total = tl.load(post_pad_ptr)
+    if PERSISTENT:
+        row_blocks, num_tiles = _num_tiles(total, max_blocks, N, BLOCK_M, BLOCK_N)
+        for tile in range(tl.program_id(0), num_tiles, tl.num_programs(0)):
+            _gemm2_tile(tile % row_blocks, tile // row_blocks, total, h_ptr, s_hm, w_ptr, s_we, s_wn, s_wk,
+                        y_ptr, s_ym, weights_ptr, sorted_ptr, expert_ids_ptr, numel, top_k, K, N,
+                        ATOMIC, BLOCK_M, BLOCK_N, BLOCK_K, PRECISION)
+    else:
+        _gemm2_tile(tl.program_id(0), tl.program_id(1), total, h_ptr, s_hm, w_ptr, s_we, s_wn, s_wk,
+                    y_ptr, s_ym, weights_ptr, sorted_ptr, expert_ids_ptr, numel, top_k, K, N,
+                    ATOMIC, BLOCK_M, BLOCK_N, BLOCK_K, PRECISION)
 
 
 @triton.jit
@@ -147,7 +200,8 @@ def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights
     """Triton fused_moe (see ``dspark_kernels.fused_moe``).
 
     ``reduce``: "ordered" (deterministic, default) or "atomic" (see the module
-    docstring). ``config``: a launch config (else tuned file / heuristic).
+    docstring). ``config``: a launch config (else tuned file / heuristic); its
+    optional ``"persistent"`` (bool) forces the schedule.
     ``chunk_tokens``: tokens per chunk (default: from ``_SCRATCH_BYTES``).
     """
     if activation != "silu":
@@ -168,6 +222,10 @@ def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights
     if bn < 32:
         raise ValueError(f"fused_moe: config BLOCK_N must be >= 32 (two halves of >= 16), got {bn}")
     launch = dict(num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+    persistent = cfg.get("persistent")
+    if persistent is None:
+        persistent = _moe_common.prefers_persistent(M * top_k / max(E, 1))
+    elem = x.element_size()
     precision = "ieee" if x.dtype == torch.float32 else "tf32"
     atomic = reduce == "atomic"
 
@@ -189,16 +247,23 @@ def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights
         numel = (c1 - c0) * top_k
         sorted_ids, expert_ids, post_pad = moe_align(idc, E, bm)
         blocks = _row_blocks(numel, E, bm, expert_ids.numel())
-        _gemm1_kernel[(blocks, triton.cdiv(I, bn // 2))](
+        n1, n2 = triton.cdiv(I, bn // 2), triton.cdiv(H, bn)
+        if persistent:
+            grid1 = (_moe_common.persistent_programs(blocks * n1, cfg, elem, x.device),)
+            grid2 = (_moe_common.persistent_programs(blocks * n2, cfg, elem, x.device),)
+        else:
+            grid1, grid2 = (blocks, n1), (blocks, n2)
+        _gemm1_kernel[grid1](
             xc, xc.stride(0), xc.stride(1), w13, w13.stride(0), w13.stride(1), w13.stride(2), I * w13.stride(1),
             h, h.stride(0),
-            sorted_ids, expert_ids, post_pad, numel, top_k, H, I,
-            BLOCK_M=bm, BLOCK_N=bn // 2, BLOCK_K=bk, PRECISION=precision, **launch)
+            sorted_ids, expert_ids, post_pad, numel, top_k, H, I, blocks,
+            PERSISTENT=persistent, BLOCK_M=bm, BLOCK_N=bn // 2, BLOCK_K=bk, PRECISION=precision, **launch)
         target = acc[c0:c1] if atomic else y
-        _gemm2_kernel[(blocks, triton.cdiv(H, bn))](
+        _gemm2_kernel[grid2](
             h, h.stride(0), w2, w2.stride(0), w2.stride(1), w2.stride(2), target, target.stride(0), wc,
-            sorted_ids, expert_ids, post_pad, numel, top_k, I, H,
-            ATOMIC=atomic, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, PRECISION=precision, **launch)
+            sorted_ids, expert_ids, post_pad, numel, top_k, I, H, blocks,
+            PERSISTENT=persistent, ATOMIC=atomic, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, PRECISION=precision,
+            **launch)
         if not atomic:
             oc = out[c0:c1]
             _topk_sum_kernel[(c1 - c0, triton.cdiv(H, sum_block))](
@@ -215,7 +280,8 @@ DEFAULT_TUNE_M = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 256, 512, 1024, 2048,
 
 
 def default_candidates(dtype: torch.dtype) -> list[dict]:
-    """A modest search space (each must fit the shared-memory budget)."""
+    """A modest search space (each must fit the shared-memory budget); tiles with
+    BLOCK_M <= 32 (the verify regime) in both schedules, larger ones on the grid."""
     elem = torch.empty((), dtype=dtype).element_size()
     out = []
     for bm in (16, 32, 64, 128):
@@ -224,8 +290,10 @@ def default_candidates(dtype: torch.dtype) -> list[dict]:
                 for warps in (4, 8):
                     for stages in (2, 3, 4):
                         cfg = dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps, num_stages=stages)
-                        if _moe_common.fit_stages(cfg, elem)["num_stages"] == stages:
-                            out.append(cfg)
+                        if _moe_common.fit_stages(cfg, elem)["num_stages"] != stages:
+                            continue
+                        for persistent in (False, True) if bm <= 32 else (False,):
+                            out.append(dict(cfg, persistent=persistent))
     return out
 
 
