@@ -55,6 +55,11 @@ TORCH_LIBRARY(dspark, m) {
   m.def(
       "fused_moe(Tensor x, Tensor w13, Tensor w2, Tensor topk_weights, Tensor topk_ids, *, "
       "str activation=\"silu\") -> Tensor");
+  // fp8 e4m3 weights with block scales [E, ceil(N/bn), ceil(K/bk)], activations quantised
+  // per token per bk columns (a separate op so that builds without it keep working).
+  m.def(
+      "fused_moe_fp8(Tensor x, Tensor w13, Tensor w2, Tensor topk_weights, Tensor topk_ids, Tensor w13_scale, "
+      "Tensor w2_scale, *, int[] block_shape=[128, 128], str activation=\"silu\") -> Tensor");
   // The drafter's block attention (dspark_kernels/attention.py states the rules):
   // out [T, H, D] in q's dtype. No C++ kernels: the CPU key runs PyTorch SDPA and
   // the CUDA key Triton, both registered from Python (_registration.py).

@@ -83,7 +83,7 @@ def triton_available() -> bool:
 # Ops whose cpu backend is PyTorch code registered under the CPU key from Python
 # (_registration.py), not a C++ kernel: always available.
 PYTORCH_CPU_OPS = frozenset({"moe_align", "grouped_gemm", "grouped_gemm_masked", "fused_moe",
-                             "draft_block_attention"})
+                             "fused_moe_fp8", "draft_block_attention"})
 
 
 def backends(op: str = "verify_block") -> dict[str, bool]:

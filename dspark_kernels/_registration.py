@@ -53,6 +53,10 @@ SCHEMAS = {
         "fused_moe(Tensor x, Tensor w13, Tensor w2, Tensor topk_weights, Tensor topk_ids, *, "
         "str activation=\"silu\") -> Tensor"
     ),
+    "fused_moe_fp8": (
+        "fused_moe_fp8(Tensor x, Tensor w13, Tensor w2, Tensor topk_weights, Tensor topk_ids, Tensor w13_scale, "
+        "Tensor w2_scale, *, int[] block_shape=[128, 128], str activation=\"silu\") -> Tensor"
+    ),
     "draft_block_attention": (
         "draft_block_attention(Tensor q, Tensor k_block, Tensor v_block, Tensor k_ctx, Tensor v_ctx, "
         "Tensor cu_block, Tensor ctx_lens, *, Tensor? sinks=None, float? softmax_scale=None, "
@@ -135,9 +139,18 @@ def _register_kv() -> None:
 
 
 def _register_moe() -> None:
-    """moe_align / grouped_gemm(_out) / grouped_gemm_masked / fused_moe: fakes (exact
-    shapes); the PyTorch cpu backend on the CPU key and Triton on the CUDA key wherever
-    the extension has no kernel for the op (it has none: see dspark_kernels/moe.py)."""
+    """moe_align / grouped_gemm(_out) / grouped_gemm_masked / fused_moe / fused_moe_fp8:
+    fakes (exact shapes); the PyTorch cpu backend on the CPU key and Triton on the CUDA
+    key wherever the extension has no kernel for the op (it has none: see
+    dspark_kernels/moe.py).
+
+    fp8 weights are a separate op, ``fused_moe_fp8``, rather than optional scale
+    arguments on ``fused_moe``: a schema is defined once, by the extension when it
+    has the op, and an extension built before the change (the prebuilt in-place
+    ``_C.abi3.so``) would keep the old ``fused_moe`` schema, which has no scale
+    arguments and cannot be redefined from Python. A new op name is simply defined
+    here when the extension lacks it, so both old and fresh builds work; the public
+    ``dspark_kernels.fused_moe`` takes the scales and picks the op."""
     from . import moe
     from .reference.moe import align_sizes
 
@@ -154,6 +167,8 @@ def _register_moe() -> None:
         "grouped_gemm_masked": lambda a, w, masked_m: a.new_empty((a.shape[0], a.shape[1], w.shape[1])),
         "fused_moe": lambda x, w13, w2, topk_weights, topk_ids, activation="silu": x.new_empty(
             (x.shape[0], w2.shape[1])),
+        "fused_moe_fp8": lambda x, w13, w2, topk_weights, topk_ids, w13_scale, w2_scale, block_shape=(128, 128),
+        activation="silu": x.new_empty((x.shape[0], w2.shape[1])),
     }
     for name, fake in fakes.items():
         torch.library.register_fake(f"dspark::{name}", fake, lib=_lib_impl)

@@ -28,7 +28,10 @@ import torch
 from . import _backend
 from ._validation import _FLOAT_DTYPES, _INT_DTYPES, _check_tensor, _debug_checks_enabled, _fail
 from .reference import moe as _ref
-from .reference.moe import align_sizes, silu_and_mul
+from .reference.moe import (align_sizes, dequantize_fp8_blocks, dequantize_fp8_groups, quantize_fp8_groups,
+                             silu_and_mul)
+
+_FP8 = torch.float8_e4m3fn
 
 def _mode(op: str, device: torch.device, backend: str | None) -> str:
     """"op" (torch.ops.dspark: the CPU / CUDA dispatch key), "triton" (direct call) or "reference"."""
@@ -129,6 +132,66 @@ def _check_fused_moe(x, w13, w2, topk_weights, topk_ids, activation):
         _fail(op, f"topk_ids.numel() must be < 2^31, got {topk_ids.numel()}")
     if _debug_checks_enabled(device):
         _check_ids(op, topk_ids, num_experts)
+
+
+def _check_block_shape(op, block_shape):
+    ok = (isinstance(block_shape, (list, tuple)) and len(block_shape) == 2
+          and all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in block_shape))
+    if not ok:
+        _fail(op, f"block_shape must be two ints >= 1 [block_n, block_k], got {block_shape!r}")
+    return int(block_shape[0]), int(block_shape[1])
+
+
+def _check_fused_moe_fp8(x, w13, w2, topk_weights, topk_ids, w13_scale, w2_scale, block_shape, activation):
+    op = "fused_moe"
+    bn, bk = _check_block_shape(op, block_shape)
+    _check_tensor(op, "x", x, dim=2, dtypes=_FLOAT_DTYPES)
+    device = x.device
+    m, hidden = x.shape
+    _check_tensor(op, "w13", w13, dim=3, dtypes=(_FP8,), device=device)
+    num_experts, two_i, _ = w13.shape
+    if w13.shape[2] != hidden or two_i % 2:
+        _fail(op, f"w13 must be [E, 2I, H] with H = x.size(1) = {hidden} (gate rows, then up rows), "
+                  f"got shape {tuple(w13.shape)}")
+    inter = two_i // 2
+    _check_tensor(op, "w2", w2, dim=3, shape=(num_experts, hidden, inter), dtypes=(_FP8,), device=device)
+    cdiv = lambda a, b: -(-a // b)  # noqa: E731
+    for name, t, n, k in (("w13_scale", w13_scale, two_i, hidden), ("w2_scale", w2_scale, hidden, inter)):
+        want = (num_experts, cdiv(n, bn), cdiv(k, bk))
+        if not isinstance(t, torch.Tensor):
+            _fail(op, f"{name} must be a float32 tensor of shape {list(want)} (one scale per "
+                      f"{bn}x{bk} block), got {type(t).__name__}")
+        if tuple(t.shape) != want:
+            _fail(op, f"{name} must have shape {list(want)} = [E, ceil({n}/{bn}), ceil({k}/{bk})] (one scale "
+                      f"per block_shape = [{bn}, {bk}] block), got {tuple(t.shape)}")
+        _check_tensor(op, name, t, dtypes=(torch.float32,), device=device)
+    _check_tensor(op, "topk_ids", topk_ids, dim=2, dtypes=_INT_DTYPES, device=device)
+    if topk_ids.shape[0] != m:
+        _fail(op, f"topk_ids must be [M, k] with M = x.size(0) = {m}, got shape {tuple(topk_ids.shape)}")
+    _check_tensor(op, "topk_weights", topk_weights, dim=2, shape=tuple(topk_ids.shape), dtypes=_FLOAT_DTYPES,
+                  device=device)
+    if activation != "silu":
+        _fail(op, f"activation must be 'silu', got {activation!r}")
+    if topk_ids.numel() >= 2**31:
+        _fail(op, f"topk_ids.numel() must be < 2^31, got {topk_ids.numel()}")
+    if _debug_checks_enabled(device):
+        _check_ids(op, topk_ids, num_experts)
+
+
+def _check_scales_match_weights(w13, w2, w13_scale, w2_scale):
+    """fp8 weights take block scales, other weights none: which path, or a clear error."""
+    op = "fused_moe"
+    fp8 = {name: isinstance(t, torch.Tensor) and t.dtype == _FP8 for name, t in (("w13", w13), ("w2", w2))}
+    if fp8["w13"] != fp8["w2"]:
+        _fail(op, f"w13 and w2 must both be float8_e4m3fn or both not, got w13 {getattr(w13, 'dtype', None)} "
+                  f"and w2 {getattr(w2, 'dtype', None)}")
+    for name, weight, scale in (("w13", w13, w13_scale), ("w2", w2, w2_scale)):
+        if fp8[name] and scale is None:
+            _fail(op, f"{name} is float8_e4m3fn: {name}_scale (float32 block scales) is required")
+        if not fp8[name] and scale is not None:
+            _fail(op, f"{name}_scale was given but {name} is {getattr(weight, 'dtype', None)}: block scales go "
+                      f"with float8_e4m3fn weights")
+    return fp8["w13"]
 
 
 # --------------------------------------------------------------------------- the cpu backend (PyTorch)
@@ -236,6 +299,39 @@ def _torch_fused_moe(x, w13, w2, topk_weights, topk_ids):
     return y.view(m, k, w2.shape[1]).sum(dim=1).to(x.dtype)
 
 
+def _torch_fused_moe_fp8(x, w13, w2, topk_weights, topk_ids, w13_scale, w2_scale, block_shape):
+    """fp8 fused_moe in PyTorch (any device): x quantised once per token, slots sorted by
+    expert; per touched expert its two weights dequantised (float32) and two GEMMs;
+    the intermediate quantised per row group between them. The reference's numerics
+    (float32, the same quantisation), only the summation order differs."""
+    bk = block_shape[1]
+    m, k = topk_ids.shape
+    num_experts, two_i, _ = w13.shape
+    ids = topk_ids.reshape(-1).to(torch.int64)
+    key = torch.where((ids >= 0) & (ids < num_experts), ids, num_experts)
+    order = torch.sort(key, stable=True).indices
+    counts = torch.bincount(key, minlength=num_experts + 1).tolist()
+    n = m * k - counts[num_experts]
+    slots = order[:n]
+    xs = dequantize_fp8_groups(*quantize_fp8_groups(x, bk), bk)[slots // k]
+    h = torch.empty((n, two_i), dtype=torch.float32, device=x.device)
+    ys = torch.empty((n, w2.shape[1]), dtype=torch.float32, device=x.device)
+    bounds = [0]
+    for c in counts[:num_experts]:
+        bounds.append(bounds[-1] + c)
+    touched = [e for e in range(num_experts) if bounds[e + 1] > bounds[e]]
+    for e in touched:
+        torch.mm(xs[bounds[e]:bounds[e + 1]], dequantize_fp8_blocks(w13[e], w13_scale[e], block_shape).t(),
+                 out=h[bounds[e]:bounds[e + 1]])
+    act = dequantize_fp8_groups(*quantize_fp8_groups(silu_and_mul(h), bk), bk)
+    for e in touched:
+        torch.mm(act[bounds[e]:bounds[e + 1]], dequantize_fp8_blocks(w2[e], w2_scale[e], block_shape).t(),
+                 out=ys[bounds[e]:bounds[e + 1]])
+    y = torch.zeros(m * k, w2.shape[1], dtype=torch.float32, device=x.device)  # slot t·k + j
+    y[slots] = ys * topk_weights.reshape(-1).float()[slots, None]
+    return y.view(m, k, w2.shape[1]).sum(dim=1).to(x.dtype)
+
+
 # Implementations registered under the dispatch keys (dspark_kernels/_registration.py).
 # Each checks its arguments, so a direct torch.ops.dspark.* call gets the same errors.
 
@@ -265,6 +361,12 @@ def grouped_gemm_masked_cpu(a, w, masked_m):
 def fused_moe_cpu(x, w13, w2, topk_weights, topk_ids, activation="silu"):
     _check_fused_moe(x, w13, w2, topk_weights, topk_ids, activation)
     return _torch_fused_moe(x, w13, w2, topk_weights, topk_ids)
+
+
+def fused_moe_fp8_cpu(x, w13, w2, topk_weights, topk_ids, w13_scale, w2_scale, block_shape=(128, 128),
+                      activation="silu"):
+    _check_fused_moe_fp8(x, w13, w2, topk_weights, topk_ids, w13_scale, w2_scale, block_shape, activation)
+    return _torch_fused_moe_fp8(x, w13, w2, topk_weights, topk_ids, w13_scale, w2_scale, tuple(block_shape))
 
 
 def moe_align_triton(topk_ids, num_experts, block_m):
@@ -300,6 +402,19 @@ def fused_moe_triton(x, w13, w2, topk_weights, topk_ids, activation="silu"):
 
     _check_fused_moe(x, w13, w2, topk_weights, topk_ids, activation)
     return impl(x, w13, w2, topk_weights, topk_ids, activation)
+
+
+def fused_moe_fp8_triton(x, w13, w2, topk_weights, topk_ids, w13_scale, w2_scale, block_shape=(128, 128),
+                         activation="silu"):
+    from .triton.fused_moe_fp8 import fp8_supported
+    from .triton.fused_moe_fp8 import fused_moe_fp8 as impl
+
+    _check_fused_moe_fp8(x, w13, w2, topk_weights, topk_ids, w13_scale, w2_scale, block_shape, activation)
+    if not fp8_supported(x.device):  # Triton has no float8_e4m3fn before sm_89
+        _backend.warn_once("fused_moe_fp8:pre-sm89", "dspark_kernels.fused_moe: fp8 weights on a GPU before sm_89 "
+                           "run the PyTorch implementation (Triton has no float8_e4m3fn there; it syncs the host)")
+        return _torch_fused_moe_fp8(x, w13, w2, topk_weights, topk_ids, w13_scale, w2_scale, tuple(block_shape))
+    return impl(x, w13, w2, topk_weights, topk_ids, w13_scale, w2_scale, tuple(block_shape), activation)
 
 
 # --------------------------------------------------------------------------- public functions
@@ -440,7 +555,9 @@ def grouped_gemm_masked(a: torch.Tensor, w: torch.Tensor, masked_m: torch.Tensor
 
 
 def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor,
-              topk_ids: torch.Tensor, *, activation: str = "silu", backend: str | None = None) -> torch.Tensor:
+              topk_ids: torch.Tensor, *, w13_scale: torch.Tensor | None = None, w2_scale: torch.Tensor | None = None,
+              block_shape: tuple[int, int] = (128, 128), activation: str = "silu",
+              backend: str | None = None) -> torch.Tensor:
     r"""A mixture-of-experts MLP on routed tokens (the target's MoE layer on the verify batch).
 
     ::
@@ -455,18 +572,36 @@ def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights
     top-k slots deterministically, and its work grows with the experts the routing
     touches; no host sync (CUDA-graph safe), M from 1 to 64k.
 
+    fp8 weights (DeepSeek-V3 / vLLM ``block_shape=[128, 128]``): ``w13`` and ``w2`` in
+    float8_e4m3fn with float32 block scales ``w13_scale [E, ceil(2I/bn), ceil(H/bk)]``,
+    ``w2_scale [E, ceil(H/bn), ceil(I/bk)]`` (``(bn, bk) = block_shape``; a weight is its
+    fp8 value times the scale of its ``bn × bk`` block). The activations are quantised
+    on the fly, and this is part of the contract (every backend, the reference
+    included, computes it exactly so): ``x`` per token in groups of ``bk`` columns to
+    e4m3 with the fp32 scale ``amax / 448`` (round to nearest even, saturating; a group
+    of zeros has scale 0), and the float32 intermediate ``silu(g) ⊙ u`` the same way
+    before GEMM2; the products are summed in fp32 and scaled per K block (the GPU
+    kernel uses fp8 tensor cores, sm_89+; older GPUs run the PyTorch implementation). Runs as ``torch.ops.dspark.fused_moe_fp8`` (a
+    separate op: see ``_registration.py``). Scales are required iff the weights are fp8.
+
     Args:
         x: ``[M, H]``, any strides.
-        w13: ``[E, 2I, H]``, ``x``'s dtype. w2: ``[E, H, I]``, ``x``'s dtype.
+        w13: ``[E, 2I, H]``, ``x``'s dtype or float8_e4m3fn. w2: ``[E, H, I]``, likewise.
         topk_weights: ``[M, k]`` float (any float dtype; used in fp32).
         topk_ids: ``[M, k]`` int32 / int64 in ``[-1, E)`` (checked on CPU, and on CUDA
             under ``DSPARK_DEBUG=1``; elsewhere an id outside contributes nothing).
+        w13_scale, w2_scale: float32 block scales (fp8 weights only; any strides).
+        block_shape: ``(block_n, block_k)`` of the weight scales, also the activation
+            group size ``block_k`` (fp8 only; the Triton kernel needs ``block_k % 16 == 0``).
         activation: "silu" (the only one).
         backend: "reference" | "cpu" | "triton" | "cuda" | None.
 
     Returns:
         ``[M, H]`` in ``x``'s dtype.
     """
+    if _check_scales_match_weights(w13, w2, w13_scale, w2_scale):
+        return _fused_moe_fp8(x, w13, w2, topk_weights, topk_ids, w13_scale, w2_scale, block_shape, activation,
+                              backend)
     op = "fused_moe"
     mode = _mode(op, _device_of(op, "x", x), backend)
     if mode == "op":
@@ -477,3 +612,18 @@ def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights
 
         return impl(x, w13, w2, topk_weights, topk_ids, activation)
     return _ref.fused_moe(x, w13, w2, topk_weights, topk_ids, activation)
+
+
+def _fused_moe_fp8(x, w13, w2, topk_weights, topk_ids, w13_scale, w2_scale, block_shape, activation, backend):
+    op = "fused_moe_fp8"
+    mode = _mode(op, _device_of("fused_moe", "x", x), backend)
+    if mode == "op":
+        block_shape = list(_check_block_shape("fused_moe", block_shape))
+        return torch.ops.dspark.fused_moe_fp8(x, w13, w2, topk_weights, topk_ids, w13_scale, w2_scale,
+                                              block_shape=block_shape, activation=activation)
+    _check_fused_moe_fp8(x, w13, w2, topk_weights, topk_ids, w13_scale, w2_scale, block_shape, activation)
+    if mode == "triton":
+        return fused_moe_fp8_triton(x, w13, w2, topk_weights, topk_ids, w13_scale, w2_scale, block_shape,
+                                    activation)
+    return _ref.fused_moe_fp8(x, w13, w2, topk_weights, topk_ids, w13_scale, w2_scale, tuple(block_shape),
+                              activation)

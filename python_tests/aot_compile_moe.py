@@ -31,12 +31,14 @@ from triton.compiler import ASTSource  # noqa: E402
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from dspark_kernels.triton import _moe_common  # noqa: E402
 from dspark_kernels.triton import fused_moe as fm  # noqa: E402
+from dspark_kernels.triton import fused_moe_fp8 as fm8  # noqa: E402
 from dspark_kernels.triton import grouped_gemm as gg  # noqa: E402
 from dspark_kernels.triton import grouped_gemm_masked as ggm  # noqa: E402
 from dspark_kernels.triton import moe_align as ma  # noqa: E402
 
-UNIT = {"s_xk", "s_wk", "s_ak", "s_on"}  # unit strides: the JIT folds them to the constant 1
-NOT_ALIGNED = {"numel", "E", "block_m", "length", "num_blocks", "num_chunks", "T", "top_k", "max_blocks", "max_m"}
+UNIT = {"s_xk", "s_wk", "s_ak", "s_on", "s_ik", "s_sk"}  # unit strides: the JIT folds them to the constant 1
+NOT_ALIGNED = {"numel", "E", "block_m", "length", "num_blocks", "num_chunks", "T", "top_k", "max_blocks", "max_m",
+               "s_xsm", "s_hsm", "s_sn", "s_sm"}  # fp8 scale strides: ceil(K / 128), e.g. 56
 
 
 def compile_one(target, fn, types: dict, consts: dict, warps: int, stages: int) -> tuple[bool, str]:
@@ -105,6 +107,7 @@ def jobs():
                         post_pad_ptr=i32, numel="i32", top_k="i32", K="i32", N="i32", max_blocks="i32"),
                         dict(PERSISTENT=persistent, ATOMIC=atomic, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
                              PRECISION="tf32"), w, st))
+    out.extend(fp8_jobs())
     out.append(("fused_moe topk_sum", fm._topk_sum_kernel, dict(
         y_ptr="*fp32", ids_ptr=i32, E="i32", out_ptr="*bf16", s_om="i32", s_on="i32", N="i32"),
         dict(TOP_K=8, BLOCK_N=1024), 4, 3))
@@ -129,6 +132,40 @@ def jobs():
                             s_wn="i32", s_wk="i32", out_ptr="*bf16", s_oe="i32", s_om="i32", s_on="i32",
                             masked_m_ptr=counts_t, max_m="i32", N="i32", K="i32"),
                         dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, PRECISION="tf32"), w, st))
+    return out
+
+
+def fp8_jobs():
+    """fused_moe with fp8 e4m3 block-scaled weights (block_shape 128x128): the group
+    quantiser (x in bf16, the fp32 intermediate) and both GEMMs with native fp8 dots."""
+    i32 = "*i32"
+    out = []
+    for in_t in ("*bf16", "*fp32"):
+        out.append((f"fused_moe_fp8 group_quant {in_t}", fm8._group_quant_kernel, dict(
+            in_ptr=in_t, s_im="i32", s_ik="i32", q_ptr="*fp8e4nv", s_qm="i32", sc_ptr="*fp32", s_sm="i32",
+            K="i32"), dict(GROUP=128, BLOCK=128), 4, 1))
+    seen = set()
+    for (E, k, H, I) in ((256, 8, 7168, 2048), (128, 8, 2048, 768)):
+        for M in (1, 64, 1024, 8192):
+            cfg = _moe_common.heuristic_config(M, E, H, I, k, torch.float8_e4m3fn)
+            key = tuple(cfg.values())
+            if key in seen:
+                continue
+            seen.add(key)
+            bm, bn, bk, w, st = (cfg[x] for x in _moe_common.CONFIG_KEYS)
+            for persistent in (False, True):
+                tag = f"fp8 {bm}x{bn}x{bk} w{w} s{st}{' persistent' if persistent else ''}"
+                common = dict(PERSISTENT=persistent, GROUP_N=128, GROUP_K=128, BLOCK_M=bm, BLOCK_K=bk)
+                out.append((f"fused_moe_fp8 gemm1 {tag}", fm8._gemm1_fp8_kernel, dict(
+                    xq_ptr="*fp8e4nv", s_xm="i32", xs_ptr="*fp32", s_xsm="i32", w_ptr="*fp8e4nv", s_we="i32",
+                    s_wn="i32", s_wk="i32", ws_ptr="*fp32", s_se="i32", s_sn="i32", s_sk="i32", h_ptr="*fp32",
+                    s_hm="i32", sorted_ptr=i32, expert_ids_ptr=i32, post_pad_ptr=i32, numel="i32", top_k="i32",
+                    K="i32", I="i32", max_blocks="i32"), dict(common, BLOCK_N=bn // 2), w, st))
+                out.append((f"fused_moe_fp8 gemm2 {tag}", fm8._gemm2_fp8_kernel, dict(
+                    hq_ptr="*fp8e4nv", s_hm="i32", hs_ptr="*fp32", s_hsm="i32", w_ptr="*fp8e4nv", s_we="i32",
+                    s_wn="i32", s_wk="i32", ws_ptr="*fp32", s_se="i32", s_sn="i32", s_sk="i32", y_ptr="*fp32",
+                    s_ym="i32", weights_ptr="*fp32", sorted_ptr=i32, expert_ids_ptr=i32, post_pad_ptr=i32,
+                    numel="i32", top_k="i32", K="i32", N="i32", max_blocks="i32"), dict(common, BLOCK_N=bn), w, st))
     return out
 
 

@@ -16,7 +16,11 @@ Columns (``GB/s``, ``%ceil``) use the bytes the layer must move at the least::
           + 2·M·H·s + 8·M·k           x in, out, routing
 
 with ``touched`` the distinct experts of ``topk_ids`` (averaged over the rotated
-routings) and ``s`` the element size. In the verify regime (M ≤ a few hundred) the
+routings) and ``s`` the element size. ``--weights fp8``: e4m3 weights with 128×128
+block scales (DeepSeek-V3's format, activations quantised per token per 128
+columns), counted at 1 byte per element plus 4 bytes per block scale; the anchors
+then are vLLM's ``fused_experts(use_fp8_w8a8=True, block_shape=[128, 128])``, and
+``triton-atomic`` / ``grouped_mm`` have no fp8 variant. In the verify regime (M ≤ a few hundred) the
 layer is weight-streaming bound, so ``%ceil`` is the figure of merit. The note
 gives ``touched`` and TFLOP/s (``2·M·k·3·H·I`` FLOPs over the time), the figure
 of merit at large M.
@@ -63,6 +67,8 @@ ALL_BACKENDS = OWN + BASELINES
 TOLERANCE = 2e-2
 CPU_FLOP_CAP = 2e10
 GPU_ROUTINGS = 4
+FP8_BLOCK = 128
+NO_FP8 = ("triton-atomic", "grouped_mm")
 
 
 @dataclass(frozen=True)
@@ -76,8 +82,12 @@ class Preset:
     def label(self, dtype: str) -> str:
         return f"{self.name} E={self.experts} top-{self.top_k} H={self.hidden} I={self.inter} {dtype}"
 
-    def expert_bytes(self, elem: int) -> int:
-        return 3 * self.hidden * self.inter * elem
+    def expert_bytes(self, elem: int, fp8: bool = False) -> int:
+        """w13 and w2 of one expert; fp8: 1 byte per element plus a 4-byte scale per 128×128 block."""
+        if not fp8:
+            return 3 * self.hidden * self.inter * elem
+        H, I, cdiv = self.hidden, self.inter, lambda a: -(-a // FP8_BLOCK)
+        return 3 * H * I + 4 * (cdiv(2 * I) * cdiv(H) + cdiv(H) * cdiv(I))
 
 
 def add_arguments(p) -> None:
@@ -88,6 +98,8 @@ def add_arguments(p) -> None:
     p.add_argument("--dtype", choices=sorted(DTYPES), default="bf16", help="weights and activations (default bf16)")
     p.add_argument("--backend", nargs="+", choices=ALL_BACKENDS, metavar="NAME",
                    help=f"implementations to time: {', '.join(ALL_BACKENDS)} (default: every one that runs here)")
+    p.add_argument("--weights", choices=("same", "fp8"), default="same",
+                   help="weight format: --dtype (default) or fp8 e4m3 with 128x128 block scales")
     p.add_argument("--flop-cap", type=float, default=CPU_FLOP_CAP,
                    help="CPU: skip cases above this many FLOPs (default %(default).0e)")
     p.add_argument("--max-weight-gb", type=float, default=None,
@@ -97,9 +109,24 @@ def add_arguments(p) -> None:
 # --------------------------------------------------------------------------- inputs
 
 
-def make_weights(preset: Preset, dtype: torch.dtype, device: torch.device, seed: int):
+def make_weights(preset: Preset, dtype: torch.dtype, device: torch.device, seed: int, fp8: bool = False):
+    """(w13, w2) in ``dtype``, or fp8: (w13, w2, w13_scale, w2_scale) block-quantised."""
     gen = torch.Generator(device=device).manual_seed(seed)
     E, H, I = preset.experts, preset.hidden, preset.inter
+    if fp8:
+        from ..reference.moe import quantize_fp8_blocks
+
+        block = (FP8_BLOCK, FP8_BLOCK)
+        out = [torch.empty(E, 2 * I, H, dtype=torch.float8_e4m3fn, device=device),
+               torch.empty(E, H, I, dtype=torch.float8_e4m3fn, device=device)]
+        scales = [torch.empty(E, -(-2 * I // FP8_BLOCK), -(-H // FP8_BLOCK), device=device),
+                  torch.empty(E, -(-H // FP8_BLOCK), -(-I // FP8_BLOCK), device=device)]
+        for e in range(E):
+            out[0][e], scales[0][e] = quantize_fp8_blocks(torch.randn(2 * I, H, generator=gen, device=device) * 0.05,
+                                                          block)
+            out[1][e], scales[1][e] = quantize_fp8_blocks(torch.randn(H, I, generator=gen, device=device) * 0.05,
+                                                          block)
+        return (*out, *scales)
     w13 = torch.empty(E, 2 * I, H, dtype=dtype, device=device)
     w2 = torch.empty(E, H, I, dtype=dtype, device=device)
     for e in range(E):  # expert by expert: no fp32 copy of the whole tensor
@@ -125,15 +152,23 @@ def touched_experts(ids: torch.Tensor, num_experts: int) -> int:
 # --------------------------------------------------------------------------- runners
 
 
+def _scales(w) -> dict:
+    return dict(w13_scale=w[2], w2_scale=w[3]) if len(w) == 4 else {}
+
+
 def own_runner(name: str):
     if name.startswith("triton-"):
         from ..triton._moe_common import fused_moe_config
         from ..triton.fused_moe import fused_moe as triton_fused_moe
+        from ..triton.fused_moe_fp8 import fused_moe_fp8 as triton_fp8
     if name == "triton-atomic":
         return lambda w, t: triton_fused_moe(t["x"], w[0], w[1], t["topk_weights"], t["topk_ids"], reduce="atomic")
     if name in SCHEDULES:
         def run_schedule(w, t):
             (E, two_i, H), (M, k) = w[0].shape, t["topk_ids"].shape
+            if len(w) == 4:
+                cfg = dict(fused_moe_config(M, E, H, two_i // 2, k, w[0].dtype), persistent=SCHEDULES[name])
+                return triton_fp8(t["x"], w[0], w[1], t["topk_weights"], t["topk_ids"], w[2], w[3], config=cfg)
             cfg = dict(fused_moe_config(M, E, H, two_i // 2, k, t["x"].dtype), persistent=SCHEDULES[name])
             return triton_fused_moe(t["x"], w[0], w[1], t["topk_weights"], t["topk_ids"], config=cfg)
 
@@ -141,7 +176,8 @@ def own_runner(name: str):
     backend = name
 
     def run(w, t):
-        return dspark_kernels.fused_moe(t["x"], w[0], w[1], t["topk_weights"], t["topk_ids"], backend=backend)
+        return dspark_kernels.fused_moe(t["x"], w[0], w[1], t["topk_weights"], t["topk_ids"], backend=backend,
+                                        **_scales(w))
 
     return run
 
@@ -157,7 +193,13 @@ def vllm_runner(device: torch.device):
         raise Unavailable(f"vllm not importable ({type(exc).__name__})") from None
     if device.type != "cuda":
         raise Unavailable("needs CUDA")
-    return lambda w, t: fused_experts(t["x"], w[0], w[1], t["topk_weights"], t["topk_ids"])
+    def run(w, t):
+        if len(w) == 4:
+            return fused_experts(t["x"], w[0], w[1], t["topk_weights"], t["topk_ids"], use_fp8_w8a8=True,
+                                 w1_scale=w[2], w2_scale=w[3], block_shape=[FP8_BLOCK, FP8_BLOCK])
+        return fused_experts(t["x"], w[0], w[1], t["topk_weights"], t["topk_ids"])
+
+    return run
 
 
 def grouped_mm_moe(x, w13, w2, topk_weights, topk_ids):
@@ -230,6 +272,8 @@ def _memory_cap(args, device: torch.device) -> float:
 
 
 def _availability(name: str, device: torch.device, explicit: bool, flops: float, args) -> tuple[str, str] | None:
+    if getattr(args, "weights", "same") == "fp8" and name in NO_FP8:
+        return "n/a", "no fp8 variant"
     if name in BASELINES:
         return None
     avail = dspark_kernels.backends("fused_moe")
@@ -254,12 +298,13 @@ def run(args, ctx) -> list[dict]:
     names, explicit = select_backends(args, device)
     dtype = DTYPES[args.dtype]
     elem = torch.empty((), dtype=dtype).element_size()
+    fp8 = getattr(args, "weights", "same") == "fp8"
     ceiling = ctx.ceiling_GBps()
     cases: list[dict] = []
     progress = ctx.progress(len(presets) * len(ms), NAME)
     for preset in presets:
-        group = preset.label(dtype_name(dtype))
-        weight_bytes = preset.experts * preset.expert_bytes(elem)
+        group = preset.label(dtype_name(dtype) + (" fp8-w128" if fp8 else ""))
+        weight_bytes = preset.experts * preset.expert_bytes(elem, fp8)
         if weight_bytes > _memory_cap(args, device):
             for m in ms:
                 progress.step(f"{group} M={m}")
@@ -268,7 +313,7 @@ def run(args, ctx) -> list[dict]:
                                       note=f"weights {weight_bytes / 2**30:.1f} GiB exceed the memory cap "
                                            f"(--max-weight-gb)"))
             continue
-        weights = make_weights(preset, dtype, device, args.seed)
+        weights = make_weights(preset, dtype, device, args.seed, fp8)
         for m in ms:
             progress.step(f"{group} M={m}")
             try:
@@ -291,7 +336,7 @@ def _run_case(args, ctx, preset: Preset, group: str, weights, m: int, names: lis
     tokens = [make_tokens(preset, m, dtype, device, args.seed * 1000 + m * 10 + i) for i in range(copies)]
     touched = sum(touched_experts(t["topk_ids"], preset.experts) for t in tokens) / copies
     flops = 2.0 * m * preset.top_k * 3 * preset.hidden * preset.inter
-    nbytes = int(touched * preset.expert_bytes(elem) + 2 * m * preset.hidden * elem + 8 * m * preset.top_k)
+    nbytes = int(touched * preset.expert_bytes(elem, len(weights) == 4) + 2 * m * preset.hidden * elem + 8 * m * preset.top_k)
     base = dict(op=NAME, group=group, preset=preset.name, batch=m, gamma=None, dtype=args.dtype, mode="uniform",
                 bytes=nbytes, experts_touched=touched, flops=flops)
 

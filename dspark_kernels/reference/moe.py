@@ -6,6 +6,8 @@
   expert-parallel layout), in float32; the rest of each expert's rows are 0.
 * ``fused_moe``: vLLM's ``torch_moe`` test reference: repeat every token top-k
   times, loop over the experts, SiLU-and-mul, weighted sum over the top-k slots.
+* ``fused_moe_fp8``: the same with fp8 e4m3 weights (128×128 block scales) and
+  activations quantised per token per 128 columns, dequantised, float32 math.
 """
 
 from __future__ import annotations
@@ -105,5 +107,90 @@ def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights
         if mask.any():
             act = silu_and_mul(rows[mask] @ w13[e].float().t())
             out[mask] = act @ w2[e].float().t()
+    weighted = out.view(m, k, w2.shape[1]) * topk_weights.float().view(m, k, 1)
+    return weighted.sum(dim=1).to(x.dtype)
+
+
+# --------------------------------------------------------------------------- fp8 e4m3 block-scaled weights
+
+FP8_MAX = 448.0  # the largest finite float8_e4m3fn
+
+
+def quantize_fp8_groups(x: torch.Tensor, group: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row, per-group fp8 quantisation (DeepSeek / vLLM "per-token-group", 1×group).
+
+    The last dim of ``x [..., K]`` is cut into ``G = ceil(K / group)`` groups of ``group``
+    columns (the last one may be shorter). For each row and group, in float32::
+
+        scale = amax(|x_group|) / 448                  (IEEE division, rounded to nearest)
+        q     = e4m3(clamp(x / scale, -448, 448))      (round to nearest even; 0 if scale = 0)
+
+    Returns ``q`` (float8_e4m3fn ``[..., K]``) and ``scale`` (float32 ``[..., G]``);
+    ``q · scale`` is the dequantised value. A group of zeros gets scale 0 and q = 0.
+    """
+    k = x.shape[-1]
+    groups = -(-k // group)
+    xf = x.float()
+    padded = torch.nn.functional.pad(xf, (0, groups * group - k)).reshape(*x.shape[:-1], groups, group)
+    scale = padded.abs().amax(dim=-1) / FP8_MAX
+    safe = torch.where(scale > 0, scale, torch.ones_like(scale))
+    q = (padded / safe[..., None]).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
+    return q.reshape(*x.shape[:-1], groups * group)[..., :k].contiguous(), scale
+
+
+def dequantize_fp8_groups(q: torch.Tensor, scale: torch.Tensor, group: int) -> torch.Tensor:
+    """``q [..., K] · scale [..., ceil(K/group)]`` (each scale over its group of columns), float32."""
+    return q.float() * scale.repeat_interleave(group, dim=-1)[..., :q.shape[-1]]
+
+
+def dequantize_fp8_blocks(w: torch.Tensor, scale: torch.Tensor, block_shape=(128, 128)) -> torch.Tensor:
+    """``w [..., N, K]`` (float8_e4m3fn) times the scale of its ``block_n × block_k`` block,
+    ``scale [..., ceil(N/block_n), ceil(K/block_k)]``: float32 ``[..., N, K]``."""
+    bn, bk = block_shape
+    n, k = w.shape[-2:]
+    full = scale.float().repeat_interleave(bn, dim=-2)[..., :n, :].repeat_interleave(bk, dim=-1)[..., :k]
+    return w.float() * full
+
+
+def quantize_fp8_blocks(w: torch.Tensor, block_shape=(128, 128)) -> tuple[torch.Tensor, torch.Tensor]:
+    """Block-quantise weights ``w [..., N, K]`` the DeepSeek-V3 way: scale = amax of each
+    ``block_n × block_k`` block / 448, ``q = e4m3(w / scale)``. Returns ``(q float8_e4m3fn
+    [..., N, K], scale float32 [..., ceil(N/block_n), ceil(K/block_k)])`` (for tests and
+    benchmarks; checkpoints ship their own)."""
+    bn, bk = block_shape
+    n, k = w.shape[-2:]
+    gn, gk = -(-n // bn), -(-k // bk)
+    wf = torch.nn.functional.pad(w.float(), (0, gk * bk - k, 0, gn * bn - n))
+    blocks = wf.reshape(*w.shape[:-2], gn, bn, gk, bk)
+    scale = blocks.abs().amax(dim=(-3, -1)) / FP8_MAX
+    safe = torch.where(scale > 0, scale, torch.ones_like(scale))
+    q = (blocks / safe[..., :, None, :, None]).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
+    return q.reshape(*w.shape[:-2], gn * bn, gk * bk)[..., :n, :k].contiguous(), scale
+
+
+def fused_moe_fp8(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor,
+                  topk_ids: torch.Tensor, w13_scale: torch.Tensor, w2_scale: torch.Tensor,
+                  block_shape=(128, 128), activation: str = "silu") -> torch.Tensor:
+    """``fused_moe`` with fp8 e4m3 block-scaled weights and per-token-group activations.
+
+    ``x`` is quantised per row in groups of ``block_k`` columns (``quantize_fp8_groups``)
+    and dequantised; the weights are dequantised per ``block_n × block_k`` block; GEMM1,
+    SiLU-and-mul, then the intermediate (float32) is quantised and dequantised the same
+    way, GEMM2, the routed weights and the top-k sum: all in float32, as in ``fused_moe``.
+    """
+    if activation != "silu":
+        raise ValueError(f"fused_moe: activation must be 'silu', got {activation!r}")
+    bk = block_shape[1]
+    m, k = topk_ids.shape
+    xq = dequantize_fp8_groups(*quantize_fp8_groups(x, bk), bk)
+    rows = xq.repeat_interleave(k, dim=0)                     # [M·k, H]: slot t·k + j
+    ids = topk_ids.reshape(-1)
+    out = torch.zeros(m * k, w2.shape[1], dtype=torch.float32, device=x.device)
+    for e in range(w13.shape[0]):
+        mask = ids == e
+        if mask.any():
+            act = silu_and_mul(rows[mask] @ dequantize_fp8_blocks(w13[e], w13_scale[e], block_shape).t())
+            act = dequantize_fp8_groups(*quantize_fp8_groups(act, bk), bk)
+            out[mask] = act @ dequantize_fp8_blocks(w2[e], w2_scale[e], block_shape).t()
     weighted = out.view(m, k, w2.shape[1]) * topk_weights.float().view(m, k, 1)
     return weighted.sum(dim=1).to(x.dtype)
