@@ -49,6 +49,20 @@ def ceiling(doc: dict) -> str:
     return f"{c['GBps']:.0f} GB/s" if c else "?"
 
 
+def loop_row(run: int, c: dict) -> str:
+    """One row of the loop table (the loop's cases have their own fields)."""
+    def num(key, spec):
+        v = c.get(key)
+        return "–" if v is None else format(v, spec)
+
+    ident = c.get("identical")
+    row = [f"[{run}]", c.get("model") or c.get("preset"), c.get("batch"), c.get("gamma"), c.get("mode"),
+           c.get("backend"), num("tau", ".2f"), "–" if c.get("acceptance") is None else f"{c['acceptance']:.0%}",
+           num("tokens_per_s", ".0f"), num("ar_tokens_per_s", ".0f"), _x(c.get("speedup_vs_ar")),
+           "–" if ident is None else ("yes" if ident else "NO")]
+    return "| " + " | ".join("–" if v is None else str(v) for v in row) + " |"
+
+
 def build(paths: list[str], ops: list[str] | None, backends: list[str] | None) -> str:
     runs = []
     for path in paths:
@@ -62,7 +76,7 @@ def build(paths: list[str], ops: list[str] | None, backends: list[str] | None) -
               "× eager", "× reference", "mean accepted"]
     lines.append("| " + " | ".join(header) + " |")
     lines.append("|" + "|".join("---" for _ in header) + "|")
-    notes = []
+    notes, loop_rows = [], []
     for i, (name, doc) in enumerate(runs, 1):
         left_out = 0
         for c in doc.get("cases", []):
@@ -70,6 +84,9 @@ def build(paths: list[str], ops: list[str] | None, backends: list[str] | None) -
                 continue
             if c.get("status") != "ok":
                 left_out += 1
+                continue
+            if c.get("op") == "loop":
+                loop_rows.append(loop_row(i, c))
                 continue
             acc = c.get("mean_accepted")
             row = [f"[{i}]", c.get("op"), c.get("preset"), c.get("vocab"), c.get("batch"), c.get("gamma"),
@@ -82,6 +99,17 @@ def build(paths: list[str], ops: list[str] | None, backends: list[str] | None) -
                      f"{doc.get('torch')}, triton {doc.get('triton')}, python {doc.get('python')}; copy ceiling "
                      f"measured in the run {ceiling(doc)}"
                      + (f"; {left_out} cases not timed (skipped / n/a / error)" if left_out else ""))
+    if len(lines) == 4:     # only the header: every quoted case was a loop case
+        lines = lines[:2]
+    if loop_rows:
+        lines += ["", "The whole draft/verify loop (`dspark-bench loop`; τ = tokens per verify step, "
+                  "× AR = tokens/s over autoregressive decoding of the same target on the same prompts, "
+                  "same run; identical = greedy output equal to AR token for token):", ""]
+        header = ["run", "model", "B", "γ", "schedule", "backend", "τ", "accepted", "tokens/s", "AR tokens/s",
+                  "× AR", "identical"]
+        lines.append("| " + " | ".join(header) + " |")
+        lines.append("|" + "|".join("---" for _ in header) + "|")
+        lines += loop_rows
     lines.append("")
     lines.append("Runs quoted (speed-up = baseline time / backend time, same run; % copy ceiling = bytes_min / "
                  "time / the copy bandwidth measured in that run):")

@@ -41,9 +41,9 @@ class TrainConfig:
     corpus_bytes: int = 6_000_000
     seq_len: int = 256
     batch: int = 16
-    target_steps: int = 600
+    target_steps: int = 500
     target_lr: float = 3e-3
-    drafter_steps: int = 400
+    drafter_steps: int = 800
     drafter_lr: float = 3e-3
     drafter_anchors: int = 16     # blocks per sequence per step
     drafter_gamma: int = 8
@@ -169,7 +169,7 @@ def cache_dir() -> Path:
 def _cache_key(target_cfg, drafter_cfg, train_cfg, corpus: torch.Tensor) -> str:
     desc = json.dumps([target_cfg.to_dict(), drafter_cfg.to_dict(), asdict(train_cfg),
                        hashlib.sha256(corpus.numpy().tobytes()).hexdigest(), torch.__version__.split("+")[0],
-                       "v1"], sort_keys=True)
+                       "v2"], sort_keys=True)
     return hashlib.sha256(desc.encode()).hexdigest()[:16]
 
 
@@ -200,6 +200,7 @@ def load_or_train(target_cfg: TargetConfig | None = None, drafter_cfg: DrafterCo
         t0 = time.perf_counter()
         t_losses = train_target(target, train_text, train_cfg, log)
         t1 = time.perf_counter()
+        drafter.init_from_target()
         d_losses = train_drafter(drafter, target, train_text, train_cfg, log)
         t2 = time.perf_counter()
         info = {"target_loss": sum(t_losses[-20:]) / 20, "drafter_loss": sum(d_losses[-20:]) / 20,
