@@ -592,7 +592,7 @@ def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights
             under ``DSPARK_DEBUG=1``; elsewhere an id outside contributes nothing).
         w13_scale, w2_scale: float32 block scales (fp8 weights only; any strides).
         block_shape: ``(block_n, block_k)`` of the weight scales, also the activation
-            group size ``block_k`` (fp8 only; the Triton kernel needs ``block_k % 16 == 0``).
+            group size ``block_k`` (fp8 only; the Triton kernel needs ``block_k % 32 == 0``).
         activation: "silu" (the only one).
         backend: "reference" | "cpu" | "triton" | "cuda" | None.
 

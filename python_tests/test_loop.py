@@ -284,6 +284,39 @@ def test_fused_moe_layer_matches_training_path():
                                    rtol=1e-5)
 
 
+def test_drafter_inference_path_matches_training_path():
+    """Speculative decoding is lossless whatever the drafter does, so the tests above
+    cannot see a drafter bug; this one can: at every step of a real run (windows that
+    wrap, slots reused by later requests) the drafter's block logits and confidences
+    from the engine's windows equal its training forward on the full sequence."""
+    target, drafter = tiny_models(seed=4)
+    gamma = 5
+    prompts = make_prompts(16, [3, 13, 1, 20, 5, 2], seed=8)
+    eng = engine(target, drafter, gamma, max_batch=3, page_size=4)
+    for i, p in enumerate(prompts):
+        eng.add_request(Request(p, max_new_tokens=[9, 20, 14, 6, 12, 10][i], temperature=1.0, seed=i))
+    checked, wrapped = 0, False
+    while eng.has_work():
+        eng._admit()
+        reqs = sorted(eng.active, key=lambda r: r.slot)
+        wrapped |= any(r.committed > drafter.cfg.window for r in reqs)
+        base, conf = drafter.forward_block(torch.tensor([r.anchor for r in reqs]),
+                                           torch.tensor([r.committed for r in reqs]), gamma, eng.windows,
+                                           torch.tensor([r.slot for r in reqs]), eng.max_batch)
+        for b, r in enumerate(reqs):
+            x = torch.tensor([(r.prompt + r.output)[: r.committed + 1] + [0] * gamma])
+            with torch.no_grad():
+                _, hidden = target.forward_dense(x)
+                logits, c = drafter.forward_train(x, hidden, torch.tensor([[r.committed]]), gamma)
+                prev = x[0, r.committed:r.committed + gamma]
+                want = logits[0, 0] - drafter.markov_w1[prev] @ drafter.markov_w2   # forward_block is pre-Markov
+            torch.testing.assert_close(base[b], want, atol=2e-5, rtol=1e-5)
+            torch.testing.assert_close(conf[b], c[0, 0], atol=2e-5, rtol=1e-5)
+            checked += 1
+        eng.step()
+    assert checked > 20 and wrapped, "the run never wrapped a drafter window"
+
+
 def test_paged_forward_matches_dense_forward():
     target, _ = tiny_models(seed=9)
     eng = engine(target, None, 0, max_batch=2, page_size=4)

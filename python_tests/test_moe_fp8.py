@@ -389,9 +389,10 @@ def test_scales_without_fp8_weights_and_bad_block_shape():
 
 
 @pytest.mark.skipif("triton" not in _backends(), reason="needs triton")
-def test_triton_needs_block_k_multiple_of_16():
-    block = (128, 40)
-    inputs = fp8_inputs(2, 80, 40, 2, 1, block=block, seed=8)
+@pytest.mark.parametrize("block_k", [40, 48])   # 48: a multiple of 16, not of 32 (8-bit tl.dot needs K >= 32)
+def test_triton_needs_block_k_multiple_of_32(block_k):
+    block = (128, block_k)
+    inputs = fp8_inputs(2, 80, block_k, 2, 1, block=block, seed=8)
     dev = backend_device("triton")
     x, w13, w2, tw, ids, s13, s2 = (t.to(dev) for t in inputs)
     with pytest.raises(ValueError, match="block_k"):

@@ -356,13 +356,14 @@ class SpecDecoder:
             emitted = row[: a + 1]
             r.steps += 1
             r.drafted += n
-            r.accepted += a
             r.committed += a + 1
-            for tok in emitted:
+            for j, tok in enumerate(emitted):
                 r.output.append(tok)
                 if tok == r.eos_id or len(r.output) >= r.max_new_tokens:
                     r.finished = True
+                    a = min(a, j + 1)     # accepted drafts past the stop are not output: not counted
                     break
+            r.accepted += a
             r.anchor = emitted[-1]
             if r.finished:
                 finished.append(r)

@@ -65,7 +65,7 @@ def _group_quant_kernel(in_ptr, s_im, s_ik, q_ptr, s_qm, sc_ptr, s_sm, K,
     lane = tl.arange(0, BLOCK)
     offs = g * GROUP + lane
     ok = (lane < GROUP) & (offs < K)
-    v = tl.load(in_ptr + row * s_im + offs * s_ik, mask=ok, other=0.0).to(tl.float32)
+    v = tl.load(in_ptr + row * s_im + offs.to(tl.int64) * s_ik, mask=ok, other=0.0).to(tl.float32)
     a = tl.abs(v)
     scale = tl.math.div_rn(tl.max(a, axis=0), 448.0)
     r = tl.minimum(tl.math.div_rn(a, tl.where(scale > 0, scale, 1.0)), 448.0)
@@ -227,10 +227,12 @@ def fused_moe_fp8(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_wei
         return out.zero_()
     cfg = check_config(config, "fused_moe") if config else fused_moe_config(M, E, H, I, top_k, torch.float8_e4m3fn)
     bm, bn = cfg["BLOCK_M"], cfg["BLOCK_N"]
-    bk = min(cfg["BLOCK_K"], gk & -gk)  # the largest power of two dividing block_k, at most BLOCK_K
-    if bk < 16:
-        raise ValueError(f"fused_moe: the Triton fp8 kernel needs block_shape[1] (block_k) to be a multiple of 16, "
-                         f"got {gk}")
+    # The largest power of two dividing block_k, at least 32 (Triton's 8-bit tl.dot needs
+    # K >= 32 on NVIDIA GPUs) and at most max(BLOCK_K, 32).
+    bk = min(max(cfg["BLOCK_K"], 32), gk & -gk)
+    if bk < 32:
+        raise ValueError(f"fused_moe: the Triton fp8 kernel needs block_shape[1] (block_k) to be a multiple of 32 "
+                         f"(8-bit tl.dot needs K >= 32), got {gk}")
     if bn < 32:
         raise ValueError(f"fused_moe: config BLOCK_N must be >= 32 (two halves of >= 16), got {bn}")
     launch = dict(num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])

@@ -59,8 +59,9 @@ def _grouped_gemm_masked_kernel(a_ptr, s_ae, s_am, s_ak, w_ptr, s_we, s_wn, s_wk
             acc = tl.dot(a, b, acc, input_precision=PRECISION)
             a_ptrs += BLOCK_K * s_ak
             w_ptrs += BLOCK_K * s_wk
-        # No select on row_ok here: padding rows are 0 from their zeroed operand, and a
-        # stray read of a padding row would show (tests fill them with NaN).
+        # Padding rows are 0 from their zeroed operand already, unless w[e] holds inf/NaN
+        # (0·inf): select so the documented exact zeros hold for any weights.
+        acc = tl.where(row_ok[:, None], acc, 0.0)
     out_ptrs = out_ptr + e * s_oe + rows[:, None].to(tl.int64) * s_om + offs_n[None, :].to(tl.int64) * s_on
     tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=(rows < max_m)[:, None] & n_ok[None, :])
 
