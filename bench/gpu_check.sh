@@ -71,7 +71,7 @@ echo "backends: $BACKENDS"
 
 # ---------------------------------------------------------------- CUDA tests
 banner "CUDA tests (pytest -m cuda)"
-T=$(stage_timeout 120 190)
+T=$(stage_timeout 150 190)
 timeout -k 10 "$T" $PY -m pytest python_tests -m "cuda and not slow" -q -p no:cacheprovider > "$OUT/tests.log" 2>&1
 TRC=$?
 tail -30 "$OUT/tests.log"
