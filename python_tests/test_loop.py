@@ -121,7 +121,7 @@ def _first_two_token_probs(target, prompt, temperature, top_k):
     vocab = target.cfg.vocab_size
 
     def dist(seq):
-        logits, _ = target.forward_dense(torch.tensor([seq]))
+        logits, _ = target.forward_dense(torch.tensor([seq], device=target.embed.weight.device))
         s = logits[0, -1].double() / temperature
         if top_k:
             s = s.masked_fill(s < s.topk(top_k).values[-1], -torch.inf)
@@ -129,14 +129,15 @@ def _first_two_token_probs(target, prompt, temperature, top_k):
 
     with torch.no_grad():
         p1 = dist(prompt)
-        return torch.stack([p1[a] * dist(prompt + [a]) for a in range(vocab)]).reshape(-1)
+        return torch.stack([p1[a] * dist(prompt + [a]) for a in range(vocab)]).reshape(-1).cpu()
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("schedule,temperature,top_k", [("dspark", 1.0, 0), ("static", 0.7, 3)])
-def test_sampling_follows_target_distribution(schedule, temperature, top_k):
+def test_sampling_follows_target_distribution(schedule, temperature, top_k, device):
     """χ² (false alarm 1e-6) of the first two generated tokens over 20 000 seeds."""
     vocab, n = 4, 20_000
-    target, drafter = tiny_models(vocab=vocab, seed=5, sharp=1.5)
+    target, drafter = tiny_models(vocab=vocab, seed=5, sharp=1.5, device=device)
     prompt = [1, 3, 0, 2, 2]
     reqs = [Request(prompt, max_new_tokens=3, temperature=temperature, top_k=top_k, seed=s) for s in range(n)]
     # Steps per second falling slowly with the batch: at R = 5000 requests a draft is
@@ -156,9 +157,10 @@ def test_sampling_follows_target_distribution(schedule, temperature, top_k):
 # ---------------------------------------------------------------------------------------------- backends, batch
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("schedule", ["static", "dspark"])
-def test_reference_and_fused_backends_give_identical_tokens(schedule):
-    target, drafter = tiny_models(seed=2)
+def test_reference_and_fused_backends_give_identical_tokens(schedule, device):
+    target, drafter = tiny_models(seed=2, device=device)
     prompts = make_prompts(16, [4, 11, 2, 23], seed=4)
     params = [dict(temperature=1.0), dict(temperature=0.0), dict(temperature=0.8, top_k=5),
               dict(temperature=1.3, top_p=0.8)]
@@ -197,6 +199,7 @@ def test_request_output_independent_of_batch_neighbours(temperature):
 
 
 def _check_caches(eng: SpecDecoder, target: Target, drafter: Drafter):
+    dev = eng.device
     in_use = set()
     for r in eng.active:
         seq = (r.prompt + r.output)[: r.committed]
@@ -207,9 +210,9 @@ def _check_caches(eng: SpecDecoder, target: Target, drafter: Drafter):
         if not seq:
             continue
         with torch.no_grad():
-            _, hidden, kv = target.forward_dense(torch.tensor([seq]), return_kv=True)
-        pos = torch.arange(len(seq))
-        pages = torch.tensor(r.pages)[pos // eng.page_size]
+            _, hidden, kv = target.forward_dense(torch.tensor([seq], device=dev), return_kv=True)
+        pos = torch.arange(len(seq), device=dev)
+        pages = torch.tensor(r.pages, device=dev)[pos // eng.page_size]
         for cache, rebuilt in zip(eng.kv_caches, kv):
             torch.testing.assert_close(cache[pages, pos % eng.page_size], rebuilt[0], atol=2e-5, rtol=1e-5)
         # Drafter window: slot t % W holds the projected hidden state of position t, last W positions.
@@ -226,10 +229,11 @@ def _check_caches(eng: SpecDecoder, target: Target, drafter: Drafter):
     assert all(rc[p] == 1 for p in in_use) and all(rc[p] == 0 for p in eng.free_pages)
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("backend", [None, "reference"])
 @pytest.mark.parametrize("schedule,temperature", [("static", 1.0), ("dspark", 0.0)])
-def test_kv_cache_equals_rebuilt_cache_after_every_step(backend, schedule, temperature):
-    target, drafter = tiny_models(seed=4)
+def test_kv_cache_equals_rebuilt_cache_after_every_step(backend, schedule, temperature, device):
+    target, drafter = tiny_models(seed=4, device=device)
     prompts = make_prompts(16, [3, 13, 1, 20], seed=8)
     eng = engine(target, drafter, 5, schedule, backend=backend, max_batch=3, page_size=4)
     for i, p in enumerate(prompts):
