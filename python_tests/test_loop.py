@@ -20,6 +20,8 @@ import itertools
 import pytest
 import torch
 
+import dspark_kernels
+
 from dspark_kernels.loop import Drafter, DrafterConfig, OpTimers, Request, SpecDecoder, Target, TargetConfig
 from dspark_kernels.loop.train import TrainConfig, distill_losses, train_drafter, train_target
 
@@ -171,6 +173,30 @@ def test_reference_and_fused_backends_give_identical_tokens(schedule, device):
         return [r.output for r in reqs], [r.drafted for r in reqs]
 
     assert run("reference") == run(None)
+
+
+TRITON_LOOP_OPS = {"verify_block": "triton", "draft_sample_block": "triton", "schedule_verify_lens": "triton",
+                   "draft_block_attention": "triton", "fused_moe": "triton"}
+
+
+@pytest.mark.skipif(not dspark_kernels.backends()["triton"], reason="Triton not importable")
+@pytest.mark.parametrize("schedule", ["static", "dspark"])
+def test_triton_kernels_in_the_loop_give_the_reference_tokens(schedule):
+    """Every op with a Triton kernel runs it (the GPU backend; the interpreter here) inside
+    the loop: same tokens as the references. On a GPU machine it runs there (CUDA
+    tensors); without one, under the interpreter on the CPU."""
+    target, drafter = tiny_models(seed=6, device="cuda" if torch.cuda.is_available() else "cpu")
+    prompts = make_prompts(16, [5, 12], seed=9)
+
+    def run(backend):
+        reqs = [Request(p, max_new_tokens=8, seed=40 + i, temperature=[1.0, 0.0][i], top_k=[4, 0][i])
+                for i, p in enumerate(prompts)]
+        engine(target, drafter, 3, schedule, backend=backend, max_batch=2).generate(reqs)
+        return [r.output for r in reqs], [r.drafted for r in reqs]
+
+    assert run(TRITON_LOOP_OPS) == run("reference")
+    with pytest.raises(ValueError, match="backend"):
+        engine(target, drafter, 3, backend={"verify": "triton"})
 
 
 @pytest.mark.parametrize("temperature", [0.0, 1.0])

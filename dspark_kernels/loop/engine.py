@@ -44,7 +44,7 @@ import torch
 
 from .. import (draft_sample_block, kv_commit, kv_release_pages, schedule_verify_lens, verify_block,
                 window_commit)
-from .models import Drafter, Target
+from .models import Drafter, Target, op_backend
 
 
 @dataclass
@@ -115,8 +115,10 @@ class SpecDecoder:
             (verify all γ drafts).
         sps: ``[Bmax + 1]`` steps per second by verify-batch size (tokens); required
             for ``"dspark"`` (see ``profile_sps``). ``Bmax < max_batch·(γ+1)`` caps the batch.
-        backend: None (fused ops) or ``"reference"`` (every op's reference); any
-            backend name the ops accept works.
+        backend: None (fused ops, each op's default dispatch), ``"reference"`` (every
+            op's reference), any backend name every op accepts, or a dict ``{op name:
+            backend}`` for some ops (the others dispatch by default), e.g. the Triton
+            kernels of the ops that have one.
         max_batch: request slots (the drafter windows are ``[max_batch, W, …]``).
         page_size, max_len: paged KV cache geometry; ``max_len`` bounds a request's
             prompt + output (+ γ + 1 in flight).
@@ -134,6 +136,7 @@ class SpecDecoder:
             raise ValueError(f"gamma ({gamma}) exceeds the drafter's max_gamma ({drafter.cfg.max_gamma})")
         if schedule == "dspark" and self.gamma > 0 and sps is None:
             raise ValueError("schedule='dspark' needs an sps table (SpecDecoder.profile_sps)")
+        op_backend(backend, "verify_block")    # a dict naming unknown ops fails here
         self.target, self.drafter = target, drafter
         self.schedule, self.backend = schedule, backend
         self.device = target.embed.weight.device
@@ -207,7 +210,7 @@ class SpecDecoder:
                  old_len: torch.Tensor) -> None:
         """Pages past ``new_len`` lose their reference; the op says which came back to the pool."""
         freed, num_freed = kv_release_pages(block_table, new_len, old_len, self.page_size, self.refcount,
-                                            backend=self.backend)
+                                            backend=op_backend(self.backend, "kv_release_pages"))
         freed, num_freed, new_len = freed.tolist(), num_freed.tolist(), new_len.tolist()
         for r, row, n, length in zip(reqs, freed, num_freed, new_len):
             self.free_pages.extend(reversed(row[:n]))
@@ -259,8 +262,8 @@ class SpecDecoder:
             ctx = self.drafter.context_kv(hidden.to(self.dtype), positions)
         with self.timers("window_commit", self.device):
             for (k_win, v_win), (k, v) in zip(self.windows, ctx):
-                window_commit(k_win, k.contiguous(), cu, positions, keep, backend=self.backend)
-                window_commit(v_win, v.contiguous(), cu, positions, keep, backend=self.backend)
+                window_commit(k_win, k.contiguous(), cu, positions, keep, backend=op_backend(self.backend, "window_commit"))
+                window_commit(v_win, v.contiguous(), cu, positions, keep, backend=op_backend(self.backend, "window_commit"))
 
     def _admit(self) -> None:
         new = []
@@ -313,10 +316,12 @@ class SpecDecoder:
                 draft_tokens, draft_logits = draft_sample_block(
                     base_logits, anchor, markov_w1=self.drafter.markov_w1.detach().float(),
                     markov_w2=self.drafter.markov_w2.detach().float(), temperature=temperature, top_k=top_k,
-                    top_p=top_p, seed=seed, offset=offset, backend=self.backend)
+                    top_p=top_p, seed=seed, offset=offset,
+                    backend=op_backend(self.backend, "draft_sample_block"))
             if self.schedule == "dspark":
                 with self.timers("schedule_verify_lens", dev):
-                    lens_t, _ = schedule_verify_lens(confidence, self.sps, backend=self.backend)
+                    lens_t, _ = schedule_verify_lens(
+                        confidence, self.sps, backend=op_backend(self.backend, "schedule_verify_lens"))
                 lens = lens_t.tolist()
             else:
                 lens = [gamma] * nb
@@ -340,12 +345,13 @@ class SpecDecoder:
         with self.timers("verify_block", dev):
             out, num_accepted = verify_block(logits, flat_drafts, cu, draft_logits=flat_logits,
                                              temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
-                                             offset=offset, max_num_draft=max(gamma, 1), backend=self.backend)
+                                             offset=offset, max_num_draft=max(gamma, 1),
+                                             backend=op_backend(self.backend, "verify_block"))
         with self.timers("kv_commit + release", dev):
             path = torch.arange(gamma + 1, dtype=torch.int32, device=dev).expand(nb, -1)
             committed = torch.tensor([r.committed for r in reqs], dtype=torch.int32, device=dev)
             new_len = kv_commit(self.kv_caches, block_table, self.page_size, committed, path, num_accepted + 1,
-                                backend=self.backend)
+                                backend=op_backend(self.backend, "kv_commit"))
             self._release(reqs, block_table, new_len, old_len)
         keep = row_idx <= num_accepted.long()[row_req]
         self._commit_context(reqs, [n + 1 for n in lens], hidden, positions, keep)

@@ -147,7 +147,7 @@ class MoE(nn.Module):
             from .. import fused_moe
 
             out = fused_moe(x2d.contiguous(), self.w13.detach(), self.w2.detach(), weights, ids,
-                            backend=backend)
+                            backend=op_backend(backend, "fused_moe"))
         else:
             out = torch.zeros_like(x2d)
             d_expert = self.w2.shape[-1]
@@ -159,6 +159,21 @@ class MoE(nn.Module):
                 h = F.silu(h[:, :d_expert]) * h[:, d_expert:]
                 out = out.index_add(0, tok, (h @ self.w2[e].t()) * weights[tok, slot, None])
         return out.reshape(shape)
+
+
+LOOP_OPS = ("verify_block", "draft_sample_block", "schedule_verify_lens", "draft_block_attention", "kv_commit",
+            "kv_release_pages", "window_commit", "fused_moe")
+
+
+def op_backend(backend: str | dict | None, op: str) -> str | None:
+    """The backend the loop passes to ``op``: ``backend`` itself, or its entry for ``op``
+    when it is a dict (``{op: backend}``, ops not named get None = the default dispatch)."""
+    if isinstance(backend, dict):
+        unknown = set(backend) - set(LOOP_OPS)
+        if unknown:
+            raise ValueError(f"backend: unknown op names {sorted(unknown)}; the loop's ops are {LOOP_OPS}")
+        return backend.get(op)
+    return backend
 
 
 def _expand_kv(t: torch.Tensor, n_heads: int) -> torch.Tensor:
@@ -407,7 +422,7 @@ class Drafter(nn.Module):
             h = layer.attn_norm(x)
             kb, vb = layer.kv(h, rot)
             o = draft_block_attention(layer.q(h, rot), kb, vb, k_win, v_win, cu_block, ctx_lens,
-                                      max_block_len=gamma, backend=backend)
+                                      max_block_len=gamma, backend=op_backend(backend, "draft_block_attention"))
             x = x + layer.wo(o.flatten(-2))
             x = x + layer.ffn(layer.ffn_norm(x))
         logits, conf = self.heads(x)
