@@ -110,17 +110,8 @@ def _check_grouped_gemm_masked(a, w, masked_m):
             _fail(op, f"masked_m[{e}] = {int(counts[e])} is outside [0, max_m] with max_m = a.size(1) = {max_m}")
 
 
-def _check_fused_moe(x, w13, w2, topk_weights, topk_ids, activation):
-    op = "fused_moe"
-    _check_tensor(op, "x", x, dim=2, dtypes=_FLOAT_DTYPES)
-    device = x.device
-    m, hidden = x.shape
-    _check_tensor(op, "w13", w13, dim=3, dtypes=(x.dtype,), device=device)
-    num_experts, two_i, _ = w13.shape
-    if w13.shape[2] != hidden or two_i % 2:
-        _fail(op, f"w13 must be [E, 2I, H] with H = x.size(1) = {hidden} (gate rows, then up rows), "
-                  f"got shape {tuple(w13.shape)}")
-    _check_tensor(op, "w2", w2, dim=3, shape=(num_experts, hidden, two_i // 2), dtypes=(x.dtype,), device=device)
+def _check_routing(op, topk_weights, topk_ids, activation, m, num_experts, device):
+    """The routing arguments of fused_moe / fused_moe_fp8: ``topk_ids [M, k]``, weights alike."""
     _check_tensor(op, "topk_ids", topk_ids, dim=2, dtypes=_INT_DTYPES, device=device)
     if topk_ids.shape[0] != m:
         _fail(op, f"topk_ids must be [M, k] with M = x.size(0) = {m}, got shape {tuple(topk_ids.shape)}")
@@ -132,6 +123,20 @@ def _check_fused_moe(x, w13, w2, topk_weights, topk_ids, activation):
         _fail(op, f"topk_ids.numel() must be < 2^31, got {topk_ids.numel()}")
     if _debug_checks_enabled(device):
         _check_ids(op, topk_ids, num_experts)
+
+
+def _check_fused_moe(x, w13, w2, topk_weights, topk_ids, activation):
+    op = "fused_moe"
+    _check_tensor(op, "x", x, dim=2, dtypes=_FLOAT_DTYPES)
+    device = x.device
+    m, hidden = x.shape
+    _check_tensor(op, "w13", w13, dim=3, dtypes=(x.dtype,), device=device)
+    num_experts, two_i, _ = w13.shape
+    if w13.shape[2] != hidden or two_i % 2:
+        _fail(op, f"w13 must be [E, 2I, H] with H = x.size(1) = {hidden} (gate rows, then up rows), "
+                  f"got shape {tuple(w13.shape)}")
+    _check_tensor(op, "w2", w2, dim=3, shape=(num_experts, hidden, two_i // 2), dtypes=(x.dtype,), device=device)
+    _check_routing(op, topk_weights, topk_ids, activation, m, num_experts, device)
 
 
 def _check_block_shape(op, block_shape):
@@ -165,17 +170,7 @@ def _check_fused_moe_fp8(x, w13, w2, topk_weights, topk_ids, w13_scale, w2_scale
             _fail(op, f"{name} must have shape {list(want)} = [E, ceil({n}/{bn}), ceil({k}/{bk})] (one scale "
                       f"per block_shape = [{bn}, {bk}] block), got {tuple(t.shape)}")
         _check_tensor(op, name, t, dtypes=(torch.float32,), device=device)
-    _check_tensor(op, "topk_ids", topk_ids, dim=2, dtypes=_INT_DTYPES, device=device)
-    if topk_ids.shape[0] != m:
-        _fail(op, f"topk_ids must be [M, k] with M = x.size(0) = {m}, got shape {tuple(topk_ids.shape)}")
-    _check_tensor(op, "topk_weights", topk_weights, dim=2, shape=tuple(topk_ids.shape), dtypes=_FLOAT_DTYPES,
-                  device=device)
-    if activation != "silu":
-        _fail(op, f"activation must be 'silu', got {activation!r}")
-    if topk_ids.numel() >= 2**31:
-        _fail(op, f"topk_ids.numel() must be < 2^31, got {topk_ids.numel()}")
-    if _debug_checks_enabled(device):
-        _check_ids(op, topk_ids, num_experts)
+    _check_routing(op, topk_weights, topk_ids, activation, m, num_experts, device)
 
 
 def _check_scales_match_weights(w13, w2, w13_scale, w2_scale):

@@ -517,7 +517,7 @@ def test_bench_moe_quick_fp8(tmp_path):
     ok = {c["backend"]: c for c in cases if c["status"] == "ok" and c["batch"] == 8}
     assert {"cpu", "reference"} <= set(ok) and ok["cpu"]["correct"] is True
     assert "fp8" in ok["cpu"]["group"]
-    E, H, I = 16, 128, 64  # the quick preset: 1 byte per weight, 4 per 128x128 scale (1 + 1 blocks)
+    H, I = 128, 64  # the quick preset (E = 16): 1 byte per weight, 4 per 128x128 scale (1 + 1 blocks)
     touched = ok["cpu"]["experts_touched"]
     assert ok["cpu"]["bytes"] == int(touched * (3 * H * I + 4 * 2) + 2 * 8 * H * 2 + 8 * 8 * 4)  # x, out bf16
     assert {c["status"] for c in cases if c["backend"] == "grouped_mm"} == {"n/a"}

@@ -184,31 +184,46 @@ def _expand_kv(t: torch.Tensor, n_heads: int) -> torch.Tensor:
 
 # --------------------------------------------------------------------------- target
 
-class TargetLayer(nn.Module):
-    def __init__(self, cfg: TargetConfig, moe: bool):
+class Block(nn.Module):
+    """Pre-norm transformer block: GQA attention projections (RoPE on q, k) and a feed-forward.
+
+    The target's and the drafter's layers are this block; they differ in the
+    feed-forward (MoE or SwiGLU) and in what their attention reads.
+    """
+
+    def __init__(self, d: int, n_heads: int, n_kv_heads: int, ffn: nn.Module):
         super().__init__()
-        d, hd = cfg.d_model, cfg.head_dim
-        self.cfg = cfg
+        self.n_heads, self.n_kv_heads, self.head_dim = n_heads, n_kv_heads, d // n_heads
         self.attn_norm = RMSNorm(d)
-        self.wq = nn.Linear(d, cfg.n_heads * hd, bias=False)
-        self.wk = nn.Linear(d, cfg.n_kv_heads * hd, bias=False)
-        self.wv = nn.Linear(d, cfg.n_kv_heads * hd, bias=False)
-        self.wo = nn.Linear(cfg.n_heads * hd, d, bias=False)
+        self.wq = nn.Linear(d, n_heads * self.head_dim, bias=False)
+        self.wk = nn.Linear(d, n_kv_heads * self.head_dim, bias=False)
+        self.wv = nn.Linear(d, n_kv_heads * self.head_dim, bias=False)
+        self.wo = nn.Linear(n_heads * self.head_dim, d, bias=False)
         self.ffn_norm = RMSNorm(d)
-        self.ffn = MoE(d, cfg.n_experts, cfg.top_k, cfg.d_expert) if moe else SwiGLU(d, cfg.d_ff)
+        self.ffn = ffn
+
+    def q(self, h, rot):
+        return rope(self.wq(h).unflatten(-1, (self.n_heads, self.head_dim)), rot)
+
+    def kv(self, h, rot):
+        """Keys (RoPE with tables ``rot``) and values of ``h``."""
+        k = self.wk(h).unflatten(-1, (self.n_kv_heads, self.head_dim))
+        v = self.wv(h).unflatten(-1, (self.n_kv_heads, self.head_dim))
+        return rope(k, rot), v
 
     def qkv(self, h, rot):
-        cfg = self.cfg
-        q = self.wq(h).unflatten(-1, (cfg.n_heads, cfg.head_dim))
-        k = self.wk(h).unflatten(-1, (cfg.n_kv_heads, cfg.head_dim))
-        v = self.wv(h).unflatten(-1, (cfg.n_kv_heads, cfg.head_dim))
-        return rope(q, rot), rope(k, rot), v
+        return (self.q(h, rot), *self.kv(h, rot))
 
-    def feed_forward(self, x, fused, backend):
+    def feed_forward(self, x, fused: bool = False, backend=None):
         h = self.ffn_norm(x)
         if isinstance(self.ffn, MoE):
             return x + self.ffn(h, fused=fused, backend=backend)
         return x + self.ffn(h)
+
+
+def target_layer(cfg: TargetConfig, moe: bool) -> Block:
+    ffn = MoE(cfg.d_model, cfg.n_experts, cfg.top_k, cfg.d_expert) if moe else SwiGLU(cfg.d_model, cfg.d_ff)
+    return Block(cfg.d_model, cfg.n_heads, cfg.n_kv_heads, ffn)
 
 
 class Target(nn.Module):
@@ -217,7 +232,7 @@ class Target(nn.Module):
         self.cfg = cfg
         self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
         nn.init.normal_(self.embed.weight, std=cfg.d_model ** -0.5)   # tied head: logits ~ N(0, 1) at init
-        self.layers = nn.ModuleList(TargetLayer(cfg, i in cfg.moe_layers) for i in range(cfg.n_layers))
+        self.layers = nn.ModuleList(target_layer(cfg, i in cfg.moe_layers) for i in range(cfg.n_layers))
         self.norm = RMSNorm(cfg.d_model)
 
     def lm_head(self, x):
@@ -302,31 +317,6 @@ class Target(nn.Module):
 
 # --------------------------------------------------------------------------- drafter
 
-class DrafterLayer(nn.Module):
-    def __init__(self, cfg: DrafterConfig):
-        super().__init__()
-        d, hd = cfg.d_model, cfg.head_dim
-        self.cfg = cfg
-        self.attn_norm = RMSNorm(d)
-        self.wq = nn.Linear(d, cfg.n_heads * hd, bias=False)
-        self.wk = nn.Linear(d, cfg.n_kv_heads * hd, bias=False)
-        self.wv = nn.Linear(d, cfg.n_kv_heads * hd, bias=False)
-        self.wo = nn.Linear(cfg.n_heads * hd, d, bias=False)
-        self.ffn_norm = RMSNorm(d)
-        self.ffn = SwiGLU(d, cfg.d_ff)
-
-    def kv(self, h, rot):
-        """Keys (RoPE with tables ``rot``) and values of ``h``: the block's own or the context's."""
-        cfg = self.cfg
-        k = self.wk(h).unflatten(-1, (cfg.n_kv_heads, cfg.head_dim))
-        v = self.wv(h).unflatten(-1, (cfg.n_kv_heads, cfg.head_dim))
-        return rope(k, rot), v
-
-    def q(self, h, rot):
-        cfg = self.cfg
-        return rope(self.wq(h).unflatten(-1, (cfg.n_heads, cfg.head_dim)), rot)
-
-
 class Drafter(nn.Module):
     def __init__(self, cfg: DrafterConfig, target: Target):
         super().__init__()
@@ -340,7 +330,8 @@ class Drafter(nn.Module):
         self.context_norm = RMSNorm(d)
         self.mask_embed = nn.Parameter(torch.randn(d) * d ** -0.5)
         self.block_pos = nn.Parameter(torch.zeros(cfg.max_gamma, d))
-        self.layers = nn.ModuleList(DrafterLayer(cfg) for _ in range(cfg.n_layers))
+        self.layers = nn.ModuleList(Block(d, cfg.n_heads, cfg.n_kv_heads, SwiGLU(d, cfg.d_ff))
+                                    for _ in range(cfg.n_layers))
         self.norm = RMSNorm(d)
         self.markov_w1 = nn.Parameter(torch.zeros(self.vocab_size, cfg.markov_rank))
         self.markov_w2 = nn.Parameter(torch.randn(cfg.markov_rank, self.vocab_size) / math.sqrt(cfg.markov_rank))
@@ -362,17 +353,11 @@ class Drafter(nn.Module):
         dense = [i for i, layer in enumerate(self.target.layers) if not isinstance(layer.ffn, MoE)]
         used = []
         for mine, src in zip(self.layers, dense[-len(self.layers):]):
-            theirs = self.target.layers[src]
-            pairs = [(mine.attn_norm, theirs.attn_norm), (mine.wq, theirs.wq), (mine.wk, theirs.wk),
-                     (mine.wv, theirs.wv), (mine.wo, theirs.wo), (mine.ffn_norm, theirs.ffn_norm),
-                     (mine.ffn, theirs.ffn)]
-            if any(a.state_dict().keys() != b.state_dict().keys() or
-                   any(x.shape != y.shape for x, y in zip(a.state_dict().values(), b.state_dict().values()))
-                   for a, b in pairs):
-                continue
-            for a, b in pairs:
-                a.load_state_dict(b.state_dict())
-            used.append(src)
+            theirs = self.target.layers[src].state_dict()
+            own = mine.state_dict()
+            if own.keys() == theirs.keys() and all(own[k].shape == theirs[k].shape for k in own):
+                mine.load_state_dict(theirs)
+                used.append(src)
         return used
 
     def context_kv(self, hidden: torch.Tensor, positions: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -424,7 +409,7 @@ class Drafter(nn.Module):
             o = draft_block_attention(layer.q(h, rot), kb, vb, k_win, v_win, cu_block, ctx_lens,
                                       max_block_len=gamma, backend=op_backend(backend, "draft_block_attention"))
             x = x + layer.wo(o.flatten(-2))
-            x = x + layer.ffn(layer.ffn_norm(x))
+            x = layer.feed_forward(x)
         logits, conf = self.heads(x)
         return logits.float().reshape(nb, gamma, -1), conf.float().reshape(nb, gamma)
 
@@ -462,7 +447,7 @@ class Drafter(nn.Module):
             values = _expand_kv(torch.cat([vc, vb], 1), cfg.n_heads).transpose(1, 2)
             o = F.scaled_dot_product_attention(layer.q(h, rot).transpose(1, 2), keys, values, attn_mask=mask)
             x = x + layer.wo(o.transpose(1, 2).flatten(-2))
-            x = x + layer.ffn(layer.ffn_norm(x))
+            x = layer.feed_forward(x)
         logits, conf = self.heads(x)
         prev = tokens.gather(1, blk_pos.reshape(bt, -1)).reshape(bt, na, gamma)          # x_{k−1} for query k
         logits = logits.reshape(bt, na, gamma, -1) + self.markov_w1[prev] @ self.markov_w2

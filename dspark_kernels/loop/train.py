@@ -87,27 +87,43 @@ def _lr(step: int, total: int, peak: float) -> float:
     return peak * 0.5 * (1 + math.cos(math.pi * (step - warm) / max(1, total - warm)))
 
 
-def train_target(target: Target, corpus: torch.Tensor, tc: TrainConfig, log=print) -> list[float]:
-    """Next-byte cross-entropy with AdamW and a cosine schedule; returns the loss per step."""
-    gen = torch.Generator().manual_seed(tc.seed)
-    opt = torch.optim.AdamW(target.parameters(), lr=tc.target_lr, weight_decay=0.01, betas=(0.9, 0.95))
-    data = _batches(corpus, tc.seq_len, tc.batch, gen)
+def _optimize(params, steps: int, peak_lr: float, step_loss, log, label: str) -> list[float]:
+    """AdamW (β 0.9 / 0.95, weight decay 0.01), warm-up then cosine, gradient norm clipped at 1.
+
+    ``step_loss(step)`` returns the loss tensor and a dict of named scalars to log.
+    Returns the loss per step.
+    """
+    params = list(params)
+    opt = torch.optim.AdamW(params, lr=peak_lr, weight_decay=0.01, betas=(0.9, 0.95))
     losses, t0 = [], time.perf_counter()
-    target.train()
-    for step in range(tc.target_steps):
+    for step in range(steps):
         for group in opt.param_groups:
-            group["lr"] = _lr(step, tc.target_steps, tc.target_lr)
+            group["lr"] = _lr(step, steps, peak_lr)
+        loss, parts = step_loss(step)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        losses.append(loss.item())
+        if log and (step % 50 == 0 or step == steps - 1):
+            shown = "  ".join(f"{k} {float(v):.3f}" for k, v in parts.items())
+            log(f"  {label} step {step:4d}/{steps}  {shown}  ({time.perf_counter() - t0:.0f} s)")
+    return losses
+
+
+def train_target(target: Target, corpus: torch.Tensor, tc: TrainConfig, log=print) -> list[float]:
+    """Next-byte cross-entropy; returns the loss per step."""
+    gen = torch.Generator().manual_seed(tc.seed)
+    data = _batches(corpus, tc.seq_len, tc.batch, gen)
+
+    def step_loss(_step):
         x = next(data)
         logits, _ = target.forward_dense(x[:, :-1])
         loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), x[:, 1:].reshape(-1))
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(target.parameters(), 1.0)
-        opt.step()
-        losses.append(loss.item())
-        if log and (step % 50 == 0 or step == tc.target_steps - 1):
-            log(f"  target step {step:4d}/{tc.target_steps}  loss {loss.item():.3f} nats/byte  "
-                f"({time.perf_counter() - t0:.0f} s)")
+        return loss, {"loss (nats/byte)": loss.detach()}
+
+    target.train()
+    losses = _optimize(target.parameters(), tc.target_steps, tc.target_lr, step_loss, log, "target")
     target.eval()
     return losses
 
@@ -132,33 +148,27 @@ def distill_losses(drafter: Drafter, target: Target, x: torch.Tensor, anchors: t
 def train_drafter(drafter: Drafter, target: Target, corpus: torch.Tensor, tc: TrainConfig, log=print) -> list[float]:
     """Distil the drafter from the frozen target (CE + TV + BCE); returns the loss per step."""
     gen = torch.Generator().manual_seed(tc.seed + 1)
-    params = [p for p in drafter.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=tc.drafter_lr, weight_decay=0.01, betas=(0.9, 0.95))
     data = _batches(corpus, tc.seq_len - 1, tc.batch, gen)
-    losses, t0 = [], time.perf_counter()
-    target.eval()
-    for prm in target.parameters():
-        prm.requires_grad_(False)
-    drafter.train()
     gamma = tc.drafter_gamma
-    for step in range(tc.drafter_steps):
-        for group in opt.param_groups:
-            group["lr"] = _lr(step, tc.drafter_steps, tc.drafter_lr)
+
+    def step_loss(_step):
         x = next(data)
         anchors = torch.randint(0, x.shape[1] - gamma + 1, (x.shape[0], tc.drafter_anchors), generator=gen)
         ce, tv, bce = distill_losses(drafter, target, x, anchors, gamma)
-        loss = ce + tv + bce
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        losses.append(loss.item())
-        if log and (step % 50 == 0 or step == tc.drafter_steps - 1):
-            log(f"  drafter step {step:4d}/{tc.drafter_steps}  CE {ce.item():.3f}  TV {tv.item():.3f}  "
-                f"BCE {bce.item():.3f}  ({time.perf_counter() - t0:.0f} s)")
-    drafter.eval()
-    for prm in target.parameters():
-        prm.requires_grad_(True)
+        return ce + tv + bce, {"CE": ce.detach(), "TV": tv.detach(), "BCE": bce.detach()}
+
+    target.eval()
+    frozen = [prm for prm in target.parameters() if prm.requires_grad]
+    for prm in frozen:
+        prm.requires_grad_(False)
+    drafter.train()
+    try:
+        losses = _optimize([p for p in drafter.parameters() if p.requires_grad], tc.drafter_steps, tc.drafter_lr,
+                           step_loss, log, "drafter")
+    finally:
+        drafter.eval()
+        for prm in frozen:
+            prm.requires_grad_(True)
     return losses
 
 

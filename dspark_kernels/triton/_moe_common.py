@@ -213,3 +213,17 @@ def write_tuned(path: str, table: dict[int, dict]) -> str:
         f.write("\n")
     _load_tuned.cache_clear()
     return path
+
+
+def schedule_for(cfg: dict, rows: int, num_experts: int) -> bool:
+    """Persistent or not: the config's ``"persistent"`` if it has one, else the heuristic."""
+    persistent = cfg.get("persistent")
+    return prefers_persistent(rows / max(num_experts, 1)) if persistent is None else bool(persistent)
+
+
+def gemm_grid(persistent: bool, row_blocks: int, n_tiles: int, cfg: dict, elem_bytes: int,
+              device: torch.device | str | None) -> tuple[int, ...]:
+    """The launch grid of one MoE GEMM over ``row_blocks × n_tiles`` tiles."""
+    if persistent:
+        return (persistent_programs(row_blocks * n_tiles, cfg, elem_bytes, device),)
+    return (row_blocks, n_tiles)

@@ -222,9 +222,7 @@ def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights
     if bn < 32:
         raise ValueError(f"fused_moe: config BLOCK_N must be >= 32 (two halves of >= 16), got {bn}")
     launch = dict(num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
-    persistent = cfg.get("persistent")
-    if persistent is None:
-        persistent = _moe_common.prefers_persistent(M * top_k / max(E, 1))
+    persistent = _moe_common.schedule_for(cfg, M * top_k, E)
     elem = x.element_size()
     precision = "ieee" if x.dtype == torch.float32 else "tf32"
     atomic = reduce == "atomic"
@@ -248,11 +246,8 @@ def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights
         sorted_ids, expert_ids, post_pad = moe_align(idc, E, bm)
         blocks = _row_blocks(numel, E, bm, expert_ids.numel())
         n1, n2 = triton.cdiv(I, bn // 2), triton.cdiv(H, bn)
-        if persistent:
-            grid1 = (_moe_common.persistent_programs(blocks * n1, cfg, elem, x.device),)
-            grid2 = (_moe_common.persistent_programs(blocks * n2, cfg, elem, x.device),)
-        else:
-            grid1, grid2 = (blocks, n1), (blocks, n2)
+        grid1 = _moe_common.gemm_grid(persistent, blocks, n1, cfg, elem, x.device)
+        grid2 = _moe_common.gemm_grid(persistent, blocks, n2, cfg, elem, x.device)
         _gemm1_kernel[grid1](
             xc, xc.stride(0), xc.stride(1), w13, w13.stride(0), w13.stride(1), w13.stride(2), I * w13.stride(1),
             h, h.stride(0),

@@ -236,9 +236,7 @@ def fused_moe_fp8(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_wei
     if bn < 32:
         raise ValueError(f"fused_moe: config BLOCK_N must be >= 32 (two halves of >= 16), got {bn}")
     launch = dict(num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
-    persistent = cfg.get("persistent")
-    if persistent is None:
-        persistent = _moe_common.prefers_persistent(M * top_k / max(E, 1))
+    persistent = _moe_common.schedule_for(cfg, M * top_k, E)
 
     ids = topk_ids if topk_ids.is_contiguous() else topk_ids.contiguous()
     weights = topk_weights if topk_weights.is_contiguous() else topk_weights.contiguous()
@@ -256,11 +254,8 @@ def fused_moe_fp8(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_wei
         sorted_ids, expert_ids, post_pad = moe_align(idc, E, bm)
         blocks = _row_blocks(numel, E, bm, expert_ids.numel())
         n1, n2 = triton.cdiv(I, bn // 2), triton.cdiv(H, bn)
-        if persistent:
-            grid1 = (_moe_common.persistent_programs(blocks * n1, cfg, 1, x.device),)
-            grid2 = (_moe_common.persistent_programs(blocks * n2, cfg, 1, x.device),)
-        else:
-            grid1, grid2 = (blocks, n1), (blocks, n2)
+        grid1 = _moe_common.gemm_grid(persistent, blocks, n1, cfg, 1, x.device)
+        grid2 = _moe_common.gemm_grid(persistent, blocks, n2, cfg, 1, x.device)
         _gemm1_fp8_kernel[grid1](
             xqc, xqc.stride(0), xsc, xsc.stride(0), w13, w13.stride(0), w13.stride(1), w13.stride(2),
             w13_scale, s13[0], s13[1], s13[2], h, h.stride(0),

@@ -27,7 +27,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._moe_common import check_config, grouped_gemm_config, persistent_programs, prefers_persistent
+from ._moe_common import check_config, gemm_grid, grouped_gemm_config, schedule_for
 
 
 @triton.jit
@@ -106,14 +106,9 @@ def grouped_gemm_out(a: torch.Tensor, w: torch.Tensor, expert_offsets: torch.Ten
         return
     cfg = check_config(config, "grouped_gemm") if config else grouped_gemm_config(T, E, N, K, a.dtype)
     bm, bn, bk = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"]
-    persistent = cfg.get("persistent")
-    if persistent is None:
-        persistent = prefers_persistent(T / max(E, 1))
+    persistent = schedule_for(cfg, T, E)
     row_tiles, n_tiles = triton.cdiv(T, bm) + E + 1, triton.cdiv(N, bn)  # the row-tile bound
-    if persistent:
-        grid = (persistent_programs(row_tiles * n_tiles, cfg, a.element_size(), a.device),)
-    else:
-        grid = (row_tiles, n_tiles)
+    grid = gemm_grid(persistent, row_tiles, n_tiles, cfg, a.element_size(), a.device)
     _grouped_gemm_kernel[grid](
         a, a.stride(0), a.stride(1), w, w.stride(0), w.stride(1), w.stride(2), out, out.stride(0), out.stride(1),
         expert_offsets, T, N, K, E,
