@@ -246,33 +246,28 @@ def _draft_sample_block_fake(base_logits, anchor, markov_w1=None, markov_w2=None
 # ------------------------------------------------------------------------------------
 
 
-def _reference_impl(name: str):
+def _backend_impl(package: str, name: str):
+    """The op ``name`` of ``dspark_kernels.<package>`` with the schema's argument order,
+    imported on first call (so registering it needs neither the reference nor Triton)."""
+    import importlib
+
+    def impl(*args):
+        return getattr(importlib.import_module(f"dspark_kernels.{package}.{name}"), name)(*args)
+
     if name == "schedule_verify_lens":
-        def impl(confidence, sps, early_stop=True):
-            from .reference.schedule_verify_lens import schedule_verify_lens
-
-            return schedule_verify_lens(confidence, sps, early_stop)
+        def with_defaults(confidence, sps, early_stop=True):
+            return impl(confidence, sps, early_stop)
     else:
-        def impl(base_logits, anchor, markov_w1=None, markov_w2=None, temperature=None, top_k=None, top_p=None,
-                 seed=None, offset=None, return_logits=True):
-            from .reference.draft_sample_block import draft_sample_block
+        def with_defaults(base_logits, anchor, markov_w1=None, markov_w2=None, temperature=None, top_k=None,
+                          top_p=None, seed=None, offset=None, return_logits=True):
+            return impl(base_logits, anchor, markov_w1, markov_w2, temperature, top_k, top_p, seed, offset,
+                        return_logits)
+    return with_defaults
 
-            return draft_sample_block(base_logits, anchor, markov_w1, markov_w2, temperature, top_k, top_p, seed,
-                                      offset, return_logits)
-    return impl
+
+def _reference_impl(name: str):
+    return _backend_impl("reference", name)
 
 
 def _triton_impl(name: str):
-    if name == "schedule_verify_lens":
-        def impl(confidence, sps, early_stop=True):
-            from .triton.schedule_verify_lens import schedule_verify_lens
-
-            return schedule_verify_lens(confidence, sps, early_stop)
-    else:
-        def impl(base_logits, anchor, markov_w1=None, markov_w2=None, temperature=None, top_k=None, top_p=None,
-                 seed=None, offset=None, return_logits=True):
-            from .triton.draft_sample_block import draft_sample_block
-
-            return draft_sample_block(base_logits, anchor, markov_w1, markov_w2, temperature, top_k, top_p, seed,
-                                      offset, return_logits)
-    return impl
+    return _backend_impl("triton", name)

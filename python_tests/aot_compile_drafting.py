@@ -17,18 +17,14 @@ from __future__ import annotations
 
 import argparse
 import os
-import re
-import subprocess
 import sys
-import tempfile
 
 os.environ.pop("TRITON_INTERPRET", None)
 
-import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
-from triton.compiler import ASTSource  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from aot_triton import compile_and_measure  # noqa: E402  (this folder is sys.path[0])
 from dspark_kernels.triton import draft_sample_block as dsb  # noqa: E402
 from dspark_kernels.triton import schedule_verify_lens as svl  # noqa: E402
 
@@ -39,24 +35,9 @@ def compile_one(target, fn, types: dict, consts: dict, warps: int, stages: int =
     if missing:
         return False, f"no type or value for {missing}"
     attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(fn.arg_names) if sig[n].startswith("*")}
-    try:
-        k = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=consts, attrs=attrs), target=target,
-                           options=dict(num_warps=warps, num_stages=stages))
-    except Exception as exc:  # noqa: BLE001 - reported per kernel
-        return False, f"{type(exc).__name__}: {str(exc)[:3000]}"
-    info = f"shared {k.metadata.shared} B"
-    cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
-    if os.path.exists(cuobjdump):
-        with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
-            f.write(k.asm["cubin"])
-            f.flush()
-            res = subprocess.run([cuobjdump, "-res-usage", f.name], capture_output=True, text=True).stdout
-        m = re.search(r"REG:(\d+) STACK:(\d+)", res)
-        if m:
-            info += f", {m.group(1)} registers, stack {m.group(2)} B"
-            if int(m.group(2)) > 64:  # a few bytes of stack are locals, not a spill worth failing on
-                return False, info + " (spills)"
-    return True, info
+    # a few bytes of stack are locals, not a spill worth failing on
+    return compile_and_measure(target, fn, sig, consts, attrs, warps, stages, max_stack_bytes=64,
+                               max_error_chars=3000)
 
 
 def _ints(names, ones=()):

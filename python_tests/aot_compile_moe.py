@@ -16,19 +16,16 @@ from __future__ import annotations
 
 import argparse
 import os
-import re
-import subprocess
 import sys
-import tempfile
 
 os.environ.pop("TRITON_INTERPRET", None)
 
 import torch  # noqa: E402
 import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
-from triton.compiler import ASTSource  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from aot_triton import compile_and_measure  # noqa: E402  (this folder is sys.path[0])
 from dspark_kernels.triton import _moe_common  # noqa: E402
 from dspark_kernels.triton import fused_moe as fm  # noqa: E402
 from dspark_kernels.triton import fused_moe_fp8 as fm8  # noqa: E402
@@ -48,24 +45,8 @@ def compile_one(target, fn, types: dict, consts: dict, warps: int, stages: int) 
         sig[n], consts[n] = "constexpr", 1
     attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(fn.arg_names)
              if sig[n] != "constexpr" and (sig[n].startswith("*") or n not in NOT_ALIGNED)}
-    try:
-        k = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=consts, attrs=attrs), target=target,
-                           options=dict(num_warps=warps, num_stages=stages))
-    except Exception as exc:  # noqa: BLE001 - reported per kernel
-        return False, f"{type(exc).__name__}: {str(exc)[:2000]}"
-    info = f"shared {k.metadata.shared} B"
-    cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
-    if os.path.exists(cuobjdump):
-        with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
-            f.write(k.asm["cubin"])
-            f.flush()
-            res = subprocess.run([cuobjdump, "-res-usage", f.name], capture_output=True, text=True).stdout
-        m = re.search(r"REG:(\d+) STACK:(\d+)", res)
-        if m:
-            info += f", {m.group(1)} registers, stack {m.group(2)} B"
-            if int(m.group(2)) > 0:
-                return False, info + " (spills)"
-    return True, info
+    return compile_and_measure(target, fn, sig, consts, attrs, warps, stages, max_stack_bytes=0,
+                               max_error_chars=2000)
 
 
 def jobs():

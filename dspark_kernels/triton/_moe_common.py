@@ -116,6 +116,14 @@ def fit_stages(cfg: dict, elem_bytes: int) -> dict:
     return dict(cfg, num_stages=stages)
 
 
+def _for_dtype(cfg: dict, dtype: torch.dtype) -> dict:
+    """A heuristic config adjusted to the operand dtype: fp32 tiles half as deep in K, and
+    no more pipeline stages than shared memory holds."""
+    if dtype == torch.float32:
+        cfg["BLOCK_K"] = min(cfg["BLOCK_K"], 32)
+    return fit_stages(cfg, torch.empty((), dtype=dtype).element_size())
+
+
 def heuristic_config(M: int, E: int, H: int, I: int, top_k: int, dtype: torch.dtype) -> dict:
     """The fused_moe config without a tuned file (see the module docstring)."""
     if interpreting():
@@ -129,9 +137,7 @@ def heuristic_config(M: int, E: int, H: int, I: int, top_k: int, dtype: torch.dt
         cfg = dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, num_warps=4, num_stages=3)
     else:
         cfg = dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, num_warps=8, num_stages=3)
-    if dtype == torch.float32:
-        cfg["BLOCK_K"] = min(cfg["BLOCK_K"], 32)
-    return fit_stages(cfg, torch.empty((), dtype=dtype).element_size())
+    return _for_dtype(cfg, dtype)
 
 
 def prefers_persistent(rows_per_expert: float) -> bool:
@@ -188,9 +194,7 @@ def grouped_gemm_config(T: int, E: int, N: int, K: int, dtype: torch.dtype) -> d
         cfg = dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, num_warps=4, num_stages=3)
     else:
         cfg = dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, num_warps=8, num_stages=3)
-    if dtype == torch.float32:
-        cfg["BLOCK_K"] = min(cfg["BLOCK_K"], 32)
-    return fit_stages(cfg, torch.empty((), dtype=dtype).element_size())
+    return _for_dtype(cfg, dtype)
 
 
 def check_config(cfg: dict, who: str) -> dict:
