@@ -14,7 +14,6 @@ interpreted.
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 
@@ -22,10 +21,9 @@ os.environ.pop("TRITON_INTERPRET", None)
 
 import torch  # noqa: E402
 import triton  # noqa: E402
-from triton.backends.compiler import GPUTarget  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from aot_triton import compile_and_measure  # noqa: E402  (this folder is sys.path[0])
+from aot_triton import compile_and_measure, main as aot_main  # noqa: E402  (this folder is sys.path[0])
 from dspark_kernels.triton import _moe_common  # noqa: E402
 from dspark_kernels.triton import fused_moe as fm  # noqa: E402
 from dspark_kernels.triton import fused_moe_fp8 as fm8  # noqa: E402
@@ -151,20 +149,7 @@ def fp8_jobs():
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--arch", type=int, default=90)
-    p.add_argument("--only", help="compile only kernels whose label contains this")
-    args = p.parse_args(argv)
-    target = GPUTarget("cuda", args.arch, 32)
-    failed = 0
-    for label, fn, types, consts, warps, stages in jobs():
-        if args.only and args.only not in label:
-            continue
-        ok, info = compile_one(target, fn, types, consts, warps, stages)
-        failed += not ok
-        print(f"{'ok  ' if ok else 'FAIL'} {label}: {info}", flush=True)
-    print(f"{'all compiled' if not failed else f'{failed} failed'} for sm_{args.arch}")
-    return 1 if failed else 0
+    return aot_main(__doc__.splitlines()[0], jobs, compile_one, argv)
 
 
 if __name__ == "__main__":

@@ -10,12 +10,14 @@ TRITON_INTERPRET must be unset before triton is imported.
 
 from __future__ import annotations
 
+import argparse
 import os
 import re
 import subprocess
 import tempfile
 
 import triton
+from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
 
@@ -40,3 +42,22 @@ def compile_and_measure(target, fn, sig: dict, consts: dict, attrs: dict, warps:
             if int(m.group(2)) > max_stack_bytes:
                 return False, info + " (spills)"
     return True, info
+
+
+def main(description: str, jobs, compile_one, argv=None) -> int:
+    """The scripts' command line: compile every job ``(label, kernel, *args)`` with
+    ``compile_one(target, kernel, *args)`` for ``--arch``; exit 1 if one fails."""
+    p = argparse.ArgumentParser(description=description)
+    p.add_argument("--arch", type=int, default=90)
+    p.add_argument("--only", help="compile only kernels whose label contains this")
+    args = p.parse_args(argv)
+    target = GPUTarget("cuda", args.arch, 32)
+    failed = 0
+    for label, fn, *rest in jobs():
+        if args.only and args.only not in label:
+            continue
+        ok, info = compile_one(target, fn, *rest)
+        failed += not ok
+        print(f"{'ok  ' if ok else 'FAIL'} {label}: {info}", flush=True)
+    print(f"{'all compiled' if not failed else f'{failed} failed'} for sm_{args.arch}")
+    return 1 if failed else 0
