@@ -87,13 +87,14 @@ inline void check_kv_commit_args(at::TensorList caches, const at::Tensor& block_
   constexpr const char* op = "kv_commit";
   constexpr int64_t kMax32 = std::numeric_limits<int32_t>::max();
   DSPARK_CHECK(page_size >= 1 && page_size <= kMax32, op, "page_size must be in [1, 2^31), got ", page_size);
-  DSPARK_CHECK(committed_len.dim() == 1, op, "committed_len must be a 1-D tensor [B], got shape ",
-               committed_len.sizes());
-  const int64_t B = committed_len.size(0);
-  kvcheck::check_index_matrix(op, block_table, "block_table", B, committed_len);
-  kvcheck::check_index_vector(op, committed_len, "committed_len", B, committed_len);
-  kvcheck::check_index_matrix(op, accept_path, "accept_path", B, committed_len);
-  kvcheck::check_index_vector(op, num_accept, "num_accept", B, committed_len);
+  // B comes from block_table (as in the Python checks), so a wrong-length vector is the one named.
+  DSPARK_CHECK(block_table.dim() == 2, op, "block_table must be a 2-D tensor [B, P], got shape ",
+               block_table.sizes());
+  const int64_t B = block_table.size(0);
+  kvcheck::check_index_matrix(op, block_table, "block_table", B, block_table);
+  kvcheck::check_index_vector(op, committed_len, "committed_len", B, block_table);
+  kvcheck::check_index_matrix(op, accept_path, "accept_path", B, block_table);
+  kvcheck::check_index_vector(op, num_accept, "num_accept", B, block_table);
   for (size_t i = 0; i < caches.size(); ++i) {
     const at::Tensor& c = caches[i];
     DSPARK_CHECK(c.defined(), op, "caches[", i, "] is undefined");

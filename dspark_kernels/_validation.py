@@ -3,16 +3,10 @@ argument, and say what was expected and what was given."""
 
 from __future__ import annotations
 
-import os
-
 import torch
 
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _INT_DTYPES = (torch.int32, torch.int64)
-
-
-def _debug_checks_enabled(device: torch.device) -> bool:
-    return device.type == "cpu" or os.environ.get("DSPARK_DEBUG") == "1"
 
 
 def _fail(op: str, msg: str):

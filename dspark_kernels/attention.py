@@ -1,10 +1,10 @@
 """The drafter's attention: ``dspark_kernels.draft_block_attention`` (DESIGN.md §5).
 
 Backends: "reference" (float64 loops, the spec), "cpu" (PyTorch SDPA in fp32,
-``dspark_kernels/cpu/draft_block_attention.py``, registered under the CPU key of
+``dspark_kernels/cpu/draft_block_attention.py``, the CPU key of
 ``torch.ops.dspark.draft_block_attention``) and "triton" (FlashAttention-style,
-``dspark_kernels/triton/draft_block_attention.py``, registered under the CUDA key).
-There is no CUDA C++ kernel: on CUDA tensors Triton is the GPU backend.
+``dspark_kernels/triton/draft_block_attention.py``, the CUDA key). There is no
+CUDA C++ kernel: on CUDA tensors Triton is the GPU backend (docs/attention.md).
 """
 
 from __future__ import annotations
@@ -14,12 +14,10 @@ import numbers
 
 import torch
 
-from . import _backend
-from ._validation import _FLOAT_DTYPES, _INT_DTYPES, _check_tensor, _debug_checks_enabled, _fail
+from . import _registry
+from ._validation import _FLOAT_DTYPES, _INT_DTYPES, _check_tensor, _fail
 
 OP = "draft_block_attention"
-# The CUDA key runs Triton (_registration.py) wherever no compiled CUDA kernel exists.
-_TRITON_ON_CUDA_KEY = "CUDA" not in _backend.COMPILED.get(OP, set())
 
 
 def draft_block_attention(
@@ -79,31 +77,27 @@ def draft_block_attention(
 
     Returns:
         ``out [T, H, D]`` in q's dtype, contiguous.
+
+    Example:
+
+    >>> import torch, dspark_kernels as dk
+    >>> _ = torch.manual_seed(0)
+    >>> q, k_block, v_block = torch.randn(3, 4, 8), torch.randn(3, 2, 8), torch.randn(3, 2, 8)   # H = 4, Hkv = 2
+    >>> k_ctx, v_ctx = torch.randn(2, 16, 2, 8), torch.randn(2, 16, 2, 8)                      # W = 16
+    >>> cu, ctx_lens = torch.tensor([0, 2, 3]), torch.tensor([5, 20])       # blocks of 2 and 1; 20 > W wraps
+    >>> out = dk.draft_block_attention(q, k_block, v_block, k_ctx, v_ctx, cu, ctx_lens, max_block_len=2)
+    >>> ref = dk.draft_block_attention(q, k_block, v_block, k_ctx, v_ctx, cu, ctx_lens, max_block_len=2,
+    ...                                backend="reference")
+    >>> out.shape, torch.allclose(out, ref, atol=1e-5)
+    (torch.Size([3, 4, 8]), True)
     """
-    _validate(q, k_block, v_block, k_ctx, v_ctx, cu_block, ctx_lens, sinks, softmax_scale, window, max_block_len)
     if max_block_len is None:
+        _check_tensor(OP, "cu_block", cu_block, dim=1, dtypes=_INT_DTYPES)
         max_block_len = int((cu_block[1:] - cu_block[:-1]).max()) if cu_block.shape[0] > 1 else 0
-    max_block_len = int(max_block_len)
-    softmax_scale = None if softmax_scale is None else float(softmax_scale)
-    window = None if window is None else int(window)
-    name = _backend.choose_backend(OP, q.device, backend)
-    # On CUDA tensors Triton runs through the op too (its CUDA key), so torch.compile and
-    # CUDA graphs see one opaque op; the registered kernels check the data themselves.
-    via_op = name in ("cpu", "cuda") or (name == "triton" and q.is_cuda and _TRITON_ON_CUDA_KEY)
-    if via_op:
-        return torch.ops.dspark.draft_block_attention(
-            q, k_block, v_block, k_ctx, v_ctx, cu_block, ctx_lens, sinks=sinks, softmax_scale=softmax_scale,
-            window=window, max_block_len=max_block_len)
-    if _debug_checks_enabled(q.device):
-        _check_data(cu_block, ctx_lens, q.shape[0])
-    args = (q, k_block, v_block, k_ctx, v_ctx, cu_block, ctx_lens, sinks, softmax_scale, window, max_block_len)
-    if name == "triton":
-        from .triton.draft_block_attention import draft_block_attention as triton_impl
-
-        return triton_impl(*args)
-    from .reference.draft_block_attention import draft_block_attention as reference_impl
-
-    return reference_impl(*args)
+    if isinstance(softmax_scale, numbers.Real) and not isinstance(softmax_scale, bool):
+        softmax_scale = float(softmax_scale)
+    return _registry.dispatch(DRAFT_BLOCK_ATTENTION, backend, q, k_block, v_block, k_ctx, v_ctx, cu_block, ctx_lens,
+                              sinks, softmax_scale, window, max_block_len)
 
 
 # --------------------------------------------------------------------------- checks
@@ -150,9 +144,10 @@ def _validate(q, k_block, v_block, k_ctx, v_ctx, cu_block, ctx_lens, sinks, soft
         _fail(op, f"max_block_len must be an int >= 0 or None, got {max_block_len!r}")
 
 
-def _check_data(cu_block: torch.Tensor, ctx_lens: torch.Tensor, num_tokens: int) -> None:
+def _check_data(q, k_block, v_block, k_ctx, v_ctx, cu_block, ctx_lens, *rest) -> None:
     """Data-dependent checks (host reads): CPU always, CUDA under DSPARK_DEBUG=1."""
     op = OP
+    num_tokens = q.shape[0]
     cu = cu_block.tolist()
     if cu[0] != 0:
         _fail(op, f"cu_block[0] must be 0, got {cu[0]}")
@@ -166,32 +161,21 @@ def _check_data(cu_block: torch.Tensor, ctx_lens: torch.Tensor, num_tokens: int)
         _fail(op, f"ctx_lens[{b}] must be >= 0, got {int(ctx_lens[b])}")
 
 
-# --------------------------------------------------------------------------- registered kernels
+# --------------------------------------------------------------------------- declaration
 
 
-def _op_cpu(q, k_block, v_block, k_ctx, v_ctx, cu_block, ctx_lens, *, sinks=None, softmax_scale=None, window=None,
-            max_block_len=0):
-    """CPU key of torch.ops.dspark.draft_block_attention: checks, then PyTorch SDPA in fp32."""
-    from .cpu.draft_block_attention import draft_block_attention as cpu_impl
-
-    _validate(q, k_block, v_block, k_ctx, v_ctx, cu_block, ctx_lens, sinks, softmax_scale, window, max_block_len)
-    _check_data(cu_block, ctx_lens, q.shape[0])
-    return cpu_impl(q, k_block, v_block, k_ctx, v_ctx, cu_block, ctx_lens, sinks, softmax_scale, window,
-                    max_block_len)
-
-
-def _op_cuda(q, k_block, v_block, k_ctx, v_ctx, cu_block, ctx_lens, *, sinks=None, softmax_scale=None, window=None,
-             max_block_len=0):
-    """CUDA key: checks (data checks only under DSPARK_DEBUG=1: no host sync), then Triton."""
-    from .triton.draft_block_attention import draft_block_attention as triton_impl
-
-    _validate(q, k_block, v_block, k_ctx, v_ctx, cu_block, ctx_lens, sinks, softmax_scale, window, max_block_len)
-    if _debug_checks_enabled(q.device):
-        _check_data(cu_block, ctx_lens, q.shape[0])
-    return triton_impl(q, k_block, v_block, k_ctx, v_ctx, cu_block, ctx_lens, sinks, softmax_scale, window,
-                       max_block_len)
-
-
-def _op_fake(q, k_block, v_block, k_ctx, v_ctx, cu_block, ctx_lens, *, sinks=None, softmax_scale=None, window=None,
-             max_block_len=0):
+def _fake(q, k_block, v_block, k_ctx, v_ctx, cu_block, ctx_lens, sinks, softmax_scale, window, max_block_len):
     return q.new_empty(q.shape)
+
+
+DRAFT_BLOCK_ATTENTION = _registry.declare(_registry.OpSpec(
+    schema="draft_block_attention(Tensor q, Tensor k_block, Tensor v_block, Tensor k_ctx, Tensor v_ctx, "
+           "Tensor cu_block, Tensor ctx_lens, *, Tensor? sinks=None, float? softmax_scale=None, "
+           "int? window=None, SymInt max_block_len) -> Tensor",
+    fake=_fake,
+    reference=".reference.draft_block_attention:draft_block_attention",
+    cpu=".cpu.draft_block_attention:draft_block_attention",
+    triton=".triton.draft_block_attention:draft_block_attention",
+    check=_validate,
+    check_data=_check_data,
+))

@@ -22,7 +22,7 @@ def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     bench = "--no-bench" not in argv
     argv = [a for a in argv if a != "--no-bench"]
-    print(f"dspark_kernels {dk.__version__}: backends {dk.backends()}")
+    print(f"dspark_kernels {dk.__version__}: verify_block backends {dk.backends('verify_block')}")
     from .loop.__main__ import main as loop_main
 
     status = loop_main(argv)

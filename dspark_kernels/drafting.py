@@ -1,21 +1,19 @@
 """Drafting ops: ``schedule_verify_lens`` (DSpark's prefix scheduler) and
 ``draft_sample_block`` (block-parallel drafting with the DSpark Markov head).
 
-Public wrappers: defaults, validation, backend choice, docstrings (DESIGN.md §5).
-``backend`` forces one of "reference", "cpu", "triton", "cuda"; None picks the best
-one for the inputs' device (CUDA: cuda > triton > reference; CPU: cpu > reference).
+Public functions (defaults, docstrings) and the ops' declarations (``OpSpec``):
+docs/drafting.md.
 """
 
 from __future__ import annotations
 
 import torch
 
-from . import _backend
+from . import _registry
 from ._validation import (
     _FLOAT_DTYPES,
     _INT_DTYPES,
     _check_tensor,
-    _debug_checks_enabled,
     _default_seed_offset,
     _fail,
     _per_request,
@@ -75,7 +73,20 @@ def schedule_verify_lens(
     Returns:
         ``verify_lens [R]`` int32 (in ``[0, gamma]``) and ``cu_verify [R + 1]`` int32
         ``= [0, cumsum(verify_lens)]``, which is verify_block's ``cu_num_draft``.
+
+    Example:
+
+    >>> import torch, dspark_kernels as dk
+    >>> conf = torch.tensor([[0.9, 0.9, 0.1], [0.2, 0.1, 0.1]])
+    >>> sps = 100.0 / (1 + 0.05 * torch.arange(9.0))   # verify steps/s falls slowly with the batch
+    >>> lens, cu = dk.schedule_verify_lens(conf, sps)
+    >>> lens.tolist(), cu.tolist()
+    ([2, 1], [0, 2, 3])
     """
+    return _registry.dispatch(SCHEDULE_VERIFY_LENS, backend, confidence, sps, bool(early_stop))
+
+
+def _check_schedule_verify_lens(confidence, sps, early_stop):
     op = "schedule_verify_lens"
     _check_tensor(op, "confidence", confidence, dim=2)
     if not confidence.dtype.is_floating_point:
@@ -91,20 +102,11 @@ def schedule_verify_lens(
     if num_req * gamma > MAX_SCHEDULE_CANDIDATES:
         _fail(op, f"R * gamma = {num_req * gamma} candidates is more than the supported {MAX_SCHEDULE_CANDIDATES} "
                   f"(confidence shape {tuple(confidence.shape)})")
-    early_stop = bool(early_stop)
-    name = _backend.choose_backend(op, device, backend)
-    if name in ("cpu", "cuda"):
-        return torch.ops.dspark.schedule_verify_lens(confidence, sps, early_stop)
-    if name == "triton":
-        from .triton.schedule_verify_lens import schedule_verify_lens as triton_schedule
-
-        return triton_schedule(confidence, sps, early_stop)
-    from .reference.schedule_verify_lens import schedule_verify_lens as ref_schedule
-
-    return ref_schedule(confidence, sps, early_stop)
+    if not isinstance(early_stop, bool):
+        _fail(op, f"early_stop must be a bool, got {type(early_stop).__name__}")
 
 
-def _schedule_verify_lens_fake(confidence, sps, early_stop=True):
+def _schedule_verify_lens_fake(confidence, sps, early_stop):
     num_req = confidence.shape[0]
     return (confidence.new_empty((num_req,), dtype=torch.int32),
             confidence.new_empty((num_req + 1,), dtype=torch.int32))
@@ -173,7 +175,35 @@ def draft_sample_block(
     Returns:
         ``draft_tokens [B, gamma]`` int32 and ``draft_logits [B, gamma, V]`` float32
         (or ``[0]`` float32 when ``return_logits=False``).
+
+    Example:
+
+    >>> import torch, dspark_kernels as dk
+    >>> base = torch.zeros(1, 3, 4)
+    >>> base[0, :, 1] = 5.0
+    >>> tokens, logits = dk.draft_sample_block(base, torch.tensor([0]))   # greedy: no temperature
+    >>> tokens.tolist(), tuple(logits.shape)
+    ([[1, 1, 1]], (1, 3, 4))
+    >>> t = torch.tensor([1.0])                                           # sampled, reproducible from the seed
+    >>> torch.equal(dk.draft_sample_block(base, torch.tensor([0]), temperature=t, seed=7)[0],
+    ...             dk.draft_sample_block(base, torch.tensor([0]), temperature=t, seed=7, backend="reference")[0])
+    True
     """
+    op = "draft_sample_block"
+    _check_tensor(op, "base_logits", base_logits, dim=3, dtypes=_FLOAT_DTYPES)
+    device = base_logits.device
+    batch = base_logits.shape[0]
+    temperature = _per_request(op, "temperature", temperature, batch, device, torch.float32)
+    top_k = _per_request(op, "top_k", top_k, batch, device, torch.int32)
+    top_p = _per_request(op, "top_p", top_p, batch, device, torch.float32)
+    seed, offset = _default_seed_offset(op, seed, offset, batch, device)
+    return _registry.dispatch(DRAFT_SAMPLE_BLOCK, backend, base_logits, anchor, markov_w1, markov_w2, temperature,
+                              top_k, top_p, seed, offset, bool(return_logits))
+
+
+def _check_draft_sample_block(base_logits, anchor, markov_w1, markov_w2, temperature, top_k, top_p, seed, offset,
+                              return_logits):
+    """Shape / dtype / device checks (the C++ CPU kernel runs the same ones itself)."""
     op = "draft_sample_block"
     _check_tensor(op, "base_logits", base_logits, dim=3, dtypes=_FLOAT_DTYPES)
     device = base_logits.device
@@ -195,33 +225,20 @@ def draft_sample_block(
         _check_tensor(op, "markov_w2", markov_w2, dim=2, shape=(rank, vocab), dtypes=_FLOAT_DTYPES, device=device)
         if markov_w2.dtype != markov_w1.dtype:
             _fail(op, f"markov_w2 must have markov_w1's dtype {markov_w1.dtype}, got {markov_w2.dtype}")
-    temperature = _per_request(op, "temperature", temperature, batch, device, torch.float32)
-    top_k = _per_request(op, "top_k", top_k, batch, device, torch.int32)
-    top_p = _per_request(op, "top_p", top_p, batch, device, torch.float32)
-    seed, offset = _default_seed_offset(op, seed, offset, batch, device)
-    return_logits = bool(return_logits)
+    for name, t, floating in (("temperature", temperature, True), ("top_k", top_k, False), ("top_p", top_p, True)):
+        if t is not None:
+            _check_tensor(op, name, t, dim=1, shape=(batch,), device=device)
+            if t.dtype.is_floating_point != floating:
+                _fail(op, f"{name} must be a {'floating' if floating else 'integer'} tensor, got {t.dtype}")
+    for name, t in (("seed", seed), ("offset", offset)):
+        _check_tensor(op, name, t, dim=1, shape=(batch,), dtypes=_INT_DTYPES, device=device)
+    if not isinstance(return_logits, bool):
+        _fail(op, f"return_logits must be a bool, got {type(return_logits).__name__}")
 
-    avail = _backend.backends(op)
-    if backend is None and device.type == "cuda" and not avail["cuda"] and avail["triton"]:
-        name = "triton"  # Triton is this op's GPU backend (no CUDA C++ kernel): not a fallback
-    else:
-        name = _backend.choose_backend(op, device, backend)
-    if name != "cpu" and _debug_checks_enabled(device) and markov_w1 is not None:  # C++ CPU checks itself
-        _check_anchor(anchor, vocab)
-    # Through the dispatcher where it holds the chosen kernel (the CUDA key runs Triton when
-    # no CUDA C++ kernel is compiled), so torch.compile and CUDA graphs see one opaque op.
-    if name in ("cpu", "cuda") or (backend is None and name == "triton"):
-        return torch.ops.dspark.draft_sample_block(
-            base_logits, anchor, markov_w1=markov_w1, markov_w2=markov_w2, temperature=temperature, top_k=top_k,
-            top_p=top_p, seed=seed, offset=offset, return_logits=return_logits)
-    args = (base_logits, anchor, markov_w1, markov_w2, temperature, top_k, top_p, seed, offset, return_logits)
-    if name == "triton":
-        from .triton.draft_sample_block import draft_sample_block as triton_draft
 
-        return triton_draft(*args)
-    from .reference.draft_sample_block import draft_sample_block as ref_draft
-
-    return ref_draft(*args)
+def _check_draft_sample_block_data(base_logits, anchor, markov_w1, *rest):
+    if markov_w1 is not None:
+        _check_anchor(anchor, base_logits.shape[2])
 
 
 def _check_anchor(anchor: torch.Tensor, vocab: int) -> None:
@@ -233,41 +250,32 @@ def _check_anchor(anchor: torch.Tensor, vocab: int) -> None:
         _fail("draft_sample_block", f"anchor[{b}] = {int(a[b])} is outside [0, V) with V = {vocab}")
 
 
-def _draft_sample_block_fake(base_logits, anchor, markov_w1=None, markov_w2=None, temperature=None, top_k=None,
-                             top_p=None, seed=None, offset=None, return_logits=True):
+def _draft_sample_block_fake(base_logits, anchor, markov_w1, markov_w2, temperature, top_k, top_p, seed, offset,
+                             return_logits):
     batch, gamma, vocab = base_logits.shape
     tokens = base_logits.new_empty((batch, gamma), dtype=torch.int32)
     logits = base_logits.new_empty((batch, gamma, vocab) if return_logits else (0,), dtype=torch.float32)
     return tokens, logits
 
 
-# ------------------------------------------------------------------------------------
-# Implementations the dispatcher runs where the extension has no kernel (_registration)
-# ------------------------------------------------------------------------------------
+SCHEDULE_VERIFY_LENS = _registry.declare(_registry.OpSpec(
+    schema="schedule_verify_lens(Tensor confidence, Tensor sps, bool early_stop=True) "
+           "-> (Tensor verify_lens, Tensor cu_verify)",
+    fake=_schedule_verify_lens_fake,
+    reference=".reference.schedule_verify_lens:schedule_verify_lens",
+    triton=".triton.schedule_verify_lens:schedule_verify_lens",
+    check=_check_schedule_verify_lens,
+    cpp=frozenset({"CPU", "CUDA"}),
+))
 
-
-def _backend_impl(package: str, name: str):
-    """The op ``name`` of ``dspark_kernels.<package>`` with the schema's argument order,
-    imported on first call (so registering it needs neither the reference nor Triton)."""
-    import importlib
-
-    def impl(*args):
-        return getattr(importlib.import_module(f"dspark_kernels.{package}.{name}"), name)(*args)
-
-    if name == "schedule_verify_lens":
-        def with_defaults(confidence, sps, early_stop=True):
-            return impl(confidence, sps, early_stop)
-    else:
-        def with_defaults(base_logits, anchor, markov_w1=None, markov_w2=None, temperature=None, top_k=None,
-                          top_p=None, seed=None, offset=None, return_logits=True):
-            return impl(base_logits, anchor, markov_w1, markov_w2, temperature, top_k, top_p, seed, offset,
-                        return_logits)
-    return with_defaults
-
-
-def _reference_impl(name: str):
-    return _backend_impl("reference", name)
-
-
-def _triton_impl(name: str):
-    return _backend_impl("triton", name)
+DRAFT_SAMPLE_BLOCK = _registry.declare(_registry.OpSpec(
+    schema="draft_sample_block(Tensor base_logits, Tensor anchor, *, Tensor? markov_w1=None, "
+           "Tensor? markov_w2=None, Tensor? temperature=None, Tensor? top_k=None, Tensor? top_p=None, "
+           "Tensor seed, Tensor offset, bool return_logits=True) -> (Tensor draft_tokens, Tensor draft_logits)",
+    fake=_draft_sample_block_fake,
+    reference=".reference.draft_sample_block:draft_sample_block",
+    triton=".triton.draft_sample_block:draft_sample_block",
+    check=_check_draft_sample_block,
+    check_data=_check_draft_sample_block_data,
+    cpp=frozenset({"CPU"}),  # Triton is the GPU backend
+))

@@ -12,11 +12,11 @@ tokens' KV stays:
 * ``state_select`` takes the recurrent (SSM / linear-attention) state of the
   accepted step.
 
-Every function takes ``backend=`` ("reference", "cpu", "cuda" or None for the
-best one for the inputs' device). Data-dependent checks (path entries, page ids,
-offsets, refcounts) run on the CPU always and on CUDA under ``DSPARK_DEBUG=1``;
-without them the CUDA kernels skip out-of-range entries and never touch memory
-outside the given tensors.
+Every function takes ``backend=`` ("reference", "cpu", "cuda" or None: through
+``torch.ops.dspark.<op>``). Data-dependent checks (path entries, page ids, offsets,
+refcounts) run on the CPU always and on CUDA under ``DSPARK_DEBUG=1``; without them
+the CUDA kernels skip out-of-range entries and never touch memory outside the
+given tensors. The ops are declared at the end of this file (docs/kv.md).
 """
 
 from __future__ import annotations
@@ -25,9 +25,8 @@ from collections.abc import Sequence
 
 import torch
 
-from . import _backend
-from ._validation import _INT_DTYPES, _check_tensor, _debug_checks_enabled, _fail
-from .reference import kv as _ref
+from . import _registry
+from ._validation import _INT_DTYPES, _check_tensor, _fail
 
 _KEEP_DTYPES = (torch.bool, torch.uint8, torch.int8, torch.int32, torch.int64)
 
@@ -101,11 +100,27 @@ def kv_commit(
     the CUDA kernel skips such moves (it never writes outside the caches).
     CUDA: one launch for up to 96 caches (more: one launch per 96), no host sync,
     CUDA-graph capturable.
+
+    Example:
+
+    >>> import torch, dspark_kernels as dk
+    >>> cache = torch.arange(8.0).reshape(2, 4, 1)   # 2 pages of 4 slots: position p holds the value p
+    >>> # one request on pages [0, 1], 2 committed tokens; the window at positions 2.. accepted indices [0, 2, 3]
+    >>> new_len = dk.kv_commit([cache], torch.tensor([[0, 1]]), 4, torch.tensor([2]), torch.tensor([[0, 2, 3]]),
+    ...                        torch.tensor([3]))
+    >>> new_len.tolist(), cache.flatten().tolist()
+    ([5], [0.0, 1.0, 2.0, 4.0, 5.0, 5.0, 6.0, 7.0])
     """
+    if isinstance(caches, (list, tuple)):
+        caches = list(caches)
+    return _registry.dispatch(KV_COMMIT, backend, caches, block_table, page_size, committed_len, accept_path,
+                              num_accept)
+
+
+def _check_kv_commit(caches, block_table, page_size, committed_len, accept_path, num_accept):
     op = "kv_commit"
     if isinstance(caches, torch.Tensor) or not isinstance(caches, (list, tuple)):
         _fail(op, f"caches must be a list of tensors [num_pages, page_size, *row], got {type(caches).__name__}")
-    caches = list(caches)
     for i, c in enumerate(caches):
         if not isinstance(c, torch.Tensor):
             _fail(op, f"caches[{i}] must be a torch.Tensor, got {type(c).__name__}")
@@ -117,22 +132,13 @@ def kv_commit(
     if accept_path.shape[0] != batch:
         _fail(op, f"accept_path must have shape [B, W] with B = {batch}, got {tuple(accept_path.shape)}")
     _check_tensor(op, "num_accept", num_accept, dim=1, shape=(batch,), dtypes=_INT_DTYPES, device=device)
-    page_size = int(page_size)
-    if page_size < 1:
-        _fail(op, f"page_size must be >= 1, got {page_size}")
-
-    name = _backend.choose_backend(op, device, backend)
-    if name == "reference":  # the C++ ops check the caches themselves (one pass, no Python per cache)
-        _check_caches(caches, page_size, device)
-    if name != "cpu" and _debug_checks_enabled(device):  # the C++ CPU kernel checks these itself
-        _check_kv_commit_data(caches, block_table, page_size, committed_len, accept_path, num_accept)
-    if name in ("cpu", "cuda"):
-        return torch.ops.dspark.kv_commit(caches, block_table, page_size, committed_len, accept_path, num_accept)
-    return _ref.kv_commit(caches, block_table, page_size, committed_len, accept_path, num_accept)
+    if isinstance(page_size, bool) or not isinstance(page_size, int) or page_size < 1:
+        _fail(op, f"page_size must be an int >= 1, got {page_size!r}")
+    _check_caches(caches, page_size, device)
 
 
 def _check_caches(caches, page_size, device):
-    """The shape / layout checks of csrc/kv.h (check_kv_commit_args), for the reference."""
+    """The caches' shape / layout checks (csrc/kv.h runs the same ones for the C++ kernels)."""
     op = "kv_commit"
     seen = {}
     for i, c in enumerate(caches):
@@ -250,7 +256,19 @@ def kv_release_pages(
     Returns:
         ``freed [B, P]`` int32 (page ids in block-table order, then -1) and
         ``num_freed [B]`` int32.
+
+    Example:
+
+    >>> import torch, dspark_kernels as dk
+    >>> refcount = torch.tensor([1, 1, 2], dtype=torch.int32)   # page 2 is shared with another request
+    >>> freed, n = dk.kv_release_pages(torch.tensor([[0, 1, 2]]), torch.tensor([3]), torch.tensor([12]), 4, refcount)
+    >>> freed.tolist(), n.tolist(), refcount.tolist()
+    ([[1, -1, -1]], [1], [1, 0, 1])
     """
+    return _registry.dispatch(KV_RELEASE_PAGES, backend, block_table, new_len, old_len, page_size, refcount)
+
+
+def _check_kv_release_pages(block_table, new_len, old_len, page_size, refcount):
     op = "kv_release_pages"
     _check_tensor(op, "block_table", block_table, dim=2, dtypes=_INT_DTYPES)
     device = block_table.device
@@ -258,15 +276,8 @@ def kv_release_pages(
     _check_tensor(op, "new_len", new_len, dim=1, shape=(batch,), dtypes=_INT_DTYPES, device=device)
     _check_tensor(op, "old_len", old_len, dim=1, shape=(batch,), dtypes=_INT_DTYPES, device=device)
     _check_tensor(op, "refcount", refcount, dim=1, dtypes=_INT_DTYPES, device=device)
-    page_size = int(page_size)
-    if page_size < 1:
-        _fail(op, f"page_size must be >= 1, got {page_size}")
-    name = _backend.choose_backend(op, device, backend)
-    if name != "cpu" and _debug_checks_enabled(device):
-        _check_kv_release_pages_data(block_table, new_len, old_len, page_size, refcount)
-    if name in ("cpu", "cuda"):
-        return torch.ops.dspark.kv_release_pages(block_table, new_len, old_len, page_size, refcount)
-    return _ref.kv_release_pages(block_table, new_len, old_len, page_size, refcount)
+    if isinstance(page_size, bool) or not isinstance(page_size, int) or page_size < 1:
+        _fail(op, f"page_size must be an int >= 1, got {page_size!r}")
 
 
 def _check_kv_release_pages_data(block_table, new_len, old_len, page_size, refcount):
@@ -334,7 +345,23 @@ def window_commit(
 
     Without ``DSPARK_DEBUG=1`` the CUDA kernel skips rows with a negative position
     or outside a consistent ``cu``.
+
+    Example:
+
+    >>> import torch, dspark_kernels as dk
+    >>> window = torch.zeros(1, 4, 1)
+    >>> rows = torch.tensor([[7.0], [8.0], [9.0]])   # positions 5, 6, 7; the last one was rejected
+    >>> keep = torch.tensor([True, True, False])
+    >>> dk.window_commit(window, rows, torch.tensor([0, 3]), torch.tensor([5, 6, 7]), keep).flatten().tolist()
+    [0.0, 7.0, 8.0, 0.0]
     """
+    if keep is None and isinstance(rows, torch.Tensor):
+        keep = torch.ones(rows.shape[0], dtype=torch.bool, device=rows.device)
+    _registry.dispatch(WINDOW_COMMIT, backend, window, rows, cu, positions, keep)
+    return window
+
+
+def _check_window_commit(window, rows, cu, positions, keep):
     op = "window_commit"
     _check_tensor(op, "window", window)
     device = window.device
@@ -351,21 +378,12 @@ def window_commit(
     batch, num_rows = window.shape[0], rows.shape[0]
     _check_tensor(op, "cu", cu, dim=1, shape=(batch + 1,), dtypes=_INT_DTYPES, device=device)
     _check_tensor(op, "positions", positions, dim=1, shape=(num_rows,), dtypes=_INT_DTYPES, device=device)
-    if keep is None:
-        keep = torch.ones(num_rows, dtype=torch.bool, device=device)
     _check_tensor(op, "keep", keep, dim=1, shape=(num_rows,), dtypes=_KEEP_DTYPES, device=device)
-    name = _backend.choose_backend(op, device, backend)
-    if name != "cpu" and _debug_checks_enabled(device):
-        _check_window_commit_data(cu, positions, keep, num_rows)
-    if name in ("cpu", "cuda"):
-        torch.ops.dspark.window_commit(window, rows, cu, positions, keep)
-    else:
-        _ref.window_commit(window, rows, cu, positions, keep)
-    return window
 
 
-def _check_window_commit_data(cu, positions, keep, num_rows):
+def _check_window_commit_data(window, rows, cu, positions, keep):
     op = "window_commit"
+    num_rows = rows.shape[0]
     c = cu.cpu().to(torch.int64)
     if int(c[0]) != 0:
         _fail(op, f"cu[0] must be 0, got {int(c[0])}")
@@ -408,7 +426,19 @@ def state_select(
 
     Returns:
         ``out`` (the same tensor).
+
+    Example:
+
+    >>> import torch, dspark_kernels as dk
+    >>> states = torch.arange(6.0).reshape(2, 3, 1)
+    >>> dk.state_select(states, torch.tensor([2, -1]), torch.zeros(2, 1)).flatten().tolist()
+    [2.0, 0.0]
     """
+    _registry.dispatch(STATE_SELECT, backend, states, index, out)
+    return out
+
+
+def _check_state_select(states, index, out):
     op = "state_select"
     _check_tensor(op, "states", states)
     device = states.device
@@ -421,24 +451,18 @@ def state_select(
         _fail(op, f"states must have a dense state (dims 2.. contiguous), got strides {states.stride()}")
     if not _dense_from(out, 1):
         _fail(op, f"out must have a dense state (dims 1.. contiguous), got strides {out.stride()}")
-    name = _backend.choose_backend(op, device, backend)
-    if name != "cpu" and _debug_checks_enabled(device):
-        idx = index.cpu().to(torch.int64)
-        bad = (idx != -1) & ((idx < 0) | (idx >= states.shape[1]))
-        if bad.any():
-            b = _first_bad(bad)[0]
-            _fail(op, f"index[{b}] = {int(idx[b])} is outside [0, S) with S = states.size(1) = {states.shape[1]} "
-                      f"(-1 = leave out[{b}] as it is)")
-    if name in ("cpu", "cuda"):
-        torch.ops.dspark.state_select(states, index, out)
-    else:
-        _ref.state_select(states, index, out)
-    return out
 
 
-# --------------------------------------------------------------------------- registration helpers
+def _check_state_select_data(states, index, out):
+    idx = index.cpu().to(torch.int64)
+    bad = (idx != -1) & ((idx < 0) | (idx >= states.shape[1]))
+    if bad.any():
+        b = _first_bad(bad)[0]
+        _fail("state_select", f"index[{b}] = {int(idx[b])} is outside [0, S) with S = states.size(1) = "
+                              f"{states.shape[1]} (-1 = leave out[{b}] as it is)")
 
-OPS = ("kv_commit", "kv_release_pages", "window_commit", "state_select")
+
+# --------------------------------------------------------------------------- declarations
 
 
 def _kv_commit_fake(caches, block_table, page_size, committed_len, accept_path, num_accept):
@@ -454,8 +478,27 @@ def _no_output_fake(*args):
     return None
 
 
-FAKES = {"kv_commit": _kv_commit_fake, "kv_release_pages": _kv_release_pages_fake,
-         "window_commit": _no_output_fake, "state_select": _no_output_fake}
-# Used as the CPU / CUDA kernels of torch.ops.dspark.* where the extension has none.
-REFERENCE = {"kv_commit": _ref.kv_commit, "kv_release_pages": _ref.kv_release_pages,
-             "window_commit": _ref.window_commit, "state_select": _ref.state_select}
+_KV_CPP = frozenset({"CPU", "CUDA"})  # pure data movement: C++ kernels, no Triton
+
+KV_COMMIT = _registry.declare(_registry.OpSpec(
+    schema="kv_commit(Tensor(a!)[] caches, Tensor block_table, int page_size, Tensor committed_len, "
+           "Tensor accept_path, Tensor num_accept) -> Tensor",
+    fake=_kv_commit_fake, reference=".reference.kv:kv_commit", check=_check_kv_commit,
+    check_data=_check_kv_commit_data, cpp=_KV_CPP, device_arg="block_table",
+))
+KV_RELEASE_PAGES = _registry.declare(_registry.OpSpec(
+    schema="kv_release_pages(Tensor block_table, Tensor new_len, Tensor old_len, int page_size, "
+           "Tensor(a!) refcount) -> (Tensor freed, Tensor num_freed)",
+    fake=_kv_release_pages_fake, reference=".reference.kv:kv_release_pages", check=_check_kv_release_pages,
+    check_data=_check_kv_release_pages_data, cpp=_KV_CPP,
+))
+WINDOW_COMMIT = _registry.declare(_registry.OpSpec(
+    schema="window_commit(Tensor(a!) window, Tensor rows, Tensor cu, Tensor positions, Tensor keep) -> ()",
+    fake=_no_output_fake, reference=".reference.kv:window_commit", check=_check_window_commit,
+    check_data=_check_window_commit_data, cpp=_KV_CPP,
+))
+STATE_SELECT = _registry.declare(_registry.OpSpec(
+    schema="state_select(Tensor states, Tensor index, Tensor(a!) out) -> ()",
+    fake=_no_output_fake, reference=".reference.kv:state_select", check=_check_state_select,
+    check_data=_check_state_select_data, cpp=_KV_CPP,
+))

@@ -1,47 +1,28 @@
-"""MoE ops for the target's verify pass (DESIGN.md §5 "MoE grouped GEMM"): public wrappers.
+"""MoE ops for the target's verify pass: public functions and declarations (docs/moe.md).
 
-``moe_align``, ``grouped_gemm``, ``grouped_gemm_masked`` (the expert-parallel layout)
-and ``fused_moe``, each a documented function with ``backend=None`` ∈ {"reference",
-"cpu", "triton", "cuda"} and a custom op ``torch.ops.dspark.<op>``
-(``grouped_gemm(out=...)`` goes to ``torch.ops.dspark.grouped_gemm_out``).
+``moe_align``, ``grouped_gemm`` (``out=`` goes to ``torch.ops.dspark.grouped_gemm_out``),
+``grouped_gemm_masked`` (the expert-parallel layout) and ``fused_moe`` (bf16 / fp16 /
+fp32 weights, or fp8 e4m3 with block scales, through one op), each a documented
+function with ``backend=None`` ∈ {"reference", "cpu", "triton", "cuda"}.
 
-Backends:
-
-* ``reference`` (``reference/moe.py``): float32 loops, the spec.
-* ``cpu``: PyTorch, registered under the CPU dispatch key from Python (there is
-  no C++ kernel: a loop over the touched experts of two GEMMs each *is* the right
-  CPU implementation, the GEMMs are oneDNN's: bf16 as it is with fp32
-  accumulation, fp16 / fp32 in fp32). ``moe_align``'s is a vectorised,
-  sync-free PyTorch version that runs on any device.
-* ``triton``: the GPU backend (``triton/{moe_align,grouped_gemm,grouped_gemm_masked,
-  fused_moe}.py``), registered under the CUDA dispatch key; ``backend=None`` on CUDA
-  tensors runs it through ``torch.ops.dspark.*`` (so ``torch.compile`` and CUDA graphs
-  see one op).
-* ``cuda``: none (Triton is the GPU backend; a CUDA C++ kernel would only be added
-  where it wins).
+Backends: ``reference`` (``reference/moe.py``, float32 loops, the spec); ``cpu``
+(PyTorch, ``cpu/<op>.py``: a loop over the touched experts of oneDNN GEMMs is the
+right CPU implementation); ``triton`` (``triton/<op>.py``, the GPU backend, the CUDA
+key of the op); no CUDA C++ kernel.
 """
 
 from __future__ import annotations
 
 import torch
 
-from . import _backend
-from ._validation import _FLOAT_DTYPES, _INT_DTYPES, _check_tensor, _debug_checks_enabled, _fail
-from .reference import moe as _ref
-from .reference.moe import (align_sizes, dequantize_fp8_blocks, dequantize_fp8_groups, quantize_fp8_groups,
-                             silu_and_mul)
+from . import _backend, _registry
+from ._validation import _FLOAT_DTYPES, _INT_DTYPES, _check_tensor, _fail
+from .reference.moe import align_sizes
 
 _FP8 = torch.float8_e4m3fn
 
-def _mode(op: str, device: torch.device, backend: str | None) -> str:
-    """"op" (torch.ops.dspark: the CPU / CUDA dispatch key), "triton" (direct call) or "reference"."""
-    if backend is None and device.type == "cuda" and _backend.backends(op)["triton"]:
-        return "op"  # the CUDA key runs the Triton kernel (no CUDA C++ kernel for the MoE ops)
-    name = _backend.choose_backend(op, device, backend)
-    return "op" if name in ("cpu", "cuda") else name
 
-
-# --------------------------------------------------------------------------- validation
+# --------------------------------------------------------------------------- checks
 
 
 def _check_moe_align(topk_ids, num_experts, block_m):
@@ -53,8 +34,10 @@ def _check_moe_align(topk_ids, num_experts, block_m):
     length, _ = align_sizes(topk_ids.numel(), num_experts, block_m)
     if length >= 2**31:
         _fail(op, f"topk_ids.numel() + num_experts * (block_m - 1) must be < 2^31, got {length}")
-    if _debug_checks_enabled(topk_ids.device):
-        _check_ids(op, topk_ids, num_experts)
+
+
+def _check_moe_align_data(topk_ids, num_experts, block_m):
+    _check_ids("moe_align", topk_ids, num_experts)
 
 
 def _check_ids(op, topk_ids, num_experts):
@@ -77,17 +60,20 @@ def _check_grouped_gemm(a, w, expert_offsets, out=None):
                   device=device)
     if out is not None:
         _check_tensor(op, "out", out, dim=2, shape=(a.shape[0], w.shape[1]), dtypes=(a.dtype,), device=device)
-    if _debug_checks_enabled(device):
-        offs = expert_offsets.detach().cpu().to(torch.int64)
-        if int(offs[0]) != 0:
-            _fail(op, f"expert_offsets[0] must be 0, got {int(offs[0])}")
-        step = offs[1:] - offs[:-1]
-        if (step < 0).any():
-            e = int(torch.nonzero(step < 0)[0])
-            _fail(op, f"expert_offsets must be non-decreasing, got expert_offsets[{e}] = {int(offs[e])} > "
-                      f"expert_offsets[{e + 1}] = {int(offs[e + 1])}")
-        if int(offs[-1]) > a.shape[0]:
-            _fail(op, f"expert_offsets[E] must be <= a.size(0) = {a.shape[0]}, got {int(offs[-1])}")
+
+
+def _check_grouped_gemm_data(a, w, expert_offsets, out=None):
+    op = "grouped_gemm"
+    offs = expert_offsets.detach().cpu().to(torch.int64)
+    if int(offs[0]) != 0:
+        _fail(op, f"expert_offsets[0] must be 0, got {int(offs[0])}")
+    step = offs[1:] - offs[:-1]
+    if (step < 0).any():
+        e = int(torch.nonzero(step < 0)[0])
+        _fail(op, f"expert_offsets must be non-decreasing, got expert_offsets[{e}] = {int(offs[e])} > "
+                  f"expert_offsets[{e + 1}] = {int(offs[e + 1])}")
+    if int(offs[-1]) > a.shape[0]:
+        _fail(op, f"expert_offsets[E] must be <= a.size(0) = {a.shape[0]}, got {int(offs[-1])}")
 
 
 def _check_grouped_gemm_masked(a, w, masked_m):
@@ -102,12 +88,16 @@ def _check_grouped_gemm_masked(a, w, masked_m):
     _check_tensor(op, "masked_m", masked_m, dim=1, shape=(num_experts,), dtypes=_INT_DTYPES, device=device)
     if max_m >= 2**31:
         _fail(op, f"a.size(1) (max_m) must be < 2^31, got {max_m}")
-    if _debug_checks_enabled(device):
-        counts = masked_m.detach().cpu().to(torch.int64)
-        bad = (counts < 0) | (counts > max_m)
-        if bad.any():
-            e = int(torch.nonzero(bad)[0])
-            _fail(op, f"masked_m[{e}] = {int(counts[e])} is outside [0, max_m] with max_m = a.size(1) = {max_m}")
+
+
+def _check_grouped_gemm_masked_data(a, w, masked_m):
+    op = "grouped_gemm_masked"
+    max_m = a.shape[1]
+    counts = masked_m.detach().cpu().to(torch.int64)
+    bad = (counts < 0) | (counts > max_m)
+    if bad.any():
+        e = int(torch.nonzero(bad)[0])
+        _fail(op, f"masked_m[{e}] = {int(counts[e])} is outside [0, max_m] with max_m = a.size(1) = {max_m}")
 
 
 def _check_routing(op, topk_weights, topk_ids, activation, m, num_experts, device):
@@ -121,11 +111,9 @@ def _check_routing(op, topk_weights, topk_ids, activation, m, num_experts, devic
         _fail(op, f"activation must be 'silu', got {activation!r}")
     if topk_ids.numel() >= 2**31:
         _fail(op, f"topk_ids.numel() must be < 2^31, got {topk_ids.numel()}")
-    if _debug_checks_enabled(device):
-        _check_ids(op, topk_ids, num_experts)
 
 
-def _check_fused_moe(x, w13, w2, topk_weights, topk_ids, activation):
+def _check_fused_moe_plain(x, w13, w2, topk_weights, topk_ids, activation):
     op = "fused_moe"
     _check_tensor(op, "x", x, dim=2, dtypes=_FLOAT_DTYPES)
     device = x.device
@@ -189,235 +177,54 @@ def _check_scales_match_weights(w13, w2, w13_scale, w2_scale):
     return fp8["w13"]
 
 
-# --------------------------------------------------------------------------- the cpu backend (PyTorch)
+def _check_fused_moe(x, w13, w2, topk_weights, topk_ids, w13_scale, w2_scale, block_shape, activation):
+    """bf16 / fp16 / fp32 weights without scales, or fp8 weights with block scales."""
+    if _check_scales_match_weights(w13, w2, w13_scale, w2_scale):
+        _check_fused_moe_fp8(x, w13, w2, topk_weights, topk_ids, w13_scale, w2_scale, block_shape, activation)
+    else:
+        _check_fused_moe_plain(x, w13, w2, topk_weights, topk_ids, activation)
 
 
-def _torch_moe_align(topk_ids, num_experts, block_m):
-    """moe_align in PyTorch: fixed-size outputs, no host sync (any device)."""
-    device = topk_ids.device
-    ids = topk_ids.reshape(-1).to(torch.int64)
-    numel = ids.numel()
-    length, num_blocks = align_sizes(numel, num_experts, block_m)
-    key = torch.where((ids >= 0) & (ids < num_experts), ids, num_experts)  # E: dropped
-    counts = torch.zeros(num_experts + 1, dtype=torch.int64, device=device).scatter_add_(0, key, torch.ones_like(key))
-    counts[num_experts] = 0
-    padded = (counts + block_m - 1) // block_m * block_m
-    ends = torch.cumsum(padded, 0)
-    seg_start = ends - padded
-    seg_start[num_experts] = length  # dropped slots are scattered past the end
-    unpadded_start = torch.cumsum(counts, 0) - counts
-    order = torch.sort(key, stable=True).indices                # by expert, then flat index
-    k_sorted = key[order]
-    rank = torch.arange(numel, device=device) - unpadded_start[k_sorted]
-    dest = torch.where(k_sorted < num_experts, seg_start[k_sorted] + rank, length)
-    sorted_ids = torch.full((length + 1,), numel, dtype=torch.int32, device=device)
-    sorted_ids.scatter_(0, dest, order.to(torch.int32))
-    total = ends[num_experts - 1]
-    block_start = torch.arange(num_blocks, device=device, dtype=torch.int64) * block_m
-    expert = torch.searchsorted(ends[:num_experts].contiguous(), block_start, right=True)
-    expert_ids = torch.where(block_start < total, expert, -1).to(torch.int32)
-    return sorted_ids[:length].clone(), expert_ids, total.reshape(1).to(torch.int32)
+def _check_fused_moe_data(x, w13, w2, topk_weights, topk_ids, *rest):
+    _check_ids("fused_moe", topk_ids, w13.shape[0])
 
 
-def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    """The CPU GEMMs' operand dtype: bf16 as it is (oneDNN accumulates in fp32, AMX /
-    AVX512-BF16 where present; no copy of the weights), fp16 and fp32 in fp32."""
-    return torch.bfloat16 if dtype == torch.bfloat16 else torch.float32
+# --------------------------------------------------------------------------- implementations with the schema's arguments
 
 
-def _mm_into(out, a, w):
-    """``out = a @ w^T`` with ``w`` converted to ``out``'s dtype only where it must be."""
-    torch.mm(a, w.t() if w.dtype == out.dtype else w.t().to(out.dtype), out=out)
+def _fused_moe_reference(x, w13, w2, topk_weights, topk_ids, w13_scale, w2_scale, block_shape, activation):
+    from .reference import moe as ref
+
+    if w13_scale is not None:
+        return ref.fused_moe_fp8(x, w13, w2, topk_weights, topk_ids, w13_scale, w2_scale, tuple(block_shape),
+                                 activation)
+    return ref.fused_moe(x, w13, w2, topk_weights, topk_ids, activation)
 
 
-def _torch_grouped_gemm_out(a, w, expert_offsets, out):
-    offs = expert_offsets.tolist()
-    cdt = _compute_dtype(a.dtype)
-    for e in range(w.shape[0]):
-        lo, hi = offs[e], offs[e + 1]
-        if hi > lo:
-            res = torch.empty((hi - lo, w.shape[1]), dtype=cdt, device=a.device)
-            _mm_into(res, a[lo:hi].to(cdt), w[e])
-            out[lo:hi] = res
-    out[offs[-1]:] = 0
+def _fused_moe_triton(x, w13, w2, topk_weights, topk_ids, w13_scale, w2_scale, block_shape, activation):
+    if w13_scale is None:
+        from .triton.fused_moe import fused_moe as impl
 
-
-def _torch_grouped_gemm_masked(a, w, masked_m):
-    """One GEMM per expert with tokens over its first ``masked_m[e]`` rows (the padding rows
-    of ``a`` are never read); the output's padding rows are zeroed, nothing else twice."""
-    num_experts, max_m, _ = a.shape
-    out = torch.empty((num_experts, max_m, w.shape[1]), dtype=a.dtype, device=a.device)
-    cdt = _compute_dtype(a.dtype)
-    for e, m in enumerate(masked_m.tolist()):
-        m = min(max(m, 0), max_m)
-        if m:
-            if cdt == a.dtype:
-                _mm_into(out[e, :m], a[e, :m], w[e])
-            else:
-                res = torch.empty((m, w.shape[1]), dtype=cdt, device=a.device)
-                _mm_into(res, a[e, :m].to(cdt), w[e])
-                out[e, :m] = res
-        out[e, m:] = 0
-    return out
-
-
-def _torch_fused_moe(x, w13, w2, topk_weights, topk_ids):
-    """Slots sorted by expert, rows gathered once; per touched expert only its two GEMMs
-    (into slices of sorted buffers); SiLU-and-mul, the routed weights and the top-k sum
-    in slot order (deterministic) once over the batch."""
-    m, k = topk_ids.shape
-    num_experts, two_i, _ = w13.shape
-    ids = topk_ids.reshape(-1).to(torch.int64)
-    key = torch.where((ids >= 0) & (ids < num_experts), ids, num_experts)
-    order = torch.sort(key, stable=True).indices
-    counts = torch.bincount(key, minlength=num_experts + 1).tolist()
-    n = m * k - counts[num_experts]
-    slots = order[:n]
-    cdt = _compute_dtype(x.dtype)
-    xs = x[slots // k].to(cdt)
-    h = torch.empty((n, two_i), dtype=cdt, device=x.device)
-    ys = torch.empty((n, w2.shape[1]), dtype=cdt, device=x.device)
-    bounds = [0]
-    for c in counts[:num_experts]:
-        bounds.append(bounds[-1] + c)
-    for e in range(num_experts):
-        lo, hi = bounds[e], bounds[e + 1]
-        if hi > lo:
-            _mm_into(h[lo:hi], xs[lo:hi], w13[e])
-    act = silu_and_mul(h.float()).to(cdt)
-    for e in range(num_experts):
-        lo, hi = bounds[e], bounds[e + 1]
-        if hi > lo:
-            _mm_into(ys[lo:hi], act[lo:hi], w2[e])
-    y = torch.zeros(m * k, w2.shape[1], dtype=torch.float32, device=x.device)  # slot t·k + j
-    y[slots] = ys.float() * topk_weights.reshape(-1).float()[slots, None]
-    return y.view(m, k, w2.shape[1]).sum(dim=1).to(x.dtype)
-
-
-def _torch_fused_moe_fp8(x, w13, w2, topk_weights, topk_ids, w13_scale, w2_scale, block_shape):
-    """fp8 fused_moe in PyTorch (any device): x quantised once per token, slots sorted by
-    expert; per touched expert its two weights dequantised (float32) and two GEMMs;
-    the intermediate quantised per row group between them. The reference's numerics
-    (float32, the same quantisation), only the summation order differs."""
-    bk = block_shape[1]
-    m, k = topk_ids.shape
-    num_experts, two_i, _ = w13.shape
-    ids = topk_ids.reshape(-1).to(torch.int64)
-    key = torch.where((ids >= 0) & (ids < num_experts), ids, num_experts)
-    order = torch.sort(key, stable=True).indices
-    counts = torch.bincount(key, minlength=num_experts + 1).tolist()
-    n = m * k - counts[num_experts]
-    slots = order[:n]
-    xs = dequantize_fp8_groups(*quantize_fp8_groups(x, bk), bk)[slots // k]
-    h = torch.empty((n, two_i), dtype=torch.float32, device=x.device)
-    ys = torch.empty((n, w2.shape[1]), dtype=torch.float32, device=x.device)
-    bounds = [0]
-    for c in counts[:num_experts]:
-        bounds.append(bounds[-1] + c)
-    touched = [e for e in range(num_experts) if bounds[e + 1] > bounds[e]]
-    for e in touched:
-        torch.mm(xs[bounds[e]:bounds[e + 1]], dequantize_fp8_blocks(w13[e], w13_scale[e], block_shape).t(),
-                 out=h[bounds[e]:bounds[e + 1]])
-    act = dequantize_fp8_groups(*quantize_fp8_groups(silu_and_mul(h), bk), bk)
-    for e in touched:
-        torch.mm(act[bounds[e]:bounds[e + 1]], dequantize_fp8_blocks(w2[e], w2_scale[e], block_shape).t(),
-                 out=ys[bounds[e]:bounds[e + 1]])
-    y = torch.zeros(m * k, w2.shape[1], dtype=torch.float32, device=x.device)  # slot t·k + j
-    y[slots] = ys * topk_weights.reshape(-1).float()[slots, None]
-    return y.view(m, k, w2.shape[1]).sum(dim=1).to(x.dtype)
-
-
-# Implementations registered under the dispatch keys (dspark_kernels/_registration.py).
-# Each checks its arguments, so a direct torch.ops.dspark.* call gets the same errors.
-
-
-def moe_align_cpu(topk_ids, num_experts, block_m):
-    _check_moe_align(topk_ids, num_experts, block_m)
-    return _torch_moe_align(topk_ids, num_experts, block_m)
-
-
-def grouped_gemm_cpu(a, w, expert_offsets):
-    _check_grouped_gemm(a, w, expert_offsets)
-    out = torch.empty((a.shape[0], w.shape[1]), dtype=a.dtype, device=a.device)
-    _torch_grouped_gemm_out(a, w, expert_offsets, out)
-    return out
-
-
-def grouped_gemm_out_cpu(a, w, expert_offsets, out):
-    _check_grouped_gemm(a, w, expert_offsets, out)
-    _torch_grouped_gemm_out(a, w, expert_offsets, out)
-
-
-def grouped_gemm_masked_cpu(a, w, masked_m):
-    _check_grouped_gemm_masked(a, w, masked_m)
-    return _torch_grouped_gemm_masked(a, w, masked_m)
-
-
-def fused_moe_cpu(x, w13, w2, topk_weights, topk_ids, activation="silu"):
-    _check_fused_moe(x, w13, w2, topk_weights, topk_ids, activation)
-    return _torch_fused_moe(x, w13, w2, topk_weights, topk_ids)
-
-
-def fused_moe_fp8_cpu(x, w13, w2, topk_weights, topk_ids, w13_scale, w2_scale, block_shape=(128, 128),
-                      activation="silu"):
-    _check_fused_moe_fp8(x, w13, w2, topk_weights, topk_ids, w13_scale, w2_scale, block_shape, activation)
-    return _torch_fused_moe_fp8(x, w13, w2, topk_weights, topk_ids, w13_scale, w2_scale, tuple(block_shape))
-
-
-def moe_align_triton(topk_ids, num_experts, block_m):
-    from .triton.moe_align import moe_align as impl
-
-    _check_moe_align(topk_ids, num_experts, block_m)
-    return impl(topk_ids, num_experts, block_m)
-
-
-def grouped_gemm_triton(a, w, expert_offsets):
-    from .triton.grouped_gemm import grouped_gemm as impl
-
-    _check_grouped_gemm(a, w, expert_offsets)
-    return impl(a, w, expert_offsets)
-
-
-def grouped_gemm_out_triton(a, w, expert_offsets, out):
-    from .triton.grouped_gemm import grouped_gemm_out as impl
-
-    _check_grouped_gemm(a, w, expert_offsets, out)
-    impl(a, w, expert_offsets, out)
-
-
-def grouped_gemm_masked_triton(a, w, masked_m):
-    from .triton.grouped_gemm_masked import grouped_gemm_masked as impl
-
-    _check_grouped_gemm_masked(a, w, masked_m)
-    return impl(a, w, masked_m)
-
-
-def fused_moe_triton(x, w13, w2, topk_weights, topk_ids, activation="silu"):
-    from .triton.fused_moe import fused_moe as impl
-
-    _check_fused_moe(x, w13, w2, topk_weights, topk_ids, activation)
-    return impl(x, w13, w2, topk_weights, topk_ids, activation)
-
-
-def fused_moe_fp8_triton(x, w13, w2, topk_weights, topk_ids, w13_scale, w2_scale, block_shape=(128, 128),
-                         activation="silu"):
+        return impl(x, w13, w2, topk_weights, topk_ids, activation)
     from .triton.fused_moe_fp8 import fp8_supported
     from .triton.fused_moe_fp8 import fused_moe_fp8 as impl
 
-    _check_fused_moe_fp8(x, w13, w2, topk_weights, topk_ids, w13_scale, w2_scale, block_shape, activation)
     if not fp8_supported(x.device):  # Triton has no float8_e4m3fn before sm_89
+        from .cpu.fused_moe import fused_moe_fp8 as torch_impl
+
         _backend.warn_once("fused_moe_fp8:pre-sm89", "dspark_kernels.fused_moe: fp8 weights on a GPU before sm_89 "
                            "run the PyTorch implementation (Triton has no float8_e4m3fn there; it syncs the host)")
-        return _torch_fused_moe_fp8(x, w13, w2, topk_weights, topk_ids, w13_scale, w2_scale, tuple(block_shape))
+        return torch_impl(x, w13, w2, topk_weights, topk_ids, w13_scale, w2_scale, tuple(block_shape))
     return impl(x, w13, w2, topk_weights, topk_ids, w13_scale, w2_scale, tuple(block_shape), activation)
 
 
+def _grouped_gemm_out_reference(a, w, expert_offsets, out):
+    from .reference import moe as ref
+
+    out.copy_(ref.grouped_gemm(a, w, expert_offsets))
+
+
 # --------------------------------------------------------------------------- public functions
-
-
-def _device_of(op, name, t):
-    _check_tensor(op, name, t)
-    return t.device
 
 
 def moe_align(topk_ids: torch.Tensor, num_experts: int, block_m: int, *,
@@ -450,17 +257,15 @@ def moe_align(topk_ids: torch.Tensor, num_experts: int, block_m: int, *,
         ``sorted_token_ids [numel + E·(block_m − 1)]`` int32,
         ``expert_ids [cdiv(numel + E·(block_m − 1), block_m)]`` int32,
         ``num_tokens_post_pad [1]`` int32.
-    """
-    op = "moe_align"
-    mode = _mode(op, _device_of(op, "topk_ids", topk_ids), backend)
-    if mode == "op":
-        return torch.ops.dspark.moe_align(topk_ids, num_experts, block_m)
-    _check_moe_align(topk_ids, num_experts, block_m)
-    if mode == "triton":
-        from .triton.moe_align import moe_align as impl
 
-        return impl(topk_ids, num_experts, block_m)
-    return _ref.moe_align(topk_ids, num_experts, block_m)
+    Example:
+
+    >>> import torch, dspark_kernels as dk
+    >>> sorted_ids, expert_ids, total = dk.moe_align(torch.tensor([[0, 1], [1, -1]]), 2, 2)
+    >>> sorted_ids.tolist(), expert_ids.tolist(), total.tolist()
+    ([0, 4, 1, 2, 4, 4], [0, 1, -1], [4])
+    """
+    return _registry.dispatch(MOE_ALIGN, backend, topk_ids, num_experts, block_m)
 
 
 def grouped_gemm(a: torch.Tensor, w: torch.Tensor, expert_offsets: torch.Tensor, *,
@@ -483,26 +288,18 @@ def grouped_gemm(a: torch.Tensor, w: torch.Tensor, expert_offsets: torch.Tensor,
 
     Returns:
         ``[T, N]``.
-    """
-    op = "grouped_gemm"
-    mode = _mode(op, _device_of(op, "a", a), backend)
-    if mode == "op":
-        if out is None:
-            return torch.ops.dspark.grouped_gemm(a, w, expert_offsets)
-        torch.ops.dspark.grouped_gemm_out(a, w, expert_offsets, out=out)
-        return out
-    _check_grouped_gemm(a, w, expert_offsets, out)
-    if mode == "triton":
-        from .triton.grouped_gemm import grouped_gemm_out as impl
 
-        if out is None:
-            out = torch.empty((a.shape[0], w.shape[1]), dtype=a.dtype, device=a.device)
-        impl(a, w, expert_offsets, out)
-        return out
-    result = _ref.grouped_gemm(a, w, expert_offsets)
+    Example:
+
+    >>> import torch, dspark_kernels as dk
+    >>> a = torch.ones(3, 2)
+    >>> w = torch.stack([torch.eye(2), 2 * torch.eye(2)])   # expert 0: identity, expert 1: doubles
+    >>> dk.grouped_gemm(a, w, torch.tensor([0, 1, 3])).tolist()
+    [[1.0, 1.0], [2.0, 2.0], [2.0, 2.0]]
+    """
     if out is None:
-        return result
-    out.copy_(result)
+        return _registry.dispatch(GROUPED_GEMM, backend, a, w, expert_offsets)
+    _registry.dispatch(GROUPED_GEMM_OUT, backend, a, w, expert_offsets, out)
     return out
 
 
@@ -536,17 +333,15 @@ def grouped_gemm_masked(a: torch.Tensor, w: torch.Tensor, masked_m: torch.Tensor
 
     Returns:
         ``[E, max_m, N]`` in ``a``'s dtype.
-    """
-    op = "grouped_gemm_masked"
-    mode = _mode(op, _device_of(op, "a", a), backend)
-    if mode == "op":
-        return torch.ops.dspark.grouped_gemm_masked(a, w, masked_m)
-    _check_grouped_gemm_masked(a, w, masked_m)
-    if mode == "triton":
-        from .triton.grouped_gemm_masked import grouped_gemm_masked as impl
 
-        return impl(a, w, masked_m)
-    return _ref.grouped_gemm_masked(a, w, masked_m)
+    Example:
+
+    >>> import torch, dspark_kernels as dk
+    >>> a, w = torch.ones(2, 2, 3), torch.ones(2, 1, 3)
+    >>> dk.grouped_gemm_masked(a, w, torch.tensor([1, 2])).squeeze(-1).tolist()
+    [[3.0, 0.0], [3.0, 3.0]]
+    """
+    return _registry.dispatch(GROUPED_GEMM_MASKED, backend, a, w, masked_m)
 
 
 def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor,
@@ -576,8 +371,8 @@ def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights
     e4m3 with the fp32 scale ``amax / 448`` (round to nearest even, saturating; a group
     of zeros has scale 0), and the float32 intermediate ``silu(g) ⊙ u`` the same way
     before GEMM2; the products are summed in fp32 and scaled per K block (the GPU
-    kernel uses fp8 tensor cores, sm_89+; older GPUs run the PyTorch implementation). Runs as ``torch.ops.dspark.fused_moe_fp8`` (a
-    separate op: see ``_registration.py``). Scales are required iff the weights are fp8.
+    kernel uses fp8 tensor cores, sm_89+; older GPUs run the PyTorch implementation). Scales are required iff the weights are fp8
+    (one op, ``torch.ops.dspark.fused_moe``, for both: docs/moe.md).
 
     Args:
         x: ``[M, H]``, any strides.
@@ -593,32 +388,63 @@ def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights
 
     Returns:
         ``[M, H]`` in ``x``'s dtype.
+
+    Example:
+
+    >>> import torch, dspark_kernels as dk
+    >>> _ = torch.manual_seed(0)
+    >>> x, w13, w2 = torch.randn(4, 8), torch.randn(2, 6, 8), torch.randn(2, 8, 3)   # H = 8, I = 3, E = 2
+    >>> ids, weights = torch.tensor([[0, 1], [1, -1], [0, 0], [1, 0]]), torch.rand(4, 2)
+    >>> out = dk.fused_moe(x, w13, w2, weights, ids)
+    >>> out.shape, torch.allclose(out, dk.fused_moe(x, w13, w2, weights, ids, backend="reference"), atol=1e-5)
+    (torch.Size([4, 8]), True)
     """
-    if _check_scales_match_weights(w13, w2, w13_scale, w2_scale):
-        return _fused_moe_fp8(x, w13, w2, topk_weights, topk_ids, w13_scale, w2_scale, block_shape, activation,
-                              backend)
-    op = "fused_moe"
-    mode = _mode(op, _device_of(op, "x", x), backend)
-    if mode == "op":
-        return torch.ops.dspark.fused_moe(x, w13, w2, topk_weights, topk_ids, activation=activation)
-    _check_fused_moe(x, w13, w2, topk_weights, topk_ids, activation)
-    if mode == "triton":
-        from .triton.fused_moe import fused_moe as impl
-
-        return impl(x, w13, w2, topk_weights, topk_ids, activation)
-    return _ref.fused_moe(x, w13, w2, topk_weights, topk_ids, activation)
+    if isinstance(block_shape, tuple):
+        block_shape = list(block_shape)
+    return _registry.dispatch(FUSED_MOE, backend, x, w13, w2, topk_weights, topk_ids, w13_scale, w2_scale,
+                              block_shape, activation)
 
 
-def _fused_moe_fp8(x, w13, w2, topk_weights, topk_ids, w13_scale, w2_scale, block_shape, activation, backend):
-    op = "fused_moe_fp8"
-    mode = _mode(op, _device_of("fused_moe", "x", x), backend)
-    if mode == "op":
-        block_shape = list(_check_block_shape("fused_moe", block_shape))
-        return torch.ops.dspark.fused_moe_fp8(x, w13, w2, topk_weights, topk_ids, w13_scale, w2_scale,
-                                              block_shape=block_shape, activation=activation)
-    _check_fused_moe_fp8(x, w13, w2, topk_weights, topk_ids, w13_scale, w2_scale, block_shape, activation)
-    if mode == "triton":
-        return fused_moe_fp8_triton(x, w13, w2, topk_weights, topk_ids, w13_scale, w2_scale, block_shape,
-                                    activation)
-    return _ref.fused_moe_fp8(x, w13, w2, topk_weights, topk_ids, w13_scale, w2_scale, tuple(block_shape),
-                              activation)
+# --------------------------------------------------------------------------- declarations
+
+
+def _moe_align_fake(topk_ids, num_experts, block_m):
+    length, num_blocks = align_sizes(topk_ids.numel(), num_experts, block_m)
+    i32 = dict(dtype=torch.int32)
+    return (topk_ids.new_empty((length,), **i32), topk_ids.new_empty((num_blocks,), **i32),
+            topk_ids.new_empty((1,), **i32))
+
+
+MOE_ALIGN = _registry.declare(_registry.OpSpec(
+    schema="moe_align(Tensor topk_ids, int num_experts, int block_m) "
+           "-> (Tensor sorted_token_ids, Tensor expert_ids, Tensor num_tokens_post_pad)",
+    fake=_moe_align_fake, reference=".reference.moe:moe_align", cpu=".cpu.moe_align:moe_align",
+    triton=".triton.moe_align:moe_align", check=_check_moe_align, check_data=_check_moe_align_data,
+))
+GROUPED_GEMM = _registry.declare(_registry.OpSpec(
+    schema="grouped_gemm(Tensor a, Tensor w, Tensor expert_offsets) -> Tensor",
+    fake=lambda a, w, expert_offsets: a.new_empty((a.shape[0], w.shape[1])),
+    reference=".reference.moe:grouped_gemm", cpu=".cpu.grouped_gemm:grouped_gemm",
+    triton=".triton.grouped_gemm:grouped_gemm", check=_check_grouped_gemm, check_data=_check_grouped_gemm_data,
+))
+GROUPED_GEMM_OUT = _registry.declare(_registry.OpSpec(
+    schema="grouped_gemm_out(Tensor a, Tensor w, Tensor expert_offsets, *, Tensor(a!) out) -> ()",
+    fake=lambda a, w, expert_offsets, out: None,
+    reference=_grouped_gemm_out_reference, cpu=".cpu.grouped_gemm:grouped_gemm_out",
+    triton=".triton.grouped_gemm:grouped_gemm_out", check=_check_grouped_gemm, check_data=_check_grouped_gemm_data,
+))
+GROUPED_GEMM_MASKED = _registry.declare(_registry.OpSpec(
+    schema="grouped_gemm_masked(Tensor a, Tensor w, Tensor masked_m) -> Tensor",
+    fake=lambda a, w, masked_m: a.new_empty((a.shape[0], a.shape[1], w.shape[1])),
+    reference=".reference.moe:grouped_gemm_masked", cpu=".cpu.grouped_gemm_masked:grouped_gemm_masked",
+    triton=".triton.grouped_gemm_masked:grouped_gemm_masked", check=_check_grouped_gemm_masked,
+    check_data=_check_grouped_gemm_masked_data,
+))
+FUSED_MOE = _registry.declare(_registry.OpSpec(
+    schema="fused_moe(Tensor x, Tensor w13, Tensor w2, Tensor topk_weights, Tensor topk_ids, *, "
+           "Tensor? w13_scale=None, Tensor? w2_scale=None, int[] block_shape=[128, 128], "
+           "str activation=\"silu\") -> Tensor",
+    fake=lambda x, w13, w2, *rest: x.new_empty((x.shape[0], w2.shape[1])),
+    reference=_fused_moe_reference, cpu=".cpu.fused_moe:fused_moe", triton=_fused_moe_triton,
+    check=_check_fused_moe, check_data=_check_fused_moe_data,
+))

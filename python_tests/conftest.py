@@ -17,7 +17,7 @@ import dspark_kernels  # noqa: E402
 
 
 def available_backends(include_reference: bool = False) -> list[str]:
-    names = [b for b, ok in dspark_kernels.backends().items() if ok]
+    names = [b for b, ok in dspark_kernels.backends("verify_block").items() if ok]
     return names if include_reference else [b for b in names if b != "reference"]
 
 

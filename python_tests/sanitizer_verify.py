@@ -63,7 +63,7 @@ def main() -> int:
     if not torch.cuda.is_available():
         print("sanitizer_verify: no CUDA device; nothing to check")
         return 0
-    avail = dspark_kernels.backends()
+    avail = dspark_kernels.backends("verify_block")
     gpu = [b for b in ("cuda", "triton") if avail.get(b)]
     check = "cpu" if avail.get("cpu") else "reference"
     if not gpu:

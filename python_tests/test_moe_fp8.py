@@ -30,7 +30,7 @@ import dspark_kernels as dk
 from dspark_kernels.reference import moe as ref
 
 CUDA = torch.cuda.is_available()
-OP = "fused_moe_fp8"
+OP = "fused_moe"  # fp8 weights go through the same op
 FP8 = torch.float8_e4m3fn
 FLIPS = 2
 
@@ -402,8 +402,8 @@ def test_triton_needs_block_k_multiple_of_32(block_k):
 def test_direct_op_call_checks_arguments():
     a = _args()
     with pytest.raises((ValueError, RuntimeError), match="w2_scale"):
-        torch.ops.dspark.fused_moe_fp8(a["x"], a["w13"], a["w2"], a["topk_weights"], a["topk_ids"],
-                                       a["w13_scale"], a["w2_scale"][:, :1])
+        torch.ops.dspark.fused_moe(a["x"], a["w13"], a["w2"], a["topk_weights"], a["topk_ids"],
+                                   w13_scale=a["w13_scale"], w2_scale=a["w2_scale"][:, :1])
 
 
 # --------------------------------------------------------------------------- compiler, opcheck, backends
@@ -418,16 +418,17 @@ def test_opcheck():
     """opcheck without its "test_schema" util (torch's SchemaCheckMode compares inputs with
     torch.allclose, which has no float8 kernel); the schema's claim (no input mutated, the
     output aliases none) is checked here by hand, byte for byte."""
-    op = torch.ops.dspark.fused_moe_fp8.default
+    op = torch.ops.dspark.fused_moe.default
     utils = ("test_autograd_registration", "test_faketensor", "test_aot_dispatch_dynamic")
     x, w13, w2, tw, ids, s13, s2 = fp8_inputs(4, 200, 72, 5, 2, kind="pad", seed=9)
-    for args, kwargs in [((x, w13, w2, tw, ids, s13, s2), {}),
-                         ((x.half(), w13, w2, tw, ids.long(), s13, s2), dict(block_shape=[128, 128],
-                                                                            activation="silu"))]:
+    for args, kwargs in [((x, w13, w2, tw, ids), dict(w13_scale=s13, w2_scale=s2)),
+                         ((x.half(), w13, w2, tw, ids.long()), dict(w13_scale=s13, w2_scale=s2, block_shape=[128, 128],
+                                                                   activation="silu"))]:
         torch.library.opcheck(op, args, kwargs, test_utils=utils)
-        before = [a.clone() for a in args]
+        inputs = list(args) + [v for v in kwargs.values() if isinstance(v, torch.Tensor)]
+        before = [a.clone() for a in inputs]
         out = op(*args, **kwargs)
-        for a, b in zip(args, before):
+        for a, b in zip(inputs, before):
             assert torch.equal(a.view(torch.uint8) if a.dtype == FP8 else a, b.view(torch.uint8) if b.dtype == FP8
                                else b)
             assert out.untyped_storage().data_ptr() != a.untyped_storage().data_ptr()

@@ -25,7 +25,7 @@ from dspark_kernels.reference.verify_block import verify_block as ref_verify_blo
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 
-pytestmark = pytest.mark.skipif(not dspark_kernels.backends()["triton"], reason="triton is not available")
+pytestmark = pytest.mark.skipif(not dspark_kernels.backends("verify_block")["triton"], reason="triton is not available")
 
 
 def _build(num_draft, vocab, *, dtype=torch.float32, draft="point", sampling=True, greedy_mix=False, top_k=False,

@@ -252,7 +252,7 @@ def _availability(name: str, device: torch.device, explicit: bool, group: Group,
     """(status, note) when `name` is not run for this case, else None."""
     if name in BASELINES:
         return None
-    avail = dspark_kernels.backends()
+    avail = dspark_kernels.backends("verify_block")
     if name == "triton" and device.type == "cpu":
         if not explicit:
             return "skipped", "Triton interpreter on CPU: far too slow to mean anything (--backend triton forces it)"
@@ -275,7 +275,7 @@ def run(args, ctx) -> list[dict]:
     device = ctx.device
     groups, batches = plan(args, device)
     names, explicit = select_backends(args, device)
-    cpu_ok = dspark_kernels.backends()["cpu"]
+    cpu_ok = dspark_kernels.backends("verify_block")["cpu"]
     ceiling = ctx.ceiling_GBps()
     cases: list[dict] = []
     progress = ctx.progress(len(groups) * len(batches), NAME)

@@ -1,26 +1,23 @@
-"""Public op wrappers: defaults, validation, backend choice, docstrings.
+"""Verification: ``verify_block``, batched lossless acceptance of ragged draft blocks.
 
-Every op is a function ``dspark_kernels.<op>(..., backend=None)``. ``backend``
-forces one of "reference", "cpu", "triton", "cuda"; None picks the best one for
-the inputs' device (CUDA: cuda > triton > reference; CPU: cpu > reference).
+The public function normalises its arguments (scalars to per-request tensors,
+default seeds and offsets, ``max_num_draft``) and ends in the op's single dispatch
+path; the op is declared once, by ``VERIFY_BLOCK`` below.
 """
 
 from __future__ import annotations
 
 import torch
 
-from . import _backend
+from . import _registry
 from ._validation import (
     _FLOAT_DTYPES,
     _INT_DTYPES,
     _check_tensor,
-    _debug_checks_enabled,
     _default_seed_offset,
     _fail,
     _per_request,
 )
-from .reference import verify_block as _ref_verify
-
 
 def verify_block(
     target_logits: torch.Tensor,
@@ -83,7 +80,35 @@ def verify_block(
     Returns:
         ``output_tokens [B, max_num_draft + 1]`` int32 (accepted drafts, then the
         emitted token, then -1) and ``num_accepted [B]`` int32.
+
+    Example:
+
+    >>> import torch, dspark_kernels as dk
+    >>> logits = torch.full((3, 5), -10.0)
+    >>> logits[0, 2] = logits[1, 4] = logits[2, 1] = 10.0
+    >>> # one greedy request drafting [2, 3]: 2 is row 0's argmax (accepted), 3 is not row 1's (4 is emitted)
+    >>> out, n = dk.verify_block(logits, torch.tensor([2, 3]), torch.tensor([0, 2]), max_num_draft=2)
+    >>> out.tolist(), n.tolist()
+    ([[2, 4, -1]], [1])
     """
+    op = "verify_block"
+    _check_tensor(op, "target_logits", target_logits, dim=2, dtypes=_FLOAT_DTYPES)
+    _check_tensor(op, "cu_num_draft", cu_num_draft, dim=1, dtypes=_INT_DTYPES, device=target_logits.device)
+    device = target_logits.device
+    batch = max(cu_num_draft.shape[0] - 1, 0)
+    temperature = _per_request(op, "temperature", temperature, batch, device, torch.float32)
+    top_k = _per_request(op, "top_k", top_k, batch, device, torch.int32)
+    top_p = _per_request(op, "top_p", top_p, batch, device, torch.float32)
+    seed, offset = _default_seed_offset(op, seed, offset, batch, device)
+    if max_num_draft is None:
+        max_num_draft = int((cu_num_draft[1:] - cu_num_draft[:-1]).max()) if batch > 0 else 0
+    return _registry.dispatch(VERIFY_BLOCK, backend, target_logits, draft_tokens, cu_num_draft, draft_logits,
+                              draft_probs, temperature, top_k, top_p, seed, offset, max_num_draft)
+
+
+def _check_verify_block(target_logits, draft_tokens, cu_num_draft, draft_logits, draft_probs, temperature, top_k,
+                        top_p, seed, offset, max_num_draft):
+    """Shape / dtype / device checks (the C++ kernels run the same ones themselves)."""
     op = "verify_block"
     _check_tensor(op, "target_logits", target_logits, dim=2, dtypes=_FLOAT_DTYPES)
     device = target_logits.device
@@ -104,35 +129,24 @@ def verify_block(
     for name, t in (("draft_logits", draft_logits), ("draft_probs", draft_probs)):
         if t is not None:
             _check_tensor(op, name, t, dim=2, shape=(num_draft, vocab), dtypes=_FLOAT_DTYPES, device=device)
-    temperature = _per_request(op, "temperature", temperature, batch, device, torch.float32)
-    top_k = _per_request(op, "top_k", top_k, batch, device, torch.int32)
-    top_p = _per_request(op, "top_p", top_p, batch, device, torch.float32)
-    seed, offset = _default_seed_offset(op, seed, offset, batch, device)
-    if max_num_draft is None:
-        max_num_draft = int((cu_num_draft[1:] - cu_num_draft[:-1]).max()) if batch > 0 else 0
+    for name, t, floating in (("temperature", temperature, True), ("top_k", top_k, False), ("top_p", top_p, True)):
+        if t is not None:
+            _check_tensor(op, name, t, dim=1, shape=(batch,), device=device)
+            if t.dtype.is_floating_point != floating:
+                _fail(op, f"{name} must be a {'floating' if floating else 'integer'} tensor, got {t.dtype}")
+    for name, t in (("seed", seed), ("offset", offset)):
+        _check_tensor(op, name, t, dim=1, shape=(batch,), dtypes=_INT_DTYPES, device=device)
+    if isinstance(max_num_draft, bool) or not isinstance(max_num_draft, (int, torch.SymInt)):
+        _fail(op, f"max_num_draft must be an int, got {type(max_num_draft).__name__}")
     if max_num_draft < 0:
         _fail(op, f"max_num_draft must be >= 0, got {max_num_draft}")
 
-    name = _backend.choose_backend(op, device, backend)
-    if name != "cpu" and _debug_checks_enabled(device):  # the C++ CPU kernel checks these itself
-        _check_verify_block_data(cu_num_draft, draft_tokens, vocab, int(max_num_draft))
-    args = (target_logits, draft_tokens, cu_num_draft, draft_logits, draft_probs, temperature, top_k, top_p,
-            seed, offset, int(max_num_draft))
-    if name in ("cpu", "cuda"):
-        return torch.ops.dspark.verify_block(
-            target_logits, draft_tokens, cu_num_draft, draft_logits=draft_logits, draft_probs=draft_probs,
-            temperature=temperature, top_k=top_k, top_p=top_p, seed=seed, offset=offset,
-            max_num_draft=int(max_num_draft))
-    if name == "triton":
-        from .triton.verify_block import verify_block as triton_verify_block
 
-        return triton_verify_block(*args)
-    return _ref_verify.verify_block(*args)
-
-
-def _check_verify_block_data(cu_num_draft, draft_tokens, vocab, max_num_draft):
+def _check_verify_block_data(target_logits, draft_tokens, cu_num_draft, draft_logits, draft_probs, temperature,
+                             top_k, top_p, seed, offset, max_num_draft):
     """Data-dependent checks (host reads): CPU always, CUDA under DSPARK_DEBUG=1."""
     op = "verify_block"
+    vocab = target_logits.shape[1]
     cu = cu_num_draft.cpu().to(torch.int64)
     if cu[0] != 0:
         _fail(op, f"cu_num_draft[0] must be 0, got {int(cu[0])}")
@@ -151,3 +165,24 @@ def _check_verify_block_data(cu_num_draft, draft_tokens, vocab, max_num_draft):
     if bad.any():
         i = int(torch.nonzero(bad)[0])
         _fail(op, f"draft_tokens[{i}] = {int(d[i])} is outside [-1, V) with V = {vocab}")
+
+
+def _verify_block_fake(target_logits, draft_tokens, cu_num_draft, draft_logits, draft_probs, temperature, top_k, top_p,
+                       seed, offset, max_num_draft):
+    batch = cu_num_draft.shape[0] - 1
+    out = target_logits.new_empty((batch, max_num_draft + 1), dtype=torch.int32)
+    return out, target_logits.new_empty((batch,), dtype=torch.int32)
+
+
+VERIFY_BLOCK = _registry.declare(_registry.OpSpec(
+    schema="verify_block(Tensor target_logits, Tensor draft_tokens, Tensor cu_num_draft, *, "
+           "Tensor? draft_logits=None, Tensor? draft_probs=None, Tensor? temperature=None, "
+           "Tensor? top_k=None, Tensor? top_p=None, Tensor seed, Tensor offset, SymInt max_num_draft) "
+           "-> (Tensor output_tokens, Tensor num_accepted)",
+    fake=_verify_block_fake,
+    reference=".reference.verify_block:verify_block",
+    triton=".triton.verify_block:verify_block",
+    check=_check_verify_block,
+    check_data=_check_verify_block_data,
+    cpp=frozenset({"CPU", "CUDA"}),
+))
