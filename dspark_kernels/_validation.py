@@ -52,3 +52,14 @@ def _default_seed_offset(op, seed, offset, batch, device):
     _check_tensor(op, "seed", seed, dim=1, shape=(batch,), dtypes=_INT_DTYPES, device=device)
     _check_tensor(op, "offset", offset, dim=1, shape=(batch,), dtypes=_INT_DTYPES, device=device)
     return seed, offset
+
+
+def _check_sampling_tensors(op, batch, device, temperature, top_k, top_p, seed, offset):
+    """The per-request sampling arguments of verify_block / draft_sample_block, as tensors."""
+    for name, t, floating in (("temperature", temperature, True), ("top_k", top_k, False), ("top_p", top_p, True)):
+        if t is not None:
+            _check_tensor(op, name, t, dim=1, shape=(batch,), device=device)
+            if t.dtype.is_floating_point != floating:
+                _fail(op, f"{name} must be a {'floating' if floating else 'integer'} tensor, got {t.dtype}")
+    for name, t in (("seed", seed), ("offset", offset)):
+        _check_tensor(op, name, t, dim=1, shape=(batch,), dtypes=_INT_DTYPES, device=device)

@@ -13,6 +13,7 @@ from . import _registry
 from ._validation import (
     _FLOAT_DTYPES,
     _INT_DTYPES,
+    _check_sampling_tensors,
     _check_tensor,
     _default_seed_offset,
     _fail,
@@ -225,13 +226,7 @@ def _check_draft_sample_block(base_logits, anchor, markov_w1, markov_w2, tempera
         _check_tensor(op, "markov_w2", markov_w2, dim=2, shape=(rank, vocab), dtypes=_FLOAT_DTYPES, device=device)
         if markov_w2.dtype != markov_w1.dtype:
             _fail(op, f"markov_w2 must have markov_w1's dtype {markov_w1.dtype}, got {markov_w2.dtype}")
-    for name, t, floating in (("temperature", temperature, True), ("top_k", top_k, False), ("top_p", top_p, True)):
-        if t is not None:
-            _check_tensor(op, name, t, dim=1, shape=(batch,), device=device)
-            if t.dtype.is_floating_point != floating:
-                _fail(op, f"{name} must be a {'floating' if floating else 'integer'} tensor, got {t.dtype}")
-    for name, t in (("seed", seed), ("offset", offset)):
-        _check_tensor(op, name, t, dim=1, shape=(batch,), dtypes=_INT_DTYPES, device=device)
+    _check_sampling_tensors(op, batch, device, temperature, top_k, top_p, seed, offset)
     if not isinstance(return_logits, bool):
         _fail(op, f"return_logits must be a bool, got {type(return_logits).__name__}")
 

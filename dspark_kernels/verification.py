@@ -13,6 +13,7 @@ from . import _registry
 from ._validation import (
     _FLOAT_DTYPES,
     _INT_DTYPES,
+    _check_sampling_tensors,
     _check_tensor,
     _default_seed_offset,
     _fail,
@@ -129,13 +130,7 @@ def _check_verify_block(target_logits, draft_tokens, cu_num_draft, draft_logits,
     for name, t in (("draft_logits", draft_logits), ("draft_probs", draft_probs)):
         if t is not None:
             _check_tensor(op, name, t, dim=2, shape=(num_draft, vocab), dtypes=_FLOAT_DTYPES, device=device)
-    for name, t, floating in (("temperature", temperature, True), ("top_k", top_k, False), ("top_p", top_p, True)):
-        if t is not None:
-            _check_tensor(op, name, t, dim=1, shape=(batch,), device=device)
-            if t.dtype.is_floating_point != floating:
-                _fail(op, f"{name} must be a {'floating' if floating else 'integer'} tensor, got {t.dtype}")
-    for name, t in (("seed", seed), ("offset", offset)):
-        _check_tensor(op, name, t, dim=1, shape=(batch,), dtypes=_INT_DTYPES, device=device)
+    _check_sampling_tensors(op, batch, device, temperature, top_k, top_p, seed, offset)
     if isinstance(max_num_draft, bool) or not isinstance(max_num_draft, (int, torch.SymInt)):
         _fail(op, f"max_num_draft must be an int, got {type(max_num_draft).__name__}")
     if max_num_draft < 0:

@@ -17,18 +17,24 @@ def fused_moe(x, w13, w2, topk_weights, topk_ids, w13_scale=None, w2_scale=None,
     return _fused_moe_bf16(x, w13, w2, topk_weights, topk_ids)
 
 
+def _slots_by_expert(topk_ids, num_experts):
+    """The routed slots ``t·k + j`` sorted by expert (stable), ids outside ``[0, E)``
+    dropped, and each expert's slot count (one host read: the CPU backend)."""
+    ids = topk_ids.reshape(-1).to(torch.int64)
+    key = torch.where((ids >= 0) & (ids < num_experts), ids, num_experts)
+    order = torch.sort(key, stable=True).indices
+    counts = torch.bincount(key, minlength=num_experts + 1).tolist()
+    return order[:ids.numel() - counts[num_experts]], counts
+
+
 def _fused_moe_bf16(x, w13, w2, topk_weights, topk_ids):
     """Slots sorted by expert, rows gathered once; per touched expert only its two GEMMs
     (into slices of sorted buffers); SiLU-and-mul, the routed weights and the top-k sum
     in slot order (deterministic) once over the batch."""
     m, k = topk_ids.shape
     num_experts, two_i, _ = w13.shape
-    ids = topk_ids.reshape(-1).to(torch.int64)
-    key = torch.where((ids >= 0) & (ids < num_experts), ids, num_experts)
-    order = torch.sort(key, stable=True).indices
-    counts = torch.bincount(key, minlength=num_experts + 1).tolist()
-    n = m * k - counts[num_experts]
-    slots = order[:n]
+    slots, counts = _slots_by_expert(topk_ids, num_experts)
+    n = slots.numel()
     cdt = compute_dtype(x.dtype)
     xs = x[slots // k].to(cdt)
     h = torch.empty((n, two_i), dtype=cdt, device=x.device)
@@ -58,12 +64,8 @@ def fused_moe_fp8(x, w13, w2, topk_weights, topk_ids, w13_scale, w2_scale, block
     bk = block_shape[1]
     m, k = topk_ids.shape
     num_experts, two_i, _ = w13.shape
-    ids = topk_ids.reshape(-1).to(torch.int64)
-    key = torch.where((ids >= 0) & (ids < num_experts), ids, num_experts)
-    order = torch.sort(key, stable=True).indices
-    counts = torch.bincount(key, minlength=num_experts + 1).tolist()
-    n = m * k - counts[num_experts]
-    slots = order[:n]
+    slots, counts = _slots_by_expert(topk_ids, num_experts)
+    n = slots.numel()
     xs = dequantize_fp8_groups(*quantize_fp8_groups(x, bk), bk)[slots // k]
     h = torch.empty((n, two_i), dtype=torch.float32, device=x.device)
     ys = torch.empty((n, w2.shape[1]), dtype=torch.float32, device=x.device)
