@@ -9,7 +9,7 @@
 #include "verify_block.h"
 
 TORCH_LIBRARY(dspark, m) {
-  // Batched lossless acceptance (DESIGN.md §5). Outputs: output_tokens
+  // Batched lossless acceptance (docs/verification.md). Outputs: output_tokens
   // [B, max_num_draft + 1] int32 (-1 padded) and num_accepted [B] int32.
   m.def(
       "verify_block(Tensor target_logits, Tensor draft_tokens, Tensor cu_num_draft, *, "
@@ -19,7 +19,7 @@ TORCH_LIBRARY(dspark, m) {
   // The raw 32-bit Philox words of the randomness contract (int64 in [0, 2^32)),
   // for tests and engines that want to check their own RNG against ours.
   m.def("random_words(Tensor seed, Tensor position, Tensor index, int salt) -> Tensor");
-  // KV rollback (DESIGN.md §5; dspark_kernels/kv.py states the semantics). kv_commit
+  // KV rollback (docs/kv.md; dspark_kernels/kv.py states the semantics). kv_commit
   // moves the accepted path into place in every cache and returns new_len [B] int32;
   // kv_release_pages drops references past new_len and returns the freed pages
   // [B, P] int32 (-1 padded) and their counts [B] int32.
