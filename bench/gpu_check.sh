@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# GPU check for dspark_kernels (DESIGN.md §6.5): build with CUDA, run the CUDA tests,
+# GPU check for dspark_kernels (docs/correctness.md, docs/performance.md): build with CUDA, run the CUDA tests,
 # the benchmark suite, compute-sanitizer on a small subset; everything under 8 minutes.
 #
 #   OUT=/some/dir bash bench/gpu_check.sh        # from the repository root

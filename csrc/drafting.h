@@ -1,4 +1,4 @@
-// Drafting ops (DESIGN.md §5): schedule_verify_lens and draft_sample_block.
+// Drafting ops (docs/drafting.md): schedule_verify_lens and draft_sample_block.
 // Declarations and the host argument checks shared by the CPU and CUDA launchers.
 // The op schemas live in csrc/ops.cpp.
 #pragma once

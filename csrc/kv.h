@@ -1,4 +1,4 @@
-// KV rollback ops (DESIGN.md §5): kv_commit, kv_release_pages, window_commit,
+// KV rollback ops (docs/kv.md): kv_commit, kv_release_pages, window_commit,
 // state_select. Declarations of the CPU and CUDA implementations and their
 // shape / dtype / device checks (no data reads, so no host sync on CUDA). The
 // op schemas live in csrc/ops.cpp; the addressing rules in dspark/kv_rules.h.

@@ -1,5 +1,5 @@
 // verify_block: declarations and argument checks shared by the CPU and CUDA
-// launchers (DESIGN.md §5). The op schema lives in csrc/ops.cpp.
+// launchers (docs/verification.md). The op schema lives in csrc/ops.cpp.
 #pragma once
 
 #include <ATen/core/Tensor.h>

@@ -1,7 +1,7 @@
 """draft_block_attention: the float64 reference against a pure-Python oracle; every backend
 against the reference with FlashAttention's tolerance rule; ragged blocks, wrapped and
 windowed context, GQA / MQA, sinks, odd head dims, strided inputs, poisoned outputs,
-bad inputs, opcheck and torch.compile (DESIGN.md §5, §6).
+bad inputs, opcheck and torch.compile (docs/attention.md, docs/correctness.md).
 
 Tolerance rule: the error of a backend against the float64 reference is at most twice
 the error of plain PyTorch math in the inputs' dtype (``naive_attention``) plus a small

@@ -1,7 +1,7 @@
 """draft_sample_block: the reference against an independent oracle, backend equality,
 batch invariance, greedy and filtered rows, χ² tests of the drafted distribution, and
 the end-to-end test: drafts sampled by this op and verified by verify_block with the
-returned logits follow the target distribution (DESIGN.md §5, §6)."""
+returned logits follow the target distribution (docs/drafting.md, docs/correctness.md)."""
 
 from __future__ import annotations
 

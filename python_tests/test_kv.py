@@ -1,4 +1,4 @@
-"""KV rollback ops: kv_commit, kv_release_pages, window_commit, state_select (DESIGN.md §5).
+"""KV rollback ops: kv_commit, kv_release_pages, window_commit, state_select (docs/kv.md).
 
 * The reference against naive, independently written oracles.
 * The CPU kernel equal to the reference byte for byte (compared as uint8) on

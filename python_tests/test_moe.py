@@ -1,6 +1,6 @@
 """MoE ops (moe_align, grouped_gemm, fused_moe): the reference against naive fp64 loops,
 every backend against the reference, vLLM's documented layout, edge cases, bad inputs,
-opcheck, torch.compile, the tuner's files, and CUDA tests at real shapes (DESIGN.md §5, §6).
+opcheck, torch.compile, the tuner's files, and CUDA tests at real shapes (docs/moe.md, docs/correctness.md).
 
 The Triton interpreter is slow: Triton cases on the CPU use fp32 / fp16 (it gets bf16
 wrong) and small shapes.

@@ -1,7 +1,7 @@
 """grouped_gemm_masked (the expert-parallel layout): the reference against an fp64 row loop,
 every backend against the reference, NaN padding rows that must never be read, zero
 output padding, clamping in the kernels, bad inputs, opcheck, torch.compile, and CUDA
-tests at real shapes (DESIGN.md §5, §6).
+tests at real shapes (docs/moe.md, docs/correctness.md).
 
 The Triton interpreter is slow and gets bf16 wrong: Triton cases on the CPU use fp32 /
 fp16 and small shapes.

@@ -1,4 +1,4 @@
-"""The random stream of DESIGN.md §4: raw Philox words bit-identical on every backend.
+"""The random stream of docs/randomness.md: raw Philox words bit-identical on every backend.
 
 Backends compared word for word on the same (seed, position, salt, index) tuples:
 the PyTorch reference (dspark_kernels.reference.philox), the C++ op

@@ -1,6 +1,6 @@
 """schedule_verify_lens: every backend against a plain-Python Algorithm 1 (written here,
 independently of dspark_kernels.reference), ties, zeros/ones, caps, both modes, bad
-inputs, opcheck and torch.compile (DESIGN.md §1, §5)."""
+inputs, opcheck and torch.compile (docs/drafting.md)."""
 
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
 """verify_block: reference against an fp64 oracle, statistics, backend equality,
-edge cases, bad inputs, opcheck and torch.compile (DESIGN.md §5, §6)."""
+edge cases, bad inputs, opcheck and torch.compile (docs/verification.md, docs/correctness.md)."""
 
 from __future__ import annotations
 
@@ -268,7 +268,7 @@ def test_random_shapes_equal_reference(backend):
 
 
 # --------------------------------------------------------------------------
-# Edge cases of DESIGN.md §6.2
+# Edge cases of docs/correctness.md
 
 
 @pytest.mark.parametrize("backend", ["reference"] + BACKENDS)

@@ -1,4 +1,4 @@
-// draft_sample_block on the CPU (DESIGN.md §5).
+// draft_sample_block on the CPU (docs/drafting.md).
 //
 // Without the Markov head: at::parallel_for over the B * gamma rows; each row is
 // copied to the fp32 output (when asked for) and sampled.
@@ -217,7 +217,7 @@ std::tuple<at::Tensor, at::Tensor> draft_sample_block_cpu(
   const at::Tensor anchor_c = anchor.to(at::kLong).contiguous();
   const SamplingTensors sp(temperature, top_k, top_p, seed, offset);
   const int64_t* anchor_p = anchor_c.const_data_ptr<int64_t>();
-  if (markov) {  // data-dependent check: always on the CPU (DESIGN.md §3)
+  if (markov) {  // data-dependent check: always on the CPU (docs/drafting.md)
     for (int64_t b = 0; b < B; ++b)
       DSPARK_CHECK(anchor_p[b] >= 0 && anchor_p[b] < V, op, "anchor[", b, "] = ", anchor_p[b],
                    " is outside [0, V) with V = ", V);

@@ -1,4 +1,4 @@
-// kv_commit on the CPU (DESIGN.md §5): move the accepted path of each request's
+// kv_commit on the CPU (docs/kv.md): move the accepted path of each request's
 // verify window into place, in every cache, byte for byte.
 //
 // 1. Plan (serial, cheap): per request, the real moves (source and destination

@@ -1,4 +1,4 @@
-// kv_release_pages on the CPU (DESIGN.md §5): the block-table columns past the
+// kv_release_pages on the CPU (docs/kv.md): the block-table columns past the
 // new length (and before the old one) lose a reference; pages reaching zero are
 // returned per request, in block-table order, -1 padded.
 //

@@ -1,5 +1,5 @@
 // random_words: the raw Philox words of the randomness contract, exposed so
-// tests can check that every backend draws the same bits (DESIGN.md §4).
+// tests can check that every backend draws the same bits (docs/randomness.md).
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>

@@ -1,4 +1,4 @@
-// state_select on the CPU (DESIGN.md §5): out[b] = states[b, index[b]], the
+// state_select on the CPU (docs/kv.md): out[b] = states[b, index[b]], the
 // recurrent / linear-attention state of the accepted step. index[b] = -1 is
 // padding (out[b] untouched); any other index outside [0, S) is an error,
 // checked before anything is written.

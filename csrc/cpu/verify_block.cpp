@@ -184,7 +184,7 @@ std::tuple<at::Tensor, at::Tensor> verify_block_cpu(
   const at::Tensor drafts = draft_tokens.to(at::kInt).contiguous();
   const SamplingTensors sp(temperature, top_k, top_p, seed, offset);
 
-  // Data-dependent checks: always on the CPU (DESIGN.md §3).
+  // Data-dependent checks: always on the CPU (docs/verification.md).
   const int32_t* cu_p = cu.const_data_ptr<int32_t>();
   DSPARK_CHECK(cu_p[0] == 0, op, "cu_num_draft[0] must be 0, got ", cu_p[0]);
   DSPARK_CHECK(cu_p[B] == N, op, "cu_num_draft[B] must equal draft_tokens.size(0) = ", N, ", got ", cu_p[B]);

@@ -1,4 +1,4 @@
-// window_commit on the CPU (DESIGN.md §5): the drafter's circular context
+// window_commit on the CPU (docs/kv.md): the drafter's circular context
 // window. Request b's rows are rows[cu[b] : cu[b+1]]; a kept row t goes to
 // window[b, positions[t] mod W], rejected rows leave the window untouched. When
 // two kept rows of a request map to the same slot the later row wins (rows are

@@ -1,5 +1,5 @@
 // random_words on CUDA: the raw Philox words of the randomness contract
-// (DESIGN.md §4), elementwise; the same words as csrc/cpu/random_words.cpp.
+// (docs/randomness.md), elementwise; the same words as csrc/cpu/random_words.cpp.
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <c10/cuda/CUDAException.h>

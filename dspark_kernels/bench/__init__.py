@@ -1,4 +1,4 @@
-"""The ``dspark-bench`` command: benchmarks of the dspark ops (DESIGN.md §7).
+"""The ``dspark-bench`` command: benchmarks of the dspark ops (docs/performance.md).
 
     dspark-bench verify [--preset NAME ...] [--batch B ...] [--quick] [--json PATH] [--plot PATH]
     dspark-bench all [--quick] [--json PATH] [--plot PATH] [--record]

@@ -25,7 +25,7 @@ def _common_parser() -> argparse.ArgumentParser:
     g.add_argument("--seed", type=int, default=0, help="seed of the input generator")
     g.add_argument("--threads", type=int, metavar="N", help="torch CPU threads (default: torch's)")
     g.add_argument("--json", metavar="PATH", help="write the results as JSON")
-    g.add_argument("--record", action="store_true", help="also write them under bench/results/ (for the README)")
+    g.add_argument("--record", action="store_true", help="also write them under bench/results/ (docs/performance.md)")
     g.add_argument("--plot", metavar="PATH", help="PNG of time and %% of the copy ceiling vs batch size")
     g.add_argument("--quiet", action="store_true", help="no progress output")
     return common

@@ -1,6 +1,6 @@
 """`dspark-bench draft-attn`: draft_block_attention vs the reference and eager SDPA.
 
-Cases: preset x γ x batch B x backend, shapes of the drafters (DESIGN.md §1, §5):
+Cases: preset x γ x batch B x backend, shapes of the drafters (docs/attention.md):
 
 * ``v4-mqa``     DeepSeek-V4 drafter: MQA, H=64 query heads, Hkv=1, D=512, W=128, sinks;
 * ``qwen3-gqa``  a Qwen3-like GQA drafter: H=32, Hkv=8, D=128, W=128, sinks;

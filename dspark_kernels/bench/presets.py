@@ -1,4 +1,4 @@
-"""Model presets and default sweep values shared by the benchmark subcommands (DESIGN.md §1)."""
+"""Model presets and default sweep values shared by the benchmark subcommands (docs/performance.md)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Timing and bandwidth ceilings for the benchmarks (DESIGN.md §7).
+"""Timing and bandwidth ceilings for the benchmarks (docs/performance.md).
 
 Every timed callable takes one argument, the index of the input copy to use
 (``fn(i)`` with ``0 <= i < copies``), so that the caller can rotate several

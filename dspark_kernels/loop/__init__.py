@@ -1,4 +1,4 @@
-"""The reference draft/verify loop and its small models (DESIGN.md §2 ``loop/``).
+"""The reference draft/verify loop and its small models (docs/loop.md).
 
 * ``models``: the MoE target (paged KV cache, hidden states for the drafter) and
   the DSpark drafter (parallel block, context window, Markov and confidence heads);

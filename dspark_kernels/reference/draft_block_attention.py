@@ -1,4 +1,4 @@
-"""draft_block_attention, pure PyTorch in float64: the executable spec (DESIGN.md §5).
+"""draft_block_attention, pure PyTorch in float64: the executable spec (docs/attention.md).
 
 Written for clarity, one request and one query head at a time. For request ``b``
 with block rows ``s = cu_block[b] .. e = cu_block[b+1]`` and ``L = ctx_lens[b]``

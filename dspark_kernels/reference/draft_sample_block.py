@@ -1,4 +1,4 @@
-"""draft_sample_block, pure PyTorch: the executable spec (DESIGN.md §5).
+"""draft_sample_block, pure PyTorch: the executable spec (docs/drafting.md).
 
 One request and one position at a time. Position ``k`` of request ``b``:
 

@@ -1,4 +1,4 @@
-"""KV rollback ops in plain PyTorch: the executable spec (DESIGN.md §5).
+"""KV rollback ops in plain PyTorch: the executable spec (docs/kv.md).
 
 Written for clarity, one token at a time. Every backend must produce the same
 bytes. Where the input is out of range (which the public wrappers reject on the

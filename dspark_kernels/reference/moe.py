@@ -1,4 +1,4 @@
-"""MoE ops, the executable spec (DESIGN.md §5 "MoE grouped GEMM"): plain loops, float32.
+"""MoE ops, the executable spec (docs/moe.md): plain loops, float32.
 
 * ``moe_align``: the vLLM ``moe_align_block_size`` layout, written as a Python loop.
 * ``grouped_gemm``: one ``a[seg] @ w[e]^T`` per expert segment, in float32.

@@ -1,4 +1,4 @@
-"""schedule_verify_lens, pure PyTorch/Python: the executable spec (DESIGN.md §1, §5).
+"""schedule_verify_lens, pure PyTorch/Python: the executable spec (docs/drafting.md).
 
 DSpark's Algorithm 1, written one candidate at a time. The arithmetic is fixed so
 that every backend gives the same integers (``csrc/include/dspark/schedule.h``):

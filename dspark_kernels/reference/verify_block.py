@@ -1,4 +1,4 @@
-"""verify_block, pure PyTorch: the executable spec (DESIGN.md §5).
+"""verify_block, pure PyTorch: the executable spec (docs/verification.md).
 
 Written for clarity, one request and one position at a time. Every other backend
 must give the same integer outputs on the same inputs (same random stream).

@@ -1,7 +1,7 @@
 """Triton kernels of dspark_kernels.
 
 Each module holds the kernels of one op (``verify_block.py``) or shared device
-helpers (``philox.py``: the random stream of DESIGN.md §4). Importing this
+helpers (``philox.py``: the random stream of docs/randomness.md). Importing this
 package imports triton; callers check ``dspark_kernels._backend.triton_available()``
 first. On machines without a GPU the kernels run under ``TRITON_INTERPRET=1``
 (set it before triton is imported); the interpreter computes bf16 wrongly, so

@@ -1,4 +1,4 @@
-"""draft_block_attention in Triton (DESIGN.md §5): FlashAttention-style, one pass over K / V.
+"""draft_block_attention in Triton (docs/attention.md): FlashAttention-style, one pass over K / V.
 
 Grid ``(B * Hkv, tiles)``. Program ``(b * Hkv + g, t)`` serves kv head ``g`` of
 request ``b``: every query head of the group ``h = g * G .. g * G + G - 1``

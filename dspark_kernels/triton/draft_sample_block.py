@@ -1,4 +1,4 @@
-"""draft_sample_block in Triton (DESIGN.md §5): the same tokens as the reference.
+"""draft_sample_block in Triton (docs/drafting.md): the same tokens as the reference.
 
 Sampling rule (``reference/draft_sample_block.py``): greedy rows take the argmax of the
 fp32 logits ``l``; sampling rows race ``s_v + G_v`` over the top-k / top-p set with

@@ -1,4 +1,4 @@
-"""Philox4x32-10 in Triton: the random stream of DESIGN.md §4, word for word.
+"""Philox4x32-10 in Triton: the random stream of docs/randomness.md, word for word.
 
 The bit layout is defined once in ``csrc/include/dspark/philox.h``::
 

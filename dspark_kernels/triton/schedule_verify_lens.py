@@ -1,4 +1,4 @@
-"""schedule_verify_lens in Triton (DESIGN.md §5): the same integers as the reference.
+"""schedule_verify_lens in Triton (docs/drafting.md): the same integers as the reference.
 
 The arithmetic is the one of ``csrc/include/dspark/schedule.h`` (fp32 survivals,
 64-bit sort keys, tau summed exactly in 2^-40 fixed point, Theta in fp64). Because

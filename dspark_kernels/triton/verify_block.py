@@ -1,4 +1,4 @@
-"""verify_block in Triton (DESIGN.md §5): the same integer results as the reference.
+"""verify_block in Triton (docs/verification.md): the same integer results as the reference.
 
 Three kernels, no host synchronisation (every grid size comes from shapes):
 

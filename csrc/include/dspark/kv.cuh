@@ -1,4 +1,4 @@
-// KV rollback ops on the GPU (DESIGN.md §5): the device code of kv_commit,
+// KV rollback ops on the GPU (docs/kv.md): the device code of kv_commit,
 // kv_release_pages, window_commit and state_select. The launchers are
 // csrc/cuda/<op>.cu; the addressing and validity rules are the __host__ __device__
 // functions of kv_rules.h, which the CPU kernels (tested against the reference

@@ -1,4 +1,4 @@
-// The addressing and validity rules of the KV rollback ops (DESIGN.md §5:
+// The addressing and validity rules of the KV rollback ops (docs/kv.md:
 // kv_commit, kv_release_pages, window_commit, state_select), shared by the CPU
 // kernels (csrc/cpu/*.cpp) and the CUDA kernels (dspark/kv.cuh) as
 // __host__ __device__ functions, so the CPU tests exercise the rules the GPU runs.

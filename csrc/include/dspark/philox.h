@@ -1,4 +1,4 @@
-// Counter-based random numbers shared by every backend (DESIGN.md §4).
+// Counter-based random numbers shared by every backend (docs/randomness.md).
 //
 // This header is the single definition of the bit layout; the PyTorch reference
 // (dspark_kernels/reference/philox.py) and the Triton version

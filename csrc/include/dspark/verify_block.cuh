@@ -1,4 +1,4 @@
-// verify_block on the GPU: the device code (DESIGN.md §5). The launcher is
+// verify_block on the GPU: the device code (docs/verification.md). The launcher is
 // csrc/cuda/verify_block.cu; the decision rules are the shared __host__ __device__
 // functions of philox.h / sampling.h, so the CPU kernel (csrc/cpu/verify_block.cpp,
 // tested against the reference in CI) runs the same rules the GPU runs.
