@@ -1,5 +1,5 @@
 // verify_block: declarations and argument checks shared by the CPU and CUDA
-// launchers (docs/verification.md). The op schema lives in csrc/ops.cpp.
+// launchers (docs/verification.md). The op schema is its OpSpec (dspark_kernels/verification.py).
 #pragma once
 
 #include <ATen/core/Tensor.h>

@@ -1,4 +1,4 @@
-"""The drafter's attention: ``dspark_kernels.draft_block_attention`` (DESIGN.md §5).
+"""The drafter's attention: ``dspark_kernels.draft_block_attention`` (docs/attention.md).
 
 Backends: "reference" (float64 loops, the spec), "cpu" (PyTorch SDPA in fp32,
 ``dspark_kernels/cpu/draft_block_attention.py``, the CPU key of

@@ -1,4 +1,4 @@
-"""KV-cache rollback after verification (DESIGN.md §5): public wrappers.
+"""KV-cache rollback after verification (docs/kv.md): public functions and declarations.
 
 After the target verified a window of tokens per request, only the accepted
 tokens' KV stays:
