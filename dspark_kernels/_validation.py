@@ -3,9 +3,13 @@ argument, and say what was expected and what was given."""
 
 from __future__ import annotations
 
+import numbers
+
 import torch
 
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+# Small per-head / per-slot float arguments (sinks, topk_weights) used in fp32: any float dtype.
+_ANY_FLOAT_DTYPES = _FLOAT_DTYPES + (torch.float64,)
 _INT_DTYPES = (torch.int32, torch.int64)
 
 
@@ -26,31 +30,58 @@ def _check_tensor(op, name, t, *, dim=None, dtypes=None, device=None, shape=None
         _fail(op, f"{name} must be on {device}, got {t.device}")
 
 
+_INT32_MAX = 2**31 - 1
+
+
+def _python_number(op, name, value, floating):
+    """A Python scalar argument, checked: a real number (floating) or an int."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real if floating else numbers.Integral):
+        _fail(op, f"{name} must be a {'float' if floating else 'int'} or a [B] tensor, got "
+                  f"{type(value).__name__} {value!r}")
+    return float(value) if floating else int(value)
+
+
 def _per_request(op, name, value, batch, device, dtype):
-    """A per-request [B] tensor from a tensor, a Python scalar or None."""
-    if value is None:
-        return None
-    if not isinstance(value, torch.Tensor):
-        return torch.full((batch,), value, dtype=dtype, device=device)
-    _check_tensor(op, name, value, dim=1, shape=(batch,), device=device)
-    if value.dtype.is_floating_point != dtype.is_floating_point:
-        _fail(op, f"{name} must be a {'floating' if dtype.is_floating_point else 'integer'} tensor, got {value.dtype}")
+    """A per-request [B] tensor from a tensor (passed on as it is: the op checks it), a
+    Python scalar (the same value for every request) or None.
+
+    A Python ``top_k`` outside int32 is clamped to ``[0, 2^31 - 1]``: ``k <= 0`` and
+    ``k >= V`` both mean "off", so the clamp changes nothing."""
+    if value is None or isinstance(value, torch.Tensor):
+        return value
+    value = _python_number(op, name, value, dtype.is_floating_point)
+    if dtype == torch.int32:
+        value = min(max(value, 0), _INT32_MAX)
+    return torch.full((batch,), value, dtype=dtype, device=device)
+
+
+def _python_int64(op, name, value, lo, hi):
+    value = _python_number(op, name, value, floating=False)
+    if not lo <= value < hi:
+        _fail(op, f"{name} must be an int in [{_pow2(lo)}, {_pow2(hi)}), got {value}")
     return value
 
 
+def _pow2(v: int) -> str:
+    return ("-" if v < 0 else "") + f"2^{abs(v).bit_length() - 1}"
+
+
 def _default_seed_offset(op, seed, offset, batch, device):
+    """seed / offset as [B] int64 tensors. A Python seed may be any 64-bit pattern
+    (``[-2^63, 2^64)``; values from 2^63 are the same bits as int64), an offset any
+    int64 (positions ``offset + i`` wrap modulo 2^64, on every backend)."""
     if seed is None:
         # From torch's default generator of the device: reproducible under
         # torch.manual_seed, no host sync on CUDA.
         seed = torch.randint(0, 2**62, (batch,), dtype=torch.int64, device=device)
     elif not isinstance(seed, torch.Tensor):
-        seed = torch.full((batch,), int(seed), dtype=torch.int64, device=device)
+        value = _python_int64(op, "seed", seed, -(2**63), 2**64)
+        seed = torch.full((batch,), value - 2**64 if value >= 2**63 else value, dtype=torch.int64, device=device)
     if offset is None:
         offset = torch.zeros(batch, dtype=torch.int64, device=device)
     elif not isinstance(offset, torch.Tensor):
-        offset = torch.full((batch,), int(offset), dtype=torch.int64, device=device)
-    _check_tensor(op, "seed", seed, dim=1, shape=(batch,), dtypes=_INT_DTYPES, device=device)
-    _check_tensor(op, "offset", offset, dim=1, shape=(batch,), dtypes=_INT_DTYPES, device=device)
+        offset = torch.full((batch,), _python_int64(op, "offset", offset, -(2**63), 2**63), dtype=torch.int64,
+                            device=device)
     return seed, offset
 
 
@@ -63,3 +94,21 @@ def _check_sampling_tensors(op, batch, device, temperature, top_k, top_p, seed, 
                 _fail(op, f"{name} must be a {'floating' if floating else 'integer'} tensor, got {t.dtype}")
     for name, t in (("seed", seed), ("offset", offset)):
         _check_tensor(op, name, t, dim=1, shape=(batch,), dtypes=_INT_DTYPES, device=device)
+
+
+def _check_offsets(op, name, cu, total, total_name) -> torch.Tensor:
+    """Ragged offsets ``cu [B + 1]``: ``cu[0] = 0``, non-decreasing, ``cu[B] = total``
+    (host reads; comparisons only, in int64, so no value can overflow). Returns the
+    per-request counts ``cu[1:] - cu[:-1]`` (int64, on the CPU)."""
+    c = cu.detach().cpu().to(torch.int64)
+    if c.numel() == 0:
+        _fail(op, f"{name} must have B + 1 >= 1 entries, got shape {tuple(cu.shape)}")
+    if int(c[0]) != 0:
+        _fail(op, f"{name}[0] must be 0, got {int(c[0])}")
+    dec = c[1:] < c[:-1]
+    if dec.any():
+        b = int(torch.nonzero(dec)[0])
+        _fail(op, f"{name} must be non-decreasing, got {name}[{b}] = {int(c[b])} > {name}[{b + 1}] = {int(c[b + 1])}")
+    if int(c[-1]) != total:
+        _fail(op, f"{name}[B] must equal {total_name} = {total}, got {name}[{c.numel() - 1}] = {int(c[-1])}")
+    return c[1:] - c[:-1]

@@ -15,7 +15,7 @@ import numbers
 import torch
 
 from . import _registry
-from ._validation import _FLOAT_DTYPES, _INT_DTYPES, _check_tensor, _fail
+from ._validation import _ANY_FLOAT_DTYPES, _FLOAT_DTYPES, _INT_DTYPES, _check_offsets, _check_tensor, _fail
 
 OP = "draft_block_attention"
 
@@ -93,7 +93,9 @@ def draft_block_attention(
     """
     if max_block_len is None:
         _check_tensor(OP, "cu_block", cu_block, dim=1, dtypes=_INT_DTYPES)
-        max_block_len = int((cu_block[1:] - cu_block[:-1]).max()) if cu_block.shape[0] > 1 else 0
+        _check_tensor(OP, "q", q, dim=3)
+        n = _check_offsets(OP, "cu_block", cu_block, q.shape[0], "q.size(0)") if cu_block.shape[0] > 0 else None
+        max_block_len = int(n.max()) if n is not None and n.numel() else 0
     if isinstance(softmax_scale, numbers.Real) and not isinstance(softmax_scale, bool):
         softmax_scale = float(softmax_scale)
     return _registry.dispatch(DRAFT_BLOCK_ATTENTION, backend, q, k_block, v_block, k_ctx, v_ctx, cu_block, ctx_lens,
@@ -133,7 +135,7 @@ def _validate(q, k_block, v_block, k_ctx, v_ctx, cu_block, ctx_lens, sinks, soft
     _check_tensor(op, "cu_block", cu_block, dim=1, shape=(batch + 1,), dtypes=_INT_DTYPES, device=device)
     _check_tensor(op, "ctx_lens", ctx_lens, dim=1, shape=(batch,), dtypes=_INT_DTYPES, device=device)
     if sinks is not None:
-        _check_tensor(op, "sinks", sinks, dim=1, shape=(num_heads,), dtypes=_FLOAT_DTYPES, device=device)
+        _check_tensor(op, "sinks", sinks, dim=1, shape=(num_heads,), dtypes=_ANY_FLOAT_DTYPES, device=device)
     if softmax_scale is not None and (not isinstance(softmax_scale, numbers.Real) or isinstance(softmax_scale, bool)
                                       or not math.isfinite(float(softmax_scale))):
         _fail(op, f"softmax_scale must be a finite float or None, got {softmax_scale!r}")
@@ -148,14 +150,7 @@ def _check_data(q, k_block, v_block, k_ctx, v_ctx, cu_block, ctx_lens, *rest) ->
     """Data-dependent checks (host reads): CPU always, CUDA under DSPARK_DEBUG=1."""
     op = OP
     num_tokens = q.shape[0]
-    cu = cu_block.tolist()
-    if cu[0] != 0:
-        _fail(op, f"cu_block[0] must be 0, got {cu[0]}")
-    if cu[-1] != num_tokens:
-        _fail(op, f"cu_block[B] must equal q.size(0) = {num_tokens}, got {cu[-1]}")
-    for b in range(len(cu) - 1):
-        if cu[b + 1] < cu[b]:
-            _fail(op, f"cu_block must be non-decreasing, got cu_block[{b}] = {cu[b]} > cu_block[{b + 1}] = {cu[b + 1]}")
+    _check_offsets(op, "cu_block", cu_block, num_tokens, "q.size(0)")
     if ctx_lens.numel() and int(ctx_lens.min()) < 0:
         b = int(torch.argmin(ctx_lens))
         _fail(op, f"ctx_lens[{b}] must be >= 0, got {int(ctx_lens[b])}")

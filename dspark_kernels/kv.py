@@ -26,7 +26,7 @@ from collections.abc import Sequence
 import torch
 
 from . import _registry
-from ._validation import _INT_DTYPES, _check_tensor, _fail
+from ._validation import _INT_DTYPES, _check_offsets, _check_tensor, _fail
 
 _KEEP_DTYPES = (torch.bool, torch.uint8, torch.int8, torch.int32, torch.int64)
 
@@ -384,15 +384,7 @@ def _check_window_commit(window, rows, cu, positions, keep):
 def _check_window_commit_data(window, rows, cu, positions, keep):
     op = "window_commit"
     num_rows = rows.shape[0]
-    c = cu.cpu().to(torch.int64)
-    if int(c[0]) != 0:
-        _fail(op, f"cu[0] must be 0, got {int(c[0])}")
-    if int(c[-1]) != num_rows:
-        _fail(op, f"cu[B] must equal rows.size(0) = {num_rows}, got cu[{c.numel() - 1}] = {int(c[-1])}")
-    dec = c[1:] < c[:-1]
-    if dec.any():
-        b = _first_bad(dec)[0]
-        _fail(op, f"cu must be non-decreasing, got cu[{b}] = {int(c[b])} > cu[{b + 1}] = {int(c[b + 1])}")
+    _check_offsets(op, "cu", cu, num_rows, "rows.size(0)")
     pos = positions.cpu().to(torch.int64)
     bad = (keep.cpu() != 0) & (pos < 0)
     if bad.any():

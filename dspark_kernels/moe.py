@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 
 from . import _backend, _registry
-from ._validation import _FLOAT_DTYPES, _INT_DTYPES, _check_tensor, _fail
+from ._validation import _ANY_FLOAT_DTYPES, _FLOAT_DTYPES, _INT_DTYPES, _check_tensor, _fail
 from .reference.moe import align_sizes
 
 _FP8 = torch.float8_e4m3fn
@@ -105,7 +105,7 @@ def _check_routing(op, topk_weights, topk_ids, activation, m, num_experts, devic
     _check_tensor(op, "topk_ids", topk_ids, dim=2, dtypes=_INT_DTYPES, device=device)
     if topk_ids.shape[0] != m:
         _fail(op, f"topk_ids must be [M, k] with M = x.size(0) = {m}, got shape {tuple(topk_ids.shape)}")
-    _check_tensor(op, "topk_weights", topk_weights, dim=2, shape=tuple(topk_ids.shape), dtypes=_FLOAT_DTYPES,
+    _check_tensor(op, "topk_weights", topk_weights, dim=2, shape=tuple(topk_ids.shape), dtypes=_ANY_FLOAT_DTYPES,
                   device=device)
     if activation != "silu":
         _fail(op, f"activation must be 'silu', got {activation!r}")

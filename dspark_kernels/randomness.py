@@ -13,6 +13,7 @@ import torch
 from . import _registry
 from ._validation import _INT_DTYPES, _check_tensor, _fail
 from .reference.philox import SALT_ACCEPT, SALT_DRAFT, SALT_RESAMPLE
+from .reference.random_words import INDEX_END
 
 __all__ = ["random_words", "SALT_DRAFT", "SALT_ACCEPT", "SALT_RESAMPLE"]
 
@@ -34,7 +35,9 @@ def random_words(seed: torch.Tensor, position: torch.Tensor, index: torch.Tensor
     ``position = offset[b] + i``.
 
     Args:
-        seed, position, index: int32 / int64 tensors of one shape, on one device.
+        seed, position, index: int32 / int64 tensors of one shape, on one device; seed
+            and position any int64 (their bits), index in ``[0, 2^32)`` (an error on
+            CPU tensors and under ``DSPARK_DEBUG=1``; otherwise the word is ``-1``).
         salt: an int in ``[0, 2^32)``.
         backend: "reference" | "cpu" | "triton" | "cuda" | None.
 
@@ -64,11 +67,21 @@ def _check_random_words(seed, position, index, salt):
         _fail(op, f"salt must be an int in [0, 2^32), got {salt!r}")
 
 
+def _check_random_words_data(seed, position, index, salt):
+    flat = index.detach().reshape(-1).cpu().to(torch.int64)
+    bad = (flat < 0) | (flat >= INDEX_END)
+    if bad.any():
+        k = int(torch.nonzero(bad)[0])
+        _fail("random_words", f"index[{k}] (flattened) = {int(flat[k])} is outside [0, 2^32) (a uint32 vocabulary "
+                              "index)")
+
+
 RANDOM_WORDS = _registry.declare(_registry.OpSpec(
     schema="random_words(Tensor seed, Tensor position, Tensor index, int salt) -> Tensor",
     fake=lambda seed, position, index, salt: seed.new_empty(seed.shape, dtype=torch.int64),
     reference=".reference.random_words:random_words",
     triton=".triton.random_words:random_words",
     check=_check_random_words,
+    check_data=_check_random_words_data,
     cpp=frozenset({"CPU", "CUDA"}),
 ))

@@ -13,6 +13,7 @@ from . import _registry
 from ._validation import (
     _FLOAT_DTYPES,
     _INT_DTYPES,
+    _check_offsets,
     _check_sampling_tensors,
     _check_tensor,
     _default_seed_offset,
@@ -101,8 +102,10 @@ def verify_block(
     top_k = _per_request(op, "top_k", top_k, batch, device, torch.int32)
     top_p = _per_request(op, "top_p", top_p, batch, device, torch.float32)
     seed, offset = _default_seed_offset(op, seed, offset, batch, device)
-    if max_num_draft is None:
-        max_num_draft = int((cu_num_draft[1:] - cu_num_draft[:-1]).max()) if batch > 0 else 0
+    if max_num_draft is None:  # one host read; valid offsets first (a wild one must not size the output)
+        _check_tensor(op, "draft_tokens", draft_tokens, dim=1, dtypes=_INT_DTYPES)
+        n = _check_offsets(op, "cu_num_draft", cu_num_draft, draft_tokens.shape[0], "draft_tokens.size(0)")
+        max_num_draft = int(n.max()) if batch > 0 else 0
     return _registry.dispatch(VERIFY_BLOCK, backend, target_logits, draft_tokens, cu_num_draft, draft_logits,
                               draft_probs, temperature, top_k, top_p, seed, offset, max_num_draft)
 
@@ -133,8 +136,9 @@ def _check_verify_block(target_logits, draft_tokens, cu_num_draft, draft_logits,
     _check_sampling_tensors(op, batch, device, temperature, top_k, top_p, seed, offset)
     if isinstance(max_num_draft, bool) or not isinstance(max_num_draft, (int, torch.SymInt)):
         _fail(op, f"max_num_draft must be an int, got {type(max_num_draft).__name__}")
-    if max_num_draft < 0:
-        _fail(op, f"max_num_draft must be >= 0, got {max_num_draft}")
+    if not 0 <= max_num_draft <= 2**31 - 2:
+        _fail(op, f"max_num_draft must be in [0, 2^31 - 2] (the output has max_num_draft + 1 int32 columns), "
+                  f"got {max_num_draft}")
 
 
 def _check_verify_block_data(target_logits, draft_tokens, cu_num_draft, draft_logits, draft_probs, temperature,
@@ -142,16 +146,7 @@ def _check_verify_block_data(target_logits, draft_tokens, cu_num_draft, draft_lo
     """Data-dependent checks (host reads): CPU always, CUDA under DSPARK_DEBUG=1."""
     op = "verify_block"
     vocab = target_logits.shape[1]
-    cu = cu_num_draft.cpu().to(torch.int64)
-    if cu[0] != 0:
-        _fail(op, f"cu_num_draft[0] must be 0, got {int(cu[0])}")
-    if cu[-1] != draft_tokens.shape[0]:
-        _fail(op, f"cu_num_draft[B] must equal draft_tokens.size(0) = {draft_tokens.shape[0]}, got {int(cu[-1])}")
-    n = cu[1:] - cu[:-1]
-    if (n < 0).any():
-        b = int(torch.nonzero(n < 0)[0])
-        _fail(op, f"cu_num_draft must be non-decreasing, got cu_num_draft[{b}] = {int(cu[b])} > "
-                  f"cu_num_draft[{b + 1}] = {int(cu[b + 1])}")
+    n = _check_offsets(op, "cu_num_draft", cu_num_draft, draft_tokens.shape[0], "draft_tokens.size(0)")
     if n.numel() and int(n.max()) > max_num_draft:
         b = int(torch.argmax(n))
         _fail(op, f"request {b} has {int(n[b])} drafts, more than max_num_draft = {max_num_draft}")

@@ -89,6 +89,10 @@ def draft_block_attention(
         visible = torch.remainder(lens[:, None] - 1 - slot[None, :], cache_window) < n_vis[:, None]
     else:
         visible = torch.zeros(batch, 0, dtype=torch.bool, device=device)
+    # A slot that is not visible (e.g. a torch.empty window not yet full) is never read
+    # into arithmetic: a -inf mask alone would still multiply its NaN / inf by zero.
+    kc = torch.where(visible[:, None, :, None], kc, 0.0)
+    vc = torch.where(visible[:, None, :, None], vc, 0.0)
     ninf = torch.tensor(float("-inf"), dtype=f32, device=device)
     zero = torch.tensor(0.0, dtype=f32, device=device)
     mask = torch.cat([torch.where(visible, zero, ninf), torch.where(valid, zero, ninf)], dim=1)  # [B, W + M]

@@ -107,7 +107,9 @@ def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights
         if mask.any():
             act = silu_and_mul(rows[mask] @ w13[e].float().t())
             out[mask] = act @ w2[e].float().t()
-    weighted = out.view(m, k, w2.shape[1]) * topk_weights.float().view(m, k, 1)
+    # A slot whose id is outside [0, E) contributes nothing, whatever its weight (0 · NaN is NaN).
+    valid = ((topk_ids >= 0) & (topk_ids < w13.shape[0])).view(m, k, 1)
+    weighted = torch.where(valid, out.view(m, k, w2.shape[1]) * topk_weights.float().view(m, k, 1), 0.0)
     return weighted.sum(dim=1).to(x.dtype)
 
 
@@ -192,5 +194,7 @@ def fused_moe_fp8(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_wei
             act = silu_and_mul(rows[mask] @ dequantize_fp8_blocks(w13[e], w13_scale[e], block_shape).t())
             act = dequantize_fp8_groups(*quantize_fp8_groups(act, bk), bk)
             out[mask] = act @ dequantize_fp8_blocks(w2[e], w2_scale[e], block_shape).t()
-    weighted = out.view(m, k, w2.shape[1]) * topk_weights.float().view(m, k, 1)
+    # A slot whose id is outside [0, E) contributes nothing, whatever its weight (0 · NaN is NaN).
+    valid = ((topk_ids >= 0) & (topk_ids < w13.shape[0])).view(m, k, 1)
+    weighted = torch.where(valid, out.view(m, k, w2.shape[1]) * topk_weights.float().view(m, k, 1), 0.0)
     return weighted.sum(dim=1).to(x.dtype)

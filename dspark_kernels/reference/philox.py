@@ -51,7 +51,10 @@ def philox4x32_10(c0, c1, c2, c3, k0, k1) -> list[torch.Tensor]:
 
 
 def _split64(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Low and high 32-bit words of int64 values taken as uint64 bits."""
+    """Low and high 32-bit words of int64 values taken as uint64 bits (a Python int is
+    first wrapped into int64, as ``offset + i`` wraps in the kernels)."""
+    if isinstance(x, int):
+        x = (x + 2**63) % 2**64 - 2**63
     x = torch.as_tensor(x, dtype=torch.int64)
     return x & _MASK32, (x >> 32) & _MASK32
 
