@@ -328,7 +328,8 @@ def dispatch(spec: OpSpec, backend: str | None, *ordered):
     if backend in ("cpu", "cuda") and device.type != backend:
         raise ValueError(f"{spec.name}: backend {backend!r} needs {backend.upper()} tensors, got "
                          f"{spec.device_arg} on {device}")
-    if backend == "triton" and device.type not in ("cuda", "cpu"):
+    if backend == "triton" and not (device.type == "cuda" or
+                                    (device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1")):
         raise ValueError(f"{spec.name}: backend 'triton' needs CUDA tensors (or CPU tensors under "
                          f"TRITON_INTERPRET=1), got {spec.device_arg} on {device}")
     if backend in ("reference", "triton") or (backend == "cpu" and "CPU" not in _backend.COMPILED.get(spec.name, ())):
