@@ -37,6 +37,15 @@ def test_cpu_release_new_len_past_the_table_is_an_error(new_len, page_size):
     assert rc.tolist() == [1, 1, 1, 1]
 
 
+@needs_cpu
+def test_cpu_release_num_pages_past_int32_is_an_error():
+    # freed page ids are int32: a page id >= 2^31 would have been truncated (an expanded view, no memory)
+    table = torch.tensor([[2**31]], dtype=torch.int64)
+    rc = torch.ones(1, dtype=torch.int32).expand(2**31 + 1)
+    with pytest.raises(RuntimeError, match=r"refcount has 2147483649 pages"):
+        torch.ops.dspark.kv_release_pages(table, torch.tensor([0]), torch.tensor([1]), 1, rc)
+
+
 # --------------------------------------------------------------------------- 2. signed overflow
 
 
