@@ -8,7 +8,8 @@
 # against it (DSPARK_KERNELS_LIBRARY) with libasan / libubsan preloaded (python
 # and torch are not instrumented). Any sanitizer report fails: UBSan and ASan
 # abort the process, and the log is searched for reports as well. pytest's exit
-# status is kept as is, so 5 (no test collected) fails too.
+# status is kept as is, so 5 (no test collected) fails too. --capture=sys: a report
+# written to fd 2 by an aborting process reaches the log (fd capture would lose it).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 start=$(date +%s)
@@ -36,7 +37,7 @@ DSPARK_KERNELS_LIBRARY="$lib" PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" \
   LD_PRELOAD="$asan $ubsan" \
   ASAN_OPTIONS="detect_leaks=0:verify_asan_link_order=0:abort_on_error=1" \
   UBSAN_OPTIONS="halt_on_error=1:print_stacktrace=1:abort_on_error=1" \
-  python -m pytest "${tests[@]}" -q -p no:cacheprovider -k "cpu and not triton" > "$log" 2>&1 || rc=$?
+  python -m pytest "${tests[@]}" -q -p no:cacheprovider --capture=sys -k "cpu and not triton" > "$log" 2>&1 || rc=$?
 tail -5 "$log"
 if grep -Eq "ERROR: AddressSanitizer|runtime error:|SUMMARY: (Address|UndefinedBehavior)Sanitizer" "$log"; then
   grep -E -A30 "ERROR: AddressSanitizer|runtime error:" "$log" | head -80
