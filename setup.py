@@ -7,6 +7,7 @@ Environment:
   TORCH_CUDA_ARCH_LIST        CUDA architectures (default "9.0a": H100/H200, wgmma)
   CUDA_HOME                   toolkit root (else the real path behind nvcc, else /usr/local/cuda)
   MAX_JOBS                    parallel compile jobs (default: from free memory, at most the cores)
+  DSPARK_SANITIZE=1           CPU kernels with ASan + UBSan, -O1, -fno-wrapv (.ci/sanitizers.sh; CPU only)
 """
 
 from __future__ import annotations
@@ -83,6 +84,14 @@ def _extensions():
     sources = ["csrc/ops.cpp"] + sorted(glob.glob("csrc/cpu/*.cpp"))
     include_dirs = [os.path.join(ROOT, "csrc"), os.path.join(ROOT, "csrc", "include")]
     cxx_flags = ["-O3", "-fopenmp"]
+    link_flags = ["-fopenmp"]
+    if os.environ.get("DSPARK_SANITIZE") == "1":
+        if with_cuda:
+            raise RuntimeError("DSPARK_SANITIZE=1 builds the CPU kernels only: set DSPARK_SKIP_CUDA_BUILD=1")
+        # After Python's own flags, so -fno-wrapv undoes its -fwrapv (which hides signed overflow from UBSan).
+        sanitize = ["-fsanitize=address,undefined", "-fno-sanitize-recover=undefined"]
+        cxx_flags = ["-O1", "-g", "-fopenmp", "-fno-wrapv", "-fno-omit-frame-pointer"] + sanitize
+        link_flags = ["-fopenmp"] + sanitize
     define_macros = []  # py_limited_api=True makes torch define Py_LIMITED_API itself
     if with_cuda:
         sources += sorted(glob.glob("csrc/cuda/*.cu"))
@@ -93,12 +102,12 @@ def _extensions():
         ext = cpp_extension.CUDAExtension(
             "dspark_kernels._C", sources, include_dirs=include_dirs, define_macros=define_macros,
             extra_compile_args={"cxx": cxx_flags, "nvcc": nvcc_flags}, py_limited_api=True,
-            extra_link_args=["-fopenmp"],
+            extra_link_args=link_flags,
         )
     else:
         ext = cpp_extension.CppExtension(
             "dspark_kernels._C", sources, include_dirs=include_dirs, define_macros=define_macros,
-            extra_compile_args={"cxx": cxx_flags}, py_limited_api=True, extra_link_args=["-fopenmp"],
+            extra_compile_args={"cxx": cxx_flags}, py_limited_api=True, extra_link_args=link_flags,
         )
     print(f"dspark_kernels: building CPU{' + CUDA (' + cuda_home + ')' if with_cuda else ''} kernels")
     return [ext], {"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)}

@@ -138,6 +138,9 @@ inline void check_kv_release_pages_args(const at::Tensor& block_table, const at:
                "refcount must be int32 or int64, got ", refcount.scalar_type());
   DSPARK_CHECK(refcount.device() == block_table.device(), op, "refcount must be on ", block_table.device(),
                " (like block_table), got ", refcount.device());
+  // Freed page ids are returned as int32: every page id in [0, num_pages) must fit.
+  DSPARK_CHECK(refcount.size(0) <= std::numeric_limits<int32_t>::max(), op, "refcount has ", refcount.size(0),
+               " pages, at most 2^31 - 1 supported (freed page ids are int32)");
 }
 
 inline void check_window_commit_args(const at::Tensor& window, const at::Tensor& rows, const at::Tensor& cu,

@@ -1,3 +1,10 @@
+// random_words(seed, position, index, salt): seed and position are any int64 (taken
+// as uint64 bits, each split over two 32-bit words of the key / counter); index is
+// the vocabulary index of philox.h, a uint32 value: index in [0, 2^32) (the counter
+// holds index >> 2 in its first word and index & 3 picks the word). An index outside
+// [0, 2^32) is an error on the CPU (checked before narrowing, naming `index`); the
+// CUDA kernel cannot raise without a host sync and writes -1 (never a valid word)
+// for it instead.
 #pragma once
 
 #include <ATen/core/Tensor.h>
@@ -5,6 +12,8 @@
 #include "torch_checks.h"
 
 namespace dspark {
+
+constexpr int64_t kRandomWordsIndexEnd = int64_t{1} << 32;  // index in [0, 2^32)
 
 at::Tensor random_words_cpu(const at::Tensor& seed, const at::Tensor& position, const at::Tensor& index,
                             int64_t salt);

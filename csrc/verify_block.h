@@ -46,10 +46,15 @@ inline void check_verify_block_args(
   const int64_t V = target_logits.size(1);
   DSPARK_CHECK(V >= 1, op, "target_logits must have a vocabulary of at least 1, got shape ",
                target_logits.sizes());
+  DSPARK_CHECK(V <= int64_t{0x7fffffff}, op, "vocabulary too large for int32 token ids (V = ", V, " > 2^31 - 1)");
   DSPARK_CHECK(target_logits.size(0) == N + B, op,
                "target_logits must have N + B = ", N + B, " rows (N = draft_tokens.size(0) = ", N,
                ", B = cu_num_draft.size(0) - 1 = ", B, "), got ", target_logits.size(0));
-  DSPARK_CHECK(max_num_draft >= 0, op, "max_num_draft must be >= 0, got ", max_num_draft);
+  // The output is [B, max_num_draft + 1] int32 and num_accepted (<= max_num_draft) is
+  // int32: max_num_draft + 1 must fit in int32 (checked before anything adds 1 to it).
+  DSPARK_CHECK(max_num_draft >= 0 && max_num_draft <= int64_t{0x7ffffffe}, op,
+               "max_num_draft must be in [0, 2^31 - 2] (the output has max_num_draft + 1 int32 columns), got ",
+               max_num_draft);
   DSPARK_CHECK(!(draft_logits.has_value() && draft_probs.has_value()), op,
                "give draft_logits or draft_probs, not both");
   DSPARK_CHECK_DEVICE(op, draft_tokens, target_logits);

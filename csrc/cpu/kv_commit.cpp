@@ -4,9 +4,14 @@
 // 1. Plan (serial, cheap): per request, the real moves (source and destination
 //    physical slots; identity moves and padding dropped). Every data-dependent
 //    check runs here, before any byte is written, and names the argument:
-//    num_accept in [0, W], committed_len >= 0, path entries >= 0, positions inside
-//    the block table, page ids in [0, num_pages), and no slot written by two
-//    requests or written by one request while another reads it.
+//    num_accept in [0, W], committed_len >= 0 with committed_len + num_accept
+//    inside int32 (new_len is int32), path entries >= 0, positions inside the
+//    block table (computed without overflow), page ids in [0, num_pages), and no
+//    slot written by two requests, nor written by one request while another reads
+//    it or keeps it (an identity move: the token already in place is the other
+//    request's accepted token). Another request's cache never changes.
+//    (The CUDA kernel cannot raise: it skips a write into a slot that another
+//    request keeps or reads, see dspark/kv.cuh.)
 // 2. Copy: at::parallel_for over (cache, request); each task reads all of its
 //    sources into a staging buffer, then writes the destinations, so any path
 //    (a tree's [0, 2, 3], reversed, sparse) is safe.
@@ -29,6 +34,10 @@ constexpr const char* kOp = "kv_commit";
 
 struct Move {
   int64_t src_page, src_slot, dst_page, dst_slot;
+};
+
+struct Kept {  // request b keeps its token at (page, slot): accept_path[b, j] == j
+  int64_t b, j, page, slot;
 };
 
 at::Tensor as_long(const at::Tensor& t) { return t.to(at::kLong).contiguous(); }
@@ -54,35 +63,46 @@ at::Tensor kv_commit_cpu(at::TensorList caches, const at::Tensor& block_table, i
 
   // ---- 1. plan and check
   std::vector<Move> moves;
+  std::vector<Kept> kept;  // identity moves (B > 1 only: checked against other requests' writes)
   std::vector<int64_t> start(B + 1, 0);
   for (int64_t b = 0; b < B; ++b) {
     start[b] = static_cast<int64_t>(moves.size());
     DSPARK_CHECK(np[b] >= 0 && np[b] <= W, kOp, "num_accept[", b, "] = ", np[b],
                  " is outside [0, W] with W = accept_path.size(1) = ", W);
     DSPARK_CHECK(Lp[b] >= 0, kOp, "committed_len[", b, "] = ", Lp[b], " is negative");
+    // new_len is int32: committed_len + num_accept must fit (compared without overflow: L >= 0, n in [0, W]).
+    DSPARK_CHECK(Lp[b] <= kv::kInt32Max - np[b], kOp, "committed_len[", b, "] = ", Lp[b], " + num_accept[", b,
+                 "] = ", np[b], " does not fit the int32 new_len (at most 2^31 - 1)");
     for (int64_t j = 0; j < np[b]; ++j) {
       const int64_t s = pp[b * W + j];
       DSPARK_CHECK(s >= 0, kOp, "accept_path[", b, ", ", j, "] = ", s, " is negative but j < num_accept[", b,
                    "] = ", np[b], " (-1 padding is allowed only past num_accept)");
       int64_t page[2], slot[2];
-      const int64_t pos[2] = {Lp[b] + s, Lp[b] + j};
+      const int64_t offset[2] = {s, j};
       for (int k = 0; k < 2; ++k) {
-        const int64_t col = kv::table_column(pos[k], page_size, P);
+        const int64_t col = kv::table_column_at(Lp[b], offset[k], page_size, P);
         DSPARK_CHECK(col >= 0, kOp, k == 0 ? "source" : "destination", " position committed_len[", b,
-                     "] + ", k == 0 ? "accept_path[b, j]" : "j", " = ", pos[k], " (j = ", j,
+                     "] + ", k == 0 ? "accept_path[b, j]" : "j", " = ", Lp[b], " + ", offset[k], " (j = ", j,
                      ") is past the block_table's ", P, " pages of ", page_size, " slots");
         page[k] = btp[b * P + col];
         DSPARK_CHECK(caches.empty() || kv::page_in_range(page[k], num_pages), kOp, "block_table[", b, ", ", col,
                      "] = ", page[k], " (", k == 0 ? "source" : "destination", " of accept_path[", b, ", ", j,
                      "]) is outside [0, num_pages) with num_pages = ", num_pages);
-        slot[k] = pos[k] % page_size;
+        slot[k] = (Lp[b] + offset[k]) % page_size;  // no overflow: the column check passed
       }
-      if (kv::is_real_move(j, s)) moves.push_back({page[0], slot[0], page[1], slot[1]});
+      if (kv::is_real_move(j, s)) {
+        moves.push_back({page[0], slot[0], page[1], slot[1]});
+      } else if (B > 1) {
+        kept.push_back({b, j, page[1], slot[1]});
+      }
     }
   }
   start[B] = static_cast<int64_t>(moves.size());
-  if (B > 1 && !moves.empty()) {
-    // No physical slot may be written twice, nor written by one request and read by another.
+  // Physical slot keys: page * page_size + slot (page < num_pages <= 2^31 - 1, page_size <= 2^31 - 1: no overflow).
+  // Without caches nothing is written (and page ids are not checked): no slot can conflict.
+  const bool writes = !caches.empty() && !moves.empty();
+  if (writes && B > 1) {
+    // No physical slot may be written twice, nor written by one request and read or kept by another.
     std::unordered_map<int64_t, int64_t> writer;  // physical slot -> request
     writer.reserve(moves.size() * 2);
     for (int64_t b = 0; b < B; ++b) {
@@ -102,7 +122,14 @@ at::Tensor kv_commit_cpu(at::TensorList caches, const at::Tensor& block_table, i
                      " overwrites: the block_table rows share a page that is being written");
       }
     }
-  } else if (!moves.empty()) {
+    for (const Kept& k : kept) {
+      auto it = writer.find(k.page * page_size + k.slot);
+      DSPARK_CHECK(it == writer.end() || it->second == k.b, kOp, "request ", k.b, " keeps its token at page ",
+                   k.page, " slot ", k.slot, " (accept_path[", k.b, ", ", k.j, "] = ", k.j,
+                   ", an identity move), which request ", it->second,
+                   " overwrites: the block_table rows share a page that is being written");
+    }
+  } else if (writes) {
     // One request: its destinations must still be distinct physical slots.
     std::unordered_map<int64_t, int64_t> seen;
     for (const Move& mv : moves) {
@@ -114,7 +141,7 @@ at::Tensor kv_commit_cpu(at::TensorList caches, const at::Tensor& block_table, i
 
   at::Tensor new_len = at::empty({B}, committed_len.options().dtype(at::kInt));
   int32_t* out = new_len.mutable_data_ptr<int32_t>();
-  for (int64_t b = 0; b < B; ++b) out[b] = static_cast<int32_t>(Lp[b] + np[b]);
+  for (int64_t b = 0; b < B; ++b) out[b] = kv::commit_new_len(Lp[b], np[b]);  // exact: checked above
   if (moves.empty() || caches.empty()) return new_len;
 
   // ---- 2. copy: tasks are (cache, request) pairs

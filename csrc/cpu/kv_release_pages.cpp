@@ -4,8 +4,9 @@
 //
 // Requests are processed in batch order, so a page shared by two requests that
 // both release it is returned by the later one (the decrement that brings it to
-// zero). Everything is checked before refcount is touched: lengths >= 0, old_len
-// within the block table, released page ids in [0, num_pages), and no page
+// zero). Everything is checked before refcount is touched: lengths in
+// [0, P * page_size] (both new_len and old_len; compared without forming the
+// product when it does not fit in int64), released page ids in [0, num_pages), and no page
 // released more times than its refcount (a double free is an error here; the
 // CUDA kernel clamps at zero instead).
 #include <ATen/core/Tensor.h>
@@ -65,10 +66,13 @@ std::tuple<at::Tensor, at::Tensor> kv_release_pages_cpu(const at::Tensor& block_
 
   // ---- checks (nothing is modified until all pass)
   std::unordered_map<int64_t, int64_t> releases;  // page -> how many times it is released
+  const int64_t capacity = kv::table_capacity(P, page_size);  // P * page_size, saturated
   for (int64_t b = 0; b < B; ++b) {
     DSPARK_CHECK(nlp[b] >= 0, kOp, "new_len[", b, "] = ", nlp[b], " is negative");
     DSPARK_CHECK(olp[b] >= 0, kOp, "old_len[", b, "] = ", olp[b], " is negative");
-    DSPARK_CHECK(olp[b] <= P * page_size, kOp, "old_len[", b, "] = ", olp[b], " is past the block_table's ", P,
+    DSPARK_CHECK(nlp[b] <= capacity, kOp, "new_len[", b, "] = ", nlp[b], " is past the block_table's ", P,
+                 " pages of ", page_size, " slots");
+    DSPARK_CHECK(olp[b] <= capacity, kOp, "old_len[", b, "] = ", olp[b], " is past the block_table's ", P,
                  " pages of ", page_size, " slots");
     int64_t first, last;
     kv::release_columns(nlp[b], olp[b], page_size, P, &first, &last);

@@ -20,6 +20,10 @@ at::Tensor random_words_cpu(const at::Tensor& seed, const at::Tensor& position, 
   const int64_t* pp = p.const_data_ptr<int64_t>();
   const int64_t* ip = i.const_data_ptr<int64_t>();
   int64_t* op = out.mutable_data_ptr<int64_t>();
+  const int64_t n = out.numel();
+  for (int64_t k = 0; k < n; ++k)  // before the narrowing to uint32 below
+    DSPARK_CHECK(ip[k] >= 0 && ip[k] < kRandomWordsIndexEnd, "random_words", "index[", k, "] (flattened) = ", ip[k],
+                 " is outside [0, 2^32) (a uint32 vocabulary index)");
   at::parallel_for(0, out.numel(), 4096, [&](int64_t begin, int64_t end) {
     for (int64_t k = begin; k < end; ++k)
       op[k] = random_word(static_cast<uint64_t>(sp[k]), static_cast<uint64_t>(pp[k]),

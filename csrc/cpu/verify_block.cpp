@@ -76,7 +76,7 @@ int64_t gumbel_race(int64_t V, uint64_t seed, uint64_t position, F weight) {
 enum class DraftKind { kPointMass, kLogits, kProbs };
 
 template <typename TT, typename DT>
-void verify_block_kernel(const at::Tensor& target_logits, const int32_t* drafts, const int32_t* cu,
+void verify_block_kernel(const at::Tensor& target_logits, const int32_t* drafts, const int64_t* cu,
                          const at::Tensor* draft_dist, DraftKind kind, const float* temperature,
                          const int64_t* top_k, const float* top_p, const int64_t* seed,
                          const int64_t* offset, int64_t B, int64_t max_num_draft, int32_t* out,
@@ -177,28 +177,32 @@ std::tuple<at::Tensor, at::Tensor> verify_block_cpu(
   const int64_t N = draft_tokens.size(0);
   const int64_t V = target_logits.size(1);
 
-  // Small per-request tensors: normalise dtype and layout (cheap copies).
-  const at::Tensor cu = cu_num_draft.to(at::kInt).contiguous();
-  // Range-check the ids before narrowing, so an int64 id like 2^32 + 5 cannot pass as 5.
+  // Small per-request tensors: normalise dtype and layout (cheap copies). Offsets and
+  // ids are range-checked in int64 before any narrowing, so an int64 value like
+  // 2^32 + 2 cannot pass as 2; the kernel reads the int64 offsets.
+  const at::Tensor cu = cu_num_draft.to(at::kLong).contiguous();
   const at::Tensor drafts_wide = draft_tokens.to(at::kLong).contiguous();
-  const at::Tensor drafts = draft_tokens.to(at::kInt).contiguous();
   const SamplingTensors sp(temperature, top_k, top_p, seed, offset);
 
-  // Data-dependent checks: always on the CPU (docs/verification.md).
-  const int32_t* cu_p = cu.const_data_ptr<int32_t>();
+  // Data-dependent checks: always on the CPU (docs/verification.md). Comparisons only, no
+  // arithmetic on unchecked values: cu[0] = 0, cu non-decreasing and cu[B] = N put
+  // every offset in [0, N], after which differences cannot overflow.
+  const int64_t* cu_p = cu.const_data_ptr<int64_t>();
   DSPARK_CHECK(cu_p[0] == 0, op, "cu_num_draft[0] must be 0, got ", cu_p[0]);
   DSPARK_CHECK(cu_p[B] == N, op, "cu_num_draft[B] must equal draft_tokens.size(0) = ", N, ", got ", cu_p[B]);
+  for (int64_t b = 0; b < B; ++b)
+    DSPARK_CHECK(cu_p[b] <= cu_p[b + 1], op, "cu_num_draft must be non-decreasing, got cu_num_draft[", b, "] = ",
+                 cu_p[b], " > cu_num_draft[", b + 1, "] = ", cu_p[b + 1]);
   for (int64_t b = 0; b < B; ++b) {
     const int64_t n = cu_p[b + 1] - cu_p[b];
-    DSPARK_CHECK(n >= 0, op, "cu_num_draft must be non-decreasing, got cu_num_draft[", b, "] = ", cu_p[b],
-                 " > cu_num_draft[", b + 1, "] = ", cu_p[b + 1]);
-    DSPARK_CHECK(n <= max_num_draft, op, "request ", b, " has ", n, " drafts, more than max_num_draft = ",
-                 max_num_draft);
+    DSPARK_CHECK(n <= max_num_draft, op, "request ", b, " has ", n, " drafts (cu_num_draft[", b + 1, "] - cu_num_draft[",
+                 b, "]), more than max_num_draft = ", max_num_draft);
   }
   const int64_t* dw_p = drafts_wide.const_data_ptr<int64_t>();
   for (int64_t i = 0; i < N; ++i)
     DSPARK_CHECK(dw_p[i] >= -1 && dw_p[i] < V, op, "draft_tokens[", i, "] = ", dw_p[i],
                  " is outside [-1, V) with V = ", V);
+  const at::Tensor drafts = drafts_wide.to(at::kInt);  // every id checked in [-1, V): exact
   const int32_t* d_p = drafts.const_data_ptr<int32_t>();
 
   at::Tensor out = at::full({B, max_num_draft + 1}, -1, target_logits.options().dtype(at::kInt));

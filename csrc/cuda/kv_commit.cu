@@ -77,6 +77,7 @@ at::Tensor kv_commit_cuda(at::TensorList caches, const at::Tensor& block_table, 
   p.W = W;
   p.num_pages = caches.empty() ? 0 : caches[0].size(0);
   p.page_size = page_size;
+  p.B = B;
 
   // Tile: a whole row when it fits, so one CTA per (request, cache) in the usual case;
   // smaller when the staging of W rows would not fit in shared memory.

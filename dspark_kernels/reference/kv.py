@@ -5,6 +5,13 @@ bytes. Where the input is out of range (which the public wrappers reject on the
 CPU, and on CUDA under ``DSPARK_DEBUG=1``) these functions skip the offending
 move / page / row exactly as the CUDA kernels do, so the spec also says what a
 kernel does with such input: nothing outside the given tensors is touched.
+
+One exception: another request's cache must never change, so a kv_commit in
+which one request writes a physical slot that another request writes, reads
+(a source) or keeps (an identity move: its accepted token already in place) is
+an error here as on the CPU (the CUDA kernel skips such writes instead).
+Lengths are Python ints, so no sum here can overflow; ``new_len`` saturates to
+the int32 range instead of wrapping (the CPU kernel rejects such input).
 """
 
 from __future__ import annotations
@@ -33,22 +40,53 @@ def kv_commit(caches: list[torch.Tensor], block_table: torch.Tensor, page_size: 
     count = num_accept.tolist()
     width = accept_path.shape[1]
     num_pages = caches[0].shape[0] if caches else 0
+    plans = []
     for b in range(len(start)):
         moves = []
         for j in range(max(0, min(count[b], width))):
             src_index = path[b][j]
-            if src_index < 0 or src_index == j:  # padding, or already in place (a chain moves nothing)
+            if src_index < 0:  # padding
+                continue
+            if src_index == j:  # already in place (a chain moves nothing): request b keeps this slot
+                kept = _physical_slot(table[b], start[b] + j, page_size, num_pages)
+                if kept is not None:
+                    moves.append((None, kept))
                 continue
             src = _physical_slot(table[b], start[b] + src_index, page_size, num_pages)
             dst = _physical_slot(table[b], start[b] + j, page_size, num_pages)
             if src is None or dst is None:
                 continue
             moves.append((src, dst))
+        plans.append(moves)
+    _check_no_cross_request_writes(plans)
+    for moves in plans:
+        moves = [(src, dst) for src, dst in moves if src is not None]
         for cache in caches:
             rows = [cache[src].clone() for src, _ in moves]  # read every source first ...
             for (_, dst), row in zip(moves, rows):  # ... then write every destination
                 cache[dst].copy_(row)
-    return (committed_len.to(torch.int64) + num_accept.to(torch.int64)).to(torch.int32)
+    lo, hi = -(2**31), 2**31 - 1
+    new_len = [min(max(length + n, lo), hi) for length, n in zip(start, count)]
+    return torch.tensor(new_len, dtype=torch.int32, device=committed_len.device)
+
+
+def _check_no_cross_request_writes(plans) -> None:
+    """No physical slot written by one request may be written, read or kept by another."""
+    writer = {}
+    for b, moves in enumerate(plans):
+        for src, dst in moves:
+            if src is not None:
+                other = writer.setdefault(dst, b)
+                if other != b:
+                    raise ValueError(f"kv_commit: block_table maps a destination of request {b} and one of request "
+                                     f"{other} to the same physical slot (page {dst[0]}, slot {dst[1]})")
+    for b, moves in enumerate(plans):
+        for src, dst in moves:
+            slot, what = (dst, "keeps its token at") if src is None else (src, "reads")
+            other = writer.get(slot, b)
+            if other != b:
+                raise ValueError(f"kv_commit: request {b} {what} page {slot[0]} slot {slot[1]}, which request "
+                                 f"{other} overwrites: the block_table rows share a page that is being written")
 
 
 def kv_release_pages(block_table: torch.Tensor, new_len: torch.Tensor, old_len: torch.Tensor, page_size: int,

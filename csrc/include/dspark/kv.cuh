@@ -76,12 +76,21 @@ __device__ __forceinline__ void copy_bytes(char* dst, const char* src, int64_t b
 //   1. warp 0 plans: for j < min(num_accept, W), the real moves (path entry >= 0,
 //      not the identity, both positions inside the block table on pages in
 //      [0, num_pages)), compacted in order into shared memory by ballots;
-//   2. every source tile is read into shared memory, __syncthreads, every
+//   2. when B > 1, the whole CTA drops every planned move whose destination
+//      another request owns: a slot that request b' writes, reads (a source) or
+//      keeps (an identity move, its accepted token already in place), over every
+//      b' != b and j' < min(num_accept[b'], W) (O(B * W) integer loads per CTA).
+//      The CPU kernel (and DSPARK_DEBUG=1) reject such input; here the
+//      conflicting write is skipped, so another request's cache never changes
+//      (two requests writing one slot both skip it);
+//   3. every source tile is read into shared memory, __syncthreads, every
 //      destination tile is written — so any path (trees, reversed, sparse) is
-//      safe within a request; requests must not share written slots (the CPU
-//      kernel and DSPARK_DEBUG=1 check that);
-//   3. a chain plans zero moves and the CTA exits after reading a few integers.
-// The CTAs of (b, tile 0, cache 0) of the first launch also write new_len[b].
+//      safe within a request;
+//   4. a chain plans zero moves and the CTA exits after reading a few integers.
+// The CTAs of (b, tile 0, cache 0) of the first launch also write new_len[b]
+// (commit_new_len: the int32 sum, saturated, never wrapped).
+// Positions are committed_len + path entry / window index, located with
+// table_column_at (no signed overflow for any committed_len).
 // ----------------------------------------------------------------------------
 
 constexpr int kCommitThreads = 128;
@@ -108,6 +117,7 @@ struct CommitParams {
   int64_t W;
   int64_t num_pages;
   int64_t page_size;
+  int64_t B;             // requests (gridDim.x)
   int32_t num_caches;    // caches of this launch (0: only new_len)
   int32_t tile_bytes;    // multiple of 16
   int32_t write_new_len;
@@ -117,16 +127,26 @@ struct Move {
   int32_t src_page, src_slot, dst_page, dst_slot;
 };
 
-// Physical (page, slot) of logical position pos of request b, false when it is
-// outside the block table or on a page outside [0, num_pages).
-__device__ __forceinline__ bool locate(const CommitParams& p, int64_t b, int64_t pos, int32_t* page, int32_t* slot) {
-  const int64_t col = table_column(pos, p.page_size, p.P);
+// Physical (page, slot) of logical position L + offset of request b, false when
+// it is negative, outside the block table or on a page outside [0, num_pages).
+__device__ __forceinline__ bool locate(const CommitParams& p, int64_t b, int64_t L, int64_t offset, int32_t* page,
+                                       int32_t* slot) {
+  const int64_t col = table_column_at(L, offset, p.page_size, p.P);
   if (col < 0) return false;
   const int64_t pg = load_int(p.block_table, b * p.bt_stride + col);
   if (!page_in_range(pg, p.num_pages)) return false;
   *page = static_cast<int32_t>(pg);
-  *slot = static_cast<int32_t>(pos % p.page_size);
+  *slot = static_cast<int32_t>((L + offset) % p.page_size);  // no overflow: table_column_at passed
   return true;
+}
+
+// Marks (dst_page = -1) every planned move of request b whose destination is the
+// physical slot (page, slot) that another request owns.
+__device__ __forceinline__ void drop_conflicts(Move* moves, int m, int32_t page, int32_t slot) {
+  for (int i = 0; i < m; ++i) {
+    volatile Move* mv = moves + i;
+    if (mv->dst_page == page && mv->dst_slot == slot) mv->dst_page = -1;
+  }
 }
 
 // Reads the byte range [begin, begin + bytes) of every source row of `moves`
@@ -149,6 +169,7 @@ __device__ __forceinline__ void move_tiles(const CacheDesc& d, const Move* moves
   for (int it = threadIdx.x; it < items; it += kCommitThreads) {
     const int i = it / chunks, k = it - i * chunks;
     const Move mv = moves[i];
+    if (mv.dst_page < 0) continue;  // another request owns this slot: skipped
     char* dst = d.base + mv.dst_page * d.page_stride + mv.dst_slot * d.slot_stride + begin;
     reinterpret_cast<V*>(dst)[k] = st[i * stage_stride + k];
   }
@@ -163,7 +184,7 @@ static __global__ void __launch_bounds__(kCommitThreads) commit_kernel(const __g
   const int c = blockIdx.z;
   const int64_t L = load_int(p.committed_len, b);
   const int64_t n_given = load_int(p.num_accept, b);
-  if (p.write_new_len && c == 0 && tile == 0 && threadIdx.x == 0) p.new_len[b] = static_cast<int32_t>(L + n_given);
+  if (p.write_new_len && c == 0 && tile == 0 && threadIdx.x == 0) p.new_len[b] = commit_new_len(L, n_given);
   if (c >= p.num_caches) return;
   const CacheDesc d = p.caches[c];
   const int64_t begin = static_cast<int64_t>(tile) * p.tile_bytes;
@@ -184,8 +205,8 @@ static __global__ void __launch_bounds__(kCommitThreads) commit_kernel(const __g
       bool real = false;
       if (j < n) {
         const int64_t s = load_int(p.accept_path, b * p.path_stride + j);
-        real = is_real_move(j, s) && locate(p, b, L + s, &mv.src_page, &mv.src_slot) &&
-               locate(p, b, L + j, &mv.dst_page, &mv.dst_slot);
+        real = is_real_move(j, s) && locate(p, b, L, s, &mv.src_page, &mv.src_slot) &&
+               locate(p, b, L, j, &mv.dst_page, &mv.dst_slot);
       }
       const unsigned mask = __ballot_sync(0xffffffffu, real);
       if (real) moves[count + __popc(mask & ((1u << lane) - 1u))] = mv;
@@ -197,7 +218,23 @@ static __global__ void __launch_bounds__(kCommitThreads) commit_kernel(const __g
   const int m = num_moves;
   if (m == 0) return;  // a chain: nothing to move
 
-  // ---- 2. gather every source tile, barrier, scatter every destination tile
+  // ---- 2. drop the writes into slots another request owns (whole CTA, every (b', j'))
+  if (p.B > 1) {
+    const int64_t entries = p.B * p.W;
+    for (int64_t e = threadIdx.x; e < entries; e += kCommitThreads) {
+      const int64_t ob = e / p.W, j = e - ob * p.W;
+      if (ob == b || j >= commit_count(load_int(p.num_accept, ob), p.W)) continue;
+      const int64_t oL = load_int(p.committed_len, ob);
+      const int64_t s = load_int(p.accept_path, ob * p.path_stride + j);
+      if (s < 0) continue;  // padding: owns nothing
+      int32_t pg, sl;
+      if (locate(p, ob, oL, j, &pg, &sl)) drop_conflicts(moves, m, pg, sl);  // written or kept by ob
+      if (s != j && locate(p, ob, oL, s, &pg, &sl)) drop_conflicts(moves, m, pg, sl);  // read by ob
+    }
+    __syncthreads();
+  }
+
+  // ---- 3. gather every source tile, barrier, scatter every destination tile
   switch (d.vec) {
     case 16: move_tiles<16>(d, moves, m, stage, begin, bytes, p.tile_bytes); break;
     case 8: move_tiles<8>(d, moves, m, stage, begin, bytes, p.tile_bytes); break;

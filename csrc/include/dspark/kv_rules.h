@@ -10,6 +10,10 @@
 // kernels (which cannot raise without a host sync) skip the move / page / row,
 // so that nothing outside the given tensors is ever read or written.
 //
+// Every rule is overflow-free for any int64 input (lengths, positions, path
+// entries, page sizes come from user tensors): no signed sum or product here can
+// overflow, so the CUDA kernels need no host-side range check to stay in bounds.
+//
 // No torch header: also compiles under NVRTC.
 #pragma once
 
@@ -51,6 +55,28 @@ DSPARK_HD bool load_flag(FlagArray a, int64_t i) {
   }
 }
 
+constexpr int64_t kInt64Max = 0x7fffffffffffffffLL;
+constexpr int64_t kInt64Min = -kInt64Max - 1;
+constexpr int64_t kInt32Max = 0x7fffffffLL;
+constexpr int64_t kInt32Min = -kInt32Max - 1;
+
+// a + b, saturated to [INT64_MIN, INT64_MAX] (no signed overflow).
+DSPARK_HD int64_t saturating_add(int64_t a, int64_t b) {
+  if (b > 0 && a > kInt64Max - b) return kInt64Max;
+  if (b < 0 && a < kInt64Min - b) return kInt64Min;
+  return a + b;
+}
+
+// ceil(n / d) for n >= 0, d >= 1, without forming n + d - 1.
+DSPARK_HD int64_t ceil_div_nonneg(int64_t n, int64_t d) { return n / d + (n % d != 0 ? 1 : 0); }
+
+// The number of logical positions the P columns of a block table hold,
+// P * page_size saturated at INT64_MAX (P >= 0, page_size >= 1).
+DSPARK_HD int64_t table_capacity(int64_t P, int64_t page_size) {
+  if (P <= 0 || page_size <= 0) return 0;
+  return P > kInt64Max / page_size ? kInt64Max : P * page_size;
+}
+
 // ---------------------------------------------------------------------------
 // kv_commit
 // ---------------------------------------------------------------------------
@@ -68,7 +94,23 @@ DSPARK_HD int64_t table_column(int64_t pos, int64_t page_size, int64_t P) {
   return col < P ? col : -1;
 }
 
+// Block-table column of logical position base + offset (committed_len + a path
+// entry or a window index), or -1 when either is negative, when the sum does not
+// fit in int64 (it is then past any table), or when it is past the P columns.
+DSPARK_HD int64_t table_column_at(int64_t base, int64_t offset, int64_t page_size, int64_t P) {
+  if (base < 0 || offset < 0 || base > kInt64Max - offset) return -1;
+  return table_column(base + offset, page_size, P);
+}
+
 DSPARK_HD bool page_in_range(int64_t page, int64_t num_pages) { return page >= 0 && page < num_pages; }
+
+// new_len = committed_len + num_accept as the int32 output holds it: the exact
+// sum when it fits in int32 (the CPU kernel rejects any other), else saturated to
+// [INT32_MIN, INT32_MAX] (the CUDA kernel and the reference; never a wrapped value).
+DSPARK_HD int32_t commit_new_len(int64_t committed_len, int64_t num_accept) {
+  const int64_t s = saturating_add(committed_len, num_accept);
+  return static_cast<int32_t>(s > kInt32Max ? kInt32Max : (s < kInt32Min ? kInt32Min : s));
+}
 
 // Path entry j of a request moves window index `src_index` (logical position
 // L + src_index) to logical position L + j. Only a real move copies bytes:
@@ -82,11 +124,15 @@ DSPARK_HD bool is_real_move(int64_t j, int64_t src_index) { return src_index >= 
 // Block-table columns [first, last) whose pages lose a reference: column p is
 // released iff p * page_size >= new_len and p * page_size < old_len; columns
 // past P do not exist. (Integer identities: p * ps >= n <=> p >= ceil(n / ps) for
-// n > 0; p * ps < o <=> p < ceil(o / ps) for o > 0.)
+// n > 0; p * ps < o <=> p < ceil(o / ps) for o > 0.) Overflow-free for any
+// lengths (page_size >= 1): first and last are clamped to [0, P], so the columns
+// a caller walks always exist, whatever new_len / old_len hold.
 DSPARK_HD void release_columns(int64_t new_len, int64_t old_len, int64_t page_size, int64_t P, int64_t* first,
                                int64_t* last) {
-  const int64_t f = new_len > 0 ? (new_len + page_size - 1) / page_size : 0;
-  int64_t l = old_len > 0 ? (old_len + page_size - 1) / page_size : 0;
+  if (P < 0) P = 0;
+  int64_t f = new_len > 0 ? ceil_div_nonneg(new_len, page_size) : 0;
+  int64_t l = old_len > 0 ? ceil_div_nonneg(old_len, page_size) : 0;
+  if (f > P) f = P;
   if (l > P) l = P;
   *first = f;
   *last = l > f ? l : f;
