@@ -105,10 +105,10 @@ def _check_offsets(op, name, cu, total, total_name) -> torch.Tensor:
         _fail(op, f"{name} must have B + 1 >= 1 entries, got shape {tuple(cu.shape)}")
     if int(c[0]) != 0:
         _fail(op, f"{name}[0] must be 0, got {int(c[0])}")
+    if int(c[-1]) != total:
+        _fail(op, f"{name}[B] must equal {total_name} = {total}, got {name}[{c.numel() - 1}] = {int(c[-1])}")
     dec = c[1:] < c[:-1]
     if dec.any():
         b = int(torch.nonzero(dec)[0])
         _fail(op, f"{name} must be non-decreasing, got {name}[{b}] = {int(c[b])} > {name}[{b + 1}] = {int(c[b + 1])}")
-    if int(c[-1]) != total:
-        _fail(op, f"{name}[B] must equal {total_name} = {total}, got {name}[{c.numel() - 1}] = {int(c[-1])}")
     return c[1:] - c[:-1]

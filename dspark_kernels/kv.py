@@ -177,6 +177,11 @@ def _check_kv_commit_data(caches, block_table, page_size, committed_len, accept_
     if (L < 0).any():
         b = _first_bad(L < 0)[0]
         _fail(op, f"committed_len[{b}] = {int(L[b])} is negative")
+    bad = L > (2**31 - 1) - n  # written so that it cannot overflow
+    if bad.any():
+        b = _first_bad(bad)[0]
+        _fail(op, f"committed_len[{b}] = {int(L[b])} + num_accept[{b}] = {int(n[b])} does not fit the int32 new_len "
+                  "(at most 2^31 - 1)")
     j = torch.arange(width)
     active = j[None, :] < n[:, None]
     bad = active & (path < 0)
@@ -185,7 +190,8 @@ def _check_kv_commit_data(caches, block_table, page_size, committed_len, accept_
         _fail(op, f"accept_path[{b}, {jj}] = {int(path[b, jj])} is negative but j < num_accept[{b}] = {int(n[b])} "
                   "(-1 padding is allowed only past num_accept)")
     located = {}
-    for kind, pos in (("source", L[:, None] + path), ("destination", L[:, None] + j[None, :])):
+    reach = min(pages * page_size, 2**62)  # a clamp that keeps the sums below in int64
+    for kind, pos in (("source", L[:, None] + path.clamp(max=reach)), ("destination", L[:, None] + j[None, :])):
         col = torch.div(pos, page_size, rounding_mode="floor")
         bad = active & (col >= pages)
         if bad.any():
@@ -215,6 +221,14 @@ def _check_kv_commit_data(caches, block_table, page_size, committed_len, accept_
         if owner.get(key, b) != b:
             _fail(op, f"request {b} reads page {key // page_size} slot {key % page_size}, which request {owner[key]} "
                       "overwrites: the block_table rows share a page that is being written")
+    if not caches:  # nothing is written
+        return
+    for b, jj in torch.nonzero(active & (path == j[None, :])).tolist():
+        key = int(located["destination"][b, jj])
+        if owner.get(key, b) != b:
+            _fail(op, f"request {b} keeps its token at page {key // page_size} slot {key % page_size} "
+                      f"(accept_path[{b}, {jj}] = {jj}, an identity move), which request {owner[key]} overwrites: "
+                      "the block_table rows share a page that is being written")
 
 
 # --------------------------------------------------------------------------- kv_release_pages
@@ -290,11 +304,17 @@ def _check_kv_release_pages_data(block_table, new_len, old_len, page_size, refco
         if (v < 0).any():
             b = _first_bad(v < 0)[0]
             _fail(op, f"{arg}[{b}] = {int(v[b])} is negative")
-    if (old > pages * page_size).any():
-        b = _first_bad(old > pages * page_size)[0]
-        _fail(op, f"old_len[{b}] = {int(old[b])} is past the block_table's {pages} pages of {page_size} slots")
-    start = torch.arange(pages) * page_size
-    released = (start[None, :] >= new[:, None]) & (start[None, :] < old[:, None])
+    cap = min(pages * page_size, 2**63 - 1)  # a Python int: no overflow at page_size = 2^62
+    for arg, v in (("new_len", new), ("old_len", old)):
+        if (v > cap).any():
+            b = _first_bad(v > cap)[0]
+            _fail(op, f"{arg}[{b}] = {int(v[b])} is past the block_table's {pages} pages of {page_size} slots")
+    if rc.shape[0] > 2**31 - 1:
+        _fail(op, f"refcount.size(0) = {rc.shape[0]} pages: page ids are int32 (at most 2^31 - 1 pages)")
+    # Column p is released iff ceil(new / page_size) <= p < ceil(old / page_size): no p * page_size product.
+    col = torch.arange(pages)
+    first, end = -((-new) // page_size), -((-old) // page_size)
+    released = (col[None, :] >= first[:, None]) & (col[None, :] < end[:, None])
     bad = released & ((bt < 0) | (bt >= rc.shape[0]))
     if bad.any():
         b, p = _first_bad(bad)
