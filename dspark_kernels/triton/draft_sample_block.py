@@ -252,8 +252,9 @@ def _markov_kernel(
         bs = b0 + tl.arange(0, BLOCK_B)
         bm = bs < B
         bs64 = bs.to(tl.int64)
-        prev_a = tl.load(anchor_ptr + bs64, mask=bm & first, other=0).to(tl.int64)
-        prev_t = tl.load(tokens_ptr + bs64 * GAMMA + (k - 1), mask=bm & (not first), other=0).to(tl.int64)
+        # masks combine the scalar `first` with tl.where, not `&` (see triton/__init__.py)
+        prev_a = tl.load(anchor_ptr + bs64, mask=tl.where(first, bm, False), other=0).to(tl.int64)
+        prev_t = tl.load(tokens_ptr + bs64 * GAMMA + (k - 1), mask=tl.where(first, False, bm), other=0).to(tl.int64)
         prev = tl.where(first, prev_a, prev_t)
         prev_ok = bm & (prev >= 0) & (prev < V)  # an out-of-range id reads nothing: no correction
         if HAS_TEMP:

@@ -66,7 +66,8 @@ def _row_block(pid_m, total, sorted_ptr, expert_ids_ptr, numel, top_k, BLOCK_M: 
     e = tl.load(expert_ids_ptr + pid_m, mask=live, other=-1)
     live = live & (e >= 0)
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    slots = tl.load(sorted_ptr + rows, mask=(rows >= 0) & live, other=numel)
+    # a scalar condition enters a mask through tl.where, not `&` (see triton/__init__.py)
+    slots = tl.load(sorted_ptr + rows, mask=tl.where(live, rows >= 0, False), other=numel)
     slot_ok = slots < numel
     tokens = (slots // top_k).to(tl.int64)
     return live, e.to(tl.int64), slots.to(tl.int64), slot_ok, tokens
@@ -185,7 +186,7 @@ def _topk_sum_kernel(y_ptr, ids_ptr, E, out_ptr, s_om, s_on, N, TOP_K: tl.conste
     for j in tl.static_range(TOP_K):
         e = tl.load(ids_ptr + t * TOP_K + j)
         ok = (e >= 0) & (e < E)
-        acc += tl.load(y_ptr + (t * TOP_K + j) * N + offs_n, mask=n_ok & ok, other=0.0)
+        acc += tl.load(y_ptr + (t * TOP_K + j) * N + offs_n, mask=tl.where(ok, n_ok, False), other=0.0)
     tl.store(out_ptr + t * s_om + offs_n * s_on, acc.to(out_ptr.dtype.element_ty), mask=n_ok)
 
 

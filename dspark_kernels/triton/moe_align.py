@@ -93,8 +93,8 @@ def _align_scatter_kernel(ids_ptr, numel, E, block_m, length, num_blocks,
         before = tl.sum(tl.where(rows[:, None] < pid, t, 0), axis=0)
     else:
         totals = tl.load(totals_ptr + experts)
-        before = tl.load(table_ptr + pid.to(tl.int64) * E_BLOCK + experts, mask=(experts >= 0) & (pid < num_chunks),
-                         other=0)
+        before = tl.load(table_ptr + pid.to(tl.int64) * E_BLOCK + experts,
+                         mask=tl.where(pid < num_chunks, experts >= 0, False), other=0)
     padded = (totals + block_m - 1) // block_m * block_m
     ends = tl.cumsum(padded, axis=0)
     starts = ends - padded

@@ -373,7 +373,9 @@ def _decide_kernel(
         dpos = start + row
         x = tl.load(drafts_ptr + dpos, mask=(row < n) & (dpos < num_drafts), other=-1).to(tl.int64)
         use_res = (row < n) & (x >= 0) & (x < V)
-        row_ok = trow < num_target_rows
+        # A target row past the end reads nothing: fold the scalar test into the column
+        # bound (see triton/__init__.py).
+        v_row = tl.where(trow < num_target_rows, V, 0)
         thr_p, lse_p = _row_lse_thr(t_ws_m_ptr, t_ws_sum_ptr, t_thr_ptr, t_lse_ptr, ridx, S, filt_on,
                                     HAS_FILTER, S_BLOCK)
         thr_q = tl.full([], _NEG_INF, tl.float32)
@@ -398,7 +400,7 @@ def _decide_kernel(
             w0, w1, w2, w3 = random_words4(seed_lo, seed_hi, pos_lo, pos_hi, salt_resample, ctr)
             g = gumbel_from_word(select_word(w0, w1, w2, w3, lane))
             cols = base + r4 * 4 + lane
-            mask = (cols < V) & row_ok
+            mask = cols < v_row
             lt = tl.load(t_row_ptr + cols.to(tl.int64) * t_stride_col, mask=mask, other=0.0).to(tl.float32)
             lp = tl.where(mask, _log_prob(tl.math.div_rn(lt, t), thr_p, lse_p), _NEG_INF)
             # race over p
