@@ -2,7 +2,8 @@
 # The Triton kernels under the newest Triton release (what a fresh `pip install` with a
 # CPU build of torch resolves; the main environment's torch pins an older one):
 #   1. the interpreter tests of every Triton op (TRITON_INTERPRET=1), slow ones skipped;
-#   2. the sm_90 ahead-of-time compiles (python_tests/aot_compile_{drafting,moe}.py).
+#   2. the sm_90 ahead-of-time compiles (python_tests/aot_compile_{drafting,moe}.py and
+#      test_draft_block_attention.py's).
 # Runs in its own virtual environment (torch CPU + the newest triton + the test deps),
 # built once and reused while it has the wanted triton (idempotent; rebuilt otherwise).
 # The package is used from this checkout (PYTHONPATH), not installed.
@@ -17,7 +18,7 @@ cd "$(dirname "$0")/.."
 start=$(date +%s)
 venv="${DSPARK_TRITON_NEWEST_VENV:-/tmp/dspark-venv-triton-newest}"
 torch_req="${DSPARK_TRITON_TORCH:-torch==2.13.0}"
-py="${PYTHON:-python3}"
+py="${PYTHON:-python}"
 
 # ---- which triton: the newest on the index unless fixed
 version="${DSPARK_TRITON_VERSION:-}"
@@ -92,5 +93,11 @@ for script in python_tests/aot_compile_drafting.py python_tests/aot_compile_moe.
   env -u TRITON_INTERPRET nice "$venv/bin/python" "$script" || {
     echo "triton_newest: $script failed under triton $version"; exit 1; }
 done
+
+echo "triton_newest: draft_block_attention sm_90 compile (test_draft_block_attention.py, slow)"
+rc=0
+env -u TRITON_INTERPRET nice "$venv/bin/python" -m pytest python_tests/test_draft_block_attention.py -q \
+  -p no:cacheprovider -m slow -k test_triton_kernel_compiles_for_sm90 || rc=$?
+[ "$rc" -eq 0 ] || { echo "triton_newest: the draft_block_attention compile failed (pytest exit $rc)"; exit 1; }
 
 echo "triton_newest: passed with triton $version in $(( $(date +%s) - start )) s"

@@ -16,4 +16,9 @@ splats the scalar to an int32 array, which Triton 3.9's interpreter rejects
 which the compiler turns back into the same ``and``). Scalar masks of scalar loads
 (``mask=dpos < num_drafts``) are fine. ``python_tests/test_triton_masks.py``
 checks this under any Triton version.
+
+Triton versions: the interpreter tests pass with 3.4, 3.6, 3.8 and 3.9;
+``.ci/triton_newest.sh`` runs them and the sm_90 AOT compiles under the newest.
+The interpreters of 3.4 and 3.6 need numpy < 2.4 (a loop over ``range`` of tensor
+bounds converts a one-element array to an int, which numpy 2.4 refuses).
 """

@@ -50,8 +50,8 @@ produce. NaN logits are not supported (the reference's argmax takes NaN as the
 maximum; these kernels skip it).
 
 Triton versions: only long-standing ``tl`` APIs (load/store/where/max/min/sum,
-umulhi, math.div_rn, bitcast casts, while loops); checked under the 3.8 interpreter
-and by compiling every kernel variant for sm_90 with Triton 3.8.
+umulhi, math.div_rn, bitcast casts, while loops); checked under the 3.4, 3.6, 3.8 and
+3.9 interpreters and by compiling every kernel variant for sm_90 with Triton 3.8.
 """
 
 from __future__ import annotations
