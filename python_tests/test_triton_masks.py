@@ -25,7 +25,7 @@ if not torch.cuda.is_available():  # conftest.py does the same; kept for running
 import dspark_kernels as dk  # noqa: E402
 
 pytestmark = [
-    pytest.mark.skipif(not dk.backends()["triton"], reason="triton is not available"),
+    pytest.mark.skipif(not dk.backends("verify_block")["triton"], reason="triton is not available"),
     pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="checks the interpreter's masks"),
 ]
 
