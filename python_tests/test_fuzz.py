@@ -90,12 +90,12 @@ KNOWN_FAILURES: dict[tuple[str, str], str] = {
         "under the interpreter (reference and cpu: NaN)",
 }
 
-# Examples per (op, mode). The whole file runs in about 90 s on 2 cores, Triton
+# Examples per op (or per (op, mode), which wins). The whole file runs in about 90 s on 2 cores, Triton
 # interpreted included (docs/correctness.md).
-EXAMPLES: dict[str, int] = collections.defaultdict(lambda: 40)
+EXAMPLES: dict = collections.defaultdict(lambda: 40)
 EXAMPLES.update({
-    "verify_block": 25,
-    "draft_sample_block": 25,
+    "verify_block": 30,
+    "draft_sample_block": 30,
     "draft_block_attention": 20,
     "fused_moe": 20,
     "schedule_verify_lens": 30,
@@ -108,6 +108,9 @@ EXAMPLES.update({
     "grouped_gemm_out": 30,
     "grouped_gemm_masked": 30,
     "moe_align": 30,
+    # (op, mode) overrides: classes whose failures are rarer
+    ("fused_moe", "fp8_nonfinite"): 80,
+    ("draft_block_attention", "nonfinite"): 80,
 })
 
 COUNTS: collections.Counter = collections.Counter()      # (op, mode) -> examples tried
@@ -146,7 +149,8 @@ def floats(draw, shape, dtype, nonfinite=False, *, huge=3.4e38, scale=1.0, grid=
         allowed = torch.arange(n) if where is None else torch.nonzero(where.reshape(-1)).reshape(-1)
         if allowed.numel():
             picks = draw(st.lists(st.tuples(st.integers(0, allowed.numel() - 1),
-                                            st.sampled_from(_specials(dtype, huge))), max_size=min(n, 6)))
+                                            st.sampled_from(_specials(dtype, huge))),
+                                  min_size=1, max_size=min(allowed.numel(), 6)))
             for i, v in picks:
                 t[int(allowed[i])] = v
         if len(shape) >= 2 and where is None:  # whole rows of one special value (no finite score)
@@ -383,10 +387,14 @@ def _assert_equal_outputs(op, backend, got, want, tol):
             assert ok, f"{where}: differs from the reference (exact)\n{g}\n{w}"
         else:
             rtol, atol = tol
+            scale = wf.abs()
             if w.dtype != torch.float32:
+                # fp16 / bf16: relative to the largest finite magnitude of the output row (docs/correctness.md)
                 rtol, atol = max(rtol, 1e-2), max(atol, 1e-2)
+                row = torch.where(fin, scale, torch.zeros_like(scale))
+                scale = row.amax(-1, keepdim=True).expand_as(scale) if row.dim() and row.shape[-1] else row
             err = (gf[fin] - wf[fin]).abs()
-            bound = atol + rtol * wf[fin].abs()
+            bound = atol + rtol * scale[fin]
             assert bool((err <= bound).all()), \
                 f"{where}: max error {float((err - bound).max()):.3g} over rtol {rtol} / atol {atol}\n{g}\n{w}"
 
@@ -1206,7 +1214,8 @@ def test_fuzz(op, mode):
     if (op, mode) not in KNOWN_FAILURES:
         phases.append(Phase.shrink)   # a known failure need not be minimised on every run
 
-    examples = max(1, round(EXAMPLES[op] * float(os.environ.get("DSPARK_FUZZ_SCALE", "1"))))
+    count = EXAMPLES[op, mode] if (op, mode) in EXAMPLES else EXAMPLES[op]
+    examples = max(1, round(count * float(os.environ.get("DSPARK_FUZZ_SCALE", "1"))))
 
     @settings(max_examples=examples, deadline=None, derandomize=True, database=None, phases=phases,
               suppress_health_check=list(HealthCheck), print_blob=False)
