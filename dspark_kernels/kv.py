@@ -132,8 +132,8 @@ def _check_kv_commit(caches, block_table, page_size, committed_len, accept_path,
     if accept_path.shape[0] != batch:
         _fail(op, f"accept_path must have shape [B, W] with B = {batch}, got {tuple(accept_path.shape)}")
     _check_tensor(op, "num_accept", num_accept, dim=1, shape=(batch,), dtypes=_INT_DTYPES, device=device)
-    if isinstance(page_size, bool) or not isinstance(page_size, int) or page_size < 1:
-        _fail(op, f"page_size must be an int >= 1, got {page_size!r}")
+    if isinstance(page_size, bool) or not isinstance(page_size, int) or not 1 <= page_size < 2**31:
+        _fail(op, f"page_size must be in [1, 2^31), got {page_size!r}")
     _check_caches(caches, page_size, device)
 
 
