@@ -375,6 +375,65 @@ def test_block_padding_ends_the_block(backend):
 
 
 @pytest.mark.parametrize("backend", ["reference"] + BACKENDS)
+def test_block_zero_target_probability_rejects_everything(backend):
+    args, kwargs = make_verify_inputs([3, 2], 10, seed=5, draft="logits", temperature=1.0)
+    target, drafts, cu = args
+    target = target.clone()
+    for b in range(2):
+        for i in range(int(cu[b + 1] - cu[b])):
+            target[int(cu[b]) + b + i, drafts[int(cu[b]) + i]] = float("-inf")
+    out, acc = _run(backend, (target, drafts, cu), kwargs, method="block")
+    ref = dk.verify_block(target, drafts, cu, **kwargs, backend="reference", method="block")
+    assert acc.tolist() == [0, 0] and torch.equal(out, ref[0])
+    for b in range(2):
+        assert int(out[b, 0]) != int(drafts[int(cu[b])]) and (out[b, 1:] == -1).all()
+
+
+@pytest.mark.parametrize("backend", ["reference"] + BACKENDS)
+def test_block_zero_draft_probability_and_all_accepted(backend):
+    """q(x) = 0 < p(x) sets rho = 1; p == q (rho stays 1, h = 1) accepts the whole block."""
+    num_draft = [4, 1, 3]
+    args, kwargs = make_verify_inputs(num_draft, 33, seed=8, draft="logits", temperature=1.0)
+    target, drafts, cu = args
+    rows = torch.cat([torch.arange(int(cu[b]) + b, int(cu[b + 1]) + b) for b in range(3)])
+    kwargs["draft_logits"] = target[rows].clone()
+    out, acc = _run(backend, args, kwargs, method="block")
+    assert acc.tolist() == num_draft
+    args2, kwargs2 = make_verify_inputs([3, 2], 6, seed=9, draft="probs", temperature=1.0, accept_bias=2.0)
+    probs = kwargs2["draft_probs"].clone()
+    probs[0, args2[1][0]] = 0.0
+    kwargs2["draft_probs"] = probs
+    ref = dk.verify_block(*args2, **kwargs2, backend="reference", method="block")
+    got = _run(backend, args2, kwargs2, method="block")
+    assert torch.equal(got[0], ref[0]) and torch.equal(got[1], ref[1])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_block_strided_inputs(backend):
+    args, kwargs = make_verify_inputs([3, 2, 4], 64, seed=12, draft="logits", temperature=0.8, accept_bias=3.0)
+    target, drafts, cu = args
+    wide = torch.full((target.shape[0], 100), float("nan"))
+    wide[:, 10:74] = target
+    dl = kwargs["draft_logits"]
+    wide_d = torch.full((dl.shape[0], 80), float("nan"))
+    wide_d[:, 3:67] = dl
+    ref = dk.verify_block(*args, **kwargs, backend="reference", method="block")
+    got = _run(backend, (wide[:, 10:74], drafts, cu), dict(kwargs, draft_logits=wide_d[:, 3:67]), method="block")
+    assert torch.equal(got[0], ref[0]) and torch.equal(got[1], ref[1])
+
+
+@pytest.mark.parametrize("backend", [b for b in BACKENDS if not (b == "triton" and backend_device(b) == "cpu")])
+def test_block_bf16(backend):
+    for mode in MODES:
+        args, kwargs = make_verify_inputs([3, 1, 0, 5], 300, dtype=torch.bfloat16, seed=11, accept_bias=3.0,
+                                          draft="point" if mode == "greedy" else mode,
+                                          temperature=None if mode == "greedy" else 0.9)
+        ref = dk.verify_block(*args, **kwargs, backend="reference", method="block")
+        got = _run(backend, args, kwargs, method="block")
+        assert torch.equal(got[0], ref[0]) and torch.equal(got[1], ref[1]), mode
+
+
+@pytest.mark.parametrize("backend", ["reference"] + BACKENDS)
 def test_block_empty_batch_and_no_drafts(backend):
     target = torch.randn(3, 11)
     out, acc = _run(backend, (target, torch.zeros(0, dtype=torch.int32), torch.zeros(4, dtype=torch.int32)),
