@@ -4,7 +4,9 @@
 
 #include <ATen/core/Tensor.h>
 #include <c10/util/Optional.h>
+#include <c10/util/string_view.h>
 
+#include <string>
 #include <tuple>
 
 #include "torch_checks.h"
@@ -16,14 +18,23 @@ std::tuple<at::Tensor, at::Tensor> verify_block_cpu(
     const std::optional<at::Tensor>& draft_logits, const std::optional<at::Tensor>& draft_probs,
     const std::optional<at::Tensor>& temperature, const std::optional<at::Tensor>& top_k,
     const std::optional<at::Tensor>& top_p, const at::Tensor& seed, const at::Tensor& offset,
-    int64_t max_num_draft);
+    int64_t max_num_draft, c10::string_view method);
 
 std::tuple<at::Tensor, at::Tensor> verify_block_cuda(
     const at::Tensor& target_logits, const at::Tensor& draft_tokens, const at::Tensor& cu_num_draft,
     const std::optional<at::Tensor>& draft_logits, const std::optional<at::Tensor>& draft_probs,
     const std::optional<at::Tensor>& temperature, const std::optional<at::Tensor>& top_k,
     const std::optional<at::Tensor>& top_p, const at::Tensor& seed, const at::Tensor& offset,
-    int64_t max_num_draft);
+    int64_t max_num_draft, c10::string_view method);
+
+// The schema's `str method`: "token" (false) or "block" (true); anything else is an error.
+inline bool parse_verify_method(c10::string_view method) {
+  if (method == c10::string_view("token")) return false;
+  if (method == c10::string_view("block")) return true;
+  TORCH_CHECK_VALUE(false, "verify_block: method must be one of ('token', 'block'), got '",
+                    std::string(method.data(), method.size()), "'");
+  return false;
+}
 
 // Shape / dtype / device checks (no data reads, so no host sync on CUDA).
 inline void check_verify_block_args(

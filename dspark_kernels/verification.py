@@ -34,6 +34,7 @@ def verify_block(
     seed: torch.Tensor | int | None = None,
     offset: torch.Tensor | int | None = None,
     max_num_draft: int | None = None,
+    method: str = "token",
     backend: str | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     r"""Lossless batched verification of ragged draft blocks (speculative sampling).
@@ -78,6 +79,9 @@ def verify_block(
         max_num_draft: output width - 1, ``>= max n_b``; None reads it from
             ``cu_num_draft`` (one host read: pass it under CUDA graphs / torch.compile).
         backend: "reference" | "cpu" | "triton" | "cuda" | None.
+        method: ``"token"`` (the rule above, token by token) or ``"block"`` (block
+            verification, Sun et al. 2024: the same sampling law, a longer expected
+            accepted length; greedy rows unchanged). See docs/verification.md.
 
     Returns:
         ``output_tokens [B, max_num_draft + 1]`` int32 (accepted drafts, then the
@@ -94,6 +98,7 @@ def verify_block(
     ([[2, 4, -1]], [1])
     """
     op = "verify_block"
+    _check_method(method)
     _check_tensor(op, "target_logits", target_logits, dim=2, dtypes=_FLOAT_DTYPES)
     _check_tensor(op, "cu_num_draft", cu_num_draft, dim=1, dtypes=_INT_DTYPES, device=target_logits.device)
     device = target_logits.device
@@ -107,13 +112,22 @@ def verify_block(
         n = _check_offsets(op, "cu_num_draft", cu_num_draft, draft_tokens.shape[0], "draft_tokens.size(0)")
         max_num_draft = int(n.max()) if batch > 0 else 0
     return _registry.dispatch(VERIFY_BLOCK, backend, target_logits, draft_tokens, cu_num_draft, draft_logits,
-                              draft_probs, temperature, top_k, top_p, seed, offset, max_num_draft)
+                              draft_probs, temperature, top_k, top_p, seed, offset, max_num_draft, method)
+
+
+VERIFY_METHODS = ("token", "block")
+
+
+def _check_method(method) -> None:
+    if not isinstance(method, str) or method not in VERIFY_METHODS:
+        _fail("verify_block", f"method must be one of {VERIFY_METHODS}, got {method!r}")
 
 
 def _check_verify_block(target_logits, draft_tokens, cu_num_draft, draft_logits, draft_probs, temperature, top_k,
-                        top_p, seed, offset, max_num_draft):
+                        top_p, seed, offset, max_num_draft, method="token"):
     """Shape / dtype / device checks (the C++ kernels run the same ones themselves)."""
     op = "verify_block"
+    _check_method(method)
     _check_tensor(op, "target_logits", target_logits, dim=2, dtypes=_FLOAT_DTYPES)
     device = target_logits.device
     _check_tensor(op, "draft_tokens", draft_tokens, dim=1, dtypes=_INT_DTYPES, device=device)
@@ -142,7 +156,7 @@ def _check_verify_block(target_logits, draft_tokens, cu_num_draft, draft_logits,
 
 
 def _check_verify_block_data(target_logits, draft_tokens, cu_num_draft, draft_logits, draft_probs, temperature,
-                             top_k, top_p, seed, offset, max_num_draft):
+                             top_k, top_p, seed, offset, max_num_draft, method="token"):
     """Data-dependent checks (host reads): CPU always, CUDA under DSPARK_DEBUG=1."""
     op = "verify_block"
     vocab = target_logits.shape[1]
@@ -158,7 +172,7 @@ def _check_verify_block_data(target_logits, draft_tokens, cu_num_draft, draft_lo
 
 
 def _verify_block_fake(target_logits, draft_tokens, cu_num_draft, draft_logits, draft_probs, temperature, top_k, top_p,
-                       seed, offset, max_num_draft):
+                       seed, offset, max_num_draft, method="token"):
     batch = cu_num_draft.shape[0] - 1
     out = target_logits.new_empty((batch, max_num_draft + 1), dtype=torch.int32)
     return out, target_logits.new_empty((batch,), dtype=torch.int32)
@@ -167,7 +181,8 @@ def _verify_block_fake(target_logits, draft_tokens, cu_num_draft, draft_logits, 
 VERIFY_BLOCK = _registry.declare(_registry.OpSpec(
     schema="verify_block(Tensor target_logits, Tensor draft_tokens, Tensor cu_num_draft, *, "
            "Tensor? draft_logits=None, Tensor? draft_probs=None, Tensor? temperature=None, "
-           "Tensor? top_k=None, Tensor? top_p=None, Tensor seed, Tensor offset, SymInt max_num_draft) "
+           "Tensor? top_k=None, Tensor? top_p=None, Tensor seed, Tensor offset, SymInt max_num_draft, "
+           "str method=\"token\") "
            "-> (Tensor output_tokens, Tensor num_accepted)",
     fake=_verify_block_fake,
     reference=".reference.verify_block:verify_block",

@@ -17,6 +17,7 @@
 #include <vector>
 
 #include "cpu/row_ops.h"
+#include "dspark/block_verify.h"
 #include "dspark/philox.h"
 #include "dspark/sampling.h"
 #include "verify_block.h"
@@ -162,6 +163,129 @@ void verify_block_kernel(const at::Tensor& target_logits, const int32_t* drafts,
   });
 }
 
+// method="block": block verification (dspark/block_verify.h states the rules; the
+// reference's _block_request is the spec). Greedy requests are unchanged. A sampling
+// request makes one pass over each row of its block (h_j needs the residual mass of
+// row j; none for point masses), then one race at the row it stops at.
+template <typename TT, typename DT>
+void verify_block_block_kernel(const at::Tensor& target_logits, const int32_t* drafts, const int32_t* cu,
+                               const at::Tensor* draft_dist, DraftKind kind, const float* temperature,
+                               const int64_t* top_k, const float* top_p, const int64_t* seed,
+                               const int64_t* offset, int64_t B, int64_t max_num_draft, int32_t* out,
+                               int32_t* num_accepted) {
+  const int64_t V = target_logits.size(1);
+  const TT* tptr = target_logits.const_data_ptr<TT>();
+  const int64_t ts0 = target_logits.stride(0), ts1 = target_logits.stride(1);
+  const DT* dptr = draft_dist ? draft_dist->const_data_ptr<DT>() : nullptr;
+  const int64_t ds0 = draft_dist ? draft_dist->stride(0) : 0, ds1 = draft_dist ? draft_dist->stride(1) : 0;
+  const int64_t width = max_num_draft + 1;
+
+  const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 16) / std::max<int64_t>(V, 1));
+  at::parallel_for(0, B, grain, [&](int64_t b_begin, int64_t b_end) {
+    std::vector<float> scratch;
+    for (int64_t b = b_begin; b < b_end; ++b) {
+      const int64_t start = cu[b];
+      const int64_t n = std::min<int64_t>(cu[b + 1] - cu[b], max_num_draft);
+      const float T = temperature ? temperature[b] : 0.f;
+      const int64_t k = top_k ? top_k[b] : 0;
+      const float p = top_p ? top_p[b] : 1.f;
+      const uint64_t s = static_cast<uint64_t>(seed[b]);
+      const uint64_t o = static_cast<uint64_t>(offset[b]);
+      auto target_row = [&](int64_t i) { return Row<TT>{tptr + (start + b + i) * ts0, ts1}; };
+      int32_t* out_row = out + b * width;
+      int64_t accepted = 0;
+      int64_t emitted = -1;
+
+      if (!(T > 0.f)) {  // greedy: unchanged
+        for (int64_t i = 0; i < n && emitted < 0; ++i) {
+          const int64_t x = drafts[start + i];
+          const int64_t am = row_argmax(target_row(i), V);
+          if (x >= 0 && x < V && x == am) out_row[accepted++] = static_cast<int32_t>(x);
+          else emitted = am;
+        }
+        if (emitted < 0) emitted = row_argmax(target_row(n), V);
+        out_row[accepted] = static_cast<int32_t>(emitted);
+        num_accepted[b] = static_cast<int32_t>(accepted);
+        continue;
+      }
+
+      // The block: the leading run of valid ids.
+      int64_t g = 0;
+      while (g < n && drafts[start + g] >= 0 && drafts[start + g] < V) ++g;
+
+      // Row i's distributions: log p, log q and q (fp32 values) at v.
+      struct RowDists {
+        Row<TT> trow;
+        Row<DT> drow;
+        RowStats ps, qs;
+        int64_t x;
+      };
+      auto row_dists = [&](int64_t i) {
+        RowDists r{target_row(i), Row<DT>{dptr ? dptr + (start + i) * ds0 : nullptr, ds1},
+                   row_stats(target_row(i), V, T, k, p, scratch), RowStats{kNegInf, 0.f},
+                   i < n ? static_cast<int64_t>(drafts[start + i]) : -1};
+        if (kind == DraftKind::kLogits && i < n) r.qs = row_stats(r.drow, V, T, k, p, scratch);  // no draft row at n
+        return r;
+      };
+      auto log_p_at = [&](const RowDists& r, int64_t v) { return r.ps.log_prob(scale_logit(r.trow[v], T)); };
+      auto log_q_at = [&](const RowDists& r, int64_t v) -> float {
+        switch (kind) {
+          case DraftKind::kLogits: return r.qs.log_prob(scale_logit(r.drow[v], T));
+          case DraftKind::kProbs: return std::log(r.drow[v]);
+          default: return v == r.x ? 0.f : kNegInf;
+        }
+      };
+
+      float log_rho = 0.f, tau_log_rho = 0.f;
+      int64_t tau = 0;
+      RowDists prev{};  // row j - 1 at step j (computed once: step j - 1 made it)
+      if (g > 0) prev = row_dists(0);
+      for (int64_t j = 1; j <= g; ++j) {
+        log_rho = block_ratio_step(log_rho, log_p_at(prev, prev.x), log_q_at(prev, prev.x));
+        if (!(log_rho > kNegInf)) break;  // rho = 0 from here on: every later h is 0
+        const float u = uniform_from_word(random_word(s, o + static_cast<uint64_t>(j - 1), kSaltAccept, 0));
+        bool ok;
+        if (j == g) {
+          ok = std::log(u) < log_rho;
+        } else {
+          const RowDists r = row_dists(j);
+          const double rho = block_rho(log_rho);
+          double z;
+          if (kind == DraftKind::kPointMass) {
+            z = block_point_mass_residual(rho, log_p_at(r, r.x));
+          } else {
+            z = 0.0;
+            for (int64_t v = 0; v < V; ++v) {
+              const double q = kind == DraftKind::kProbs ? static_cast<double>(r.drow[v]) : block_prob(log_q_at(r, v));
+              z += block_residual_term(rho, log_p_at(r, v), q);
+            }
+          }
+          ok = static_cast<double>(u) < block_accept_prob(rho, z);
+          prev = r;
+        }
+        if (ok) {
+          tau = j;
+          tau_log_rho = log_rho;
+        }
+      }
+
+      const RowDists r = row_dists(tau);
+      const uint64_t position = o + static_cast<uint64_t>(tau);
+      auto log_p = [&](int64_t v) { return log_p_at(r, v); };
+      if (tau < g) {  // the correction: norm(max(rho_tau p - q, 0))
+        emitted = gumbel_race(V, s, position, log_p, [&](int64_t v) {
+          return residual_log_weight(tau_log_rho + log_p_at(r, v), log_q_at(r, v));
+        });
+      }
+      if (emitted < 0) emitted = gumbel_race(V, s, position, log_p);  // bonus, or no residual mass
+      if (emitted < 0) emitted = 0;
+      for (int64_t i = 0; i < tau; ++i) out_row[i] = drafts[start + i];
+      out_row[tau] = static_cast<int32_t>(emitted);
+      num_accepted[b] = static_cast<int32_t>(tau);
+    }
+  });
+}
+
 }  // namespace
 
 std::tuple<at::Tensor, at::Tensor> verify_block_cpu(
@@ -169,7 +293,8 @@ std::tuple<at::Tensor, at::Tensor> verify_block_cpu(
     const std::optional<at::Tensor>& draft_logits, const std::optional<at::Tensor>& draft_probs,
     const std::optional<at::Tensor>& temperature, const std::optional<at::Tensor>& top_k,
     const std::optional<at::Tensor>& top_p, const at::Tensor& seed, const at::Tensor& offset,
-    int64_t max_num_draft) {
+    int64_t max_num_draft, c10::string_view method) {
+  const bool block = parse_verify_method(method);
   check_verify_block_args(target_logits, draft_tokens, cu_num_draft, draft_logits, draft_probs,
                           temperature, top_k, top_p, seed, offset, max_num_draft);
   constexpr const char* op = "verify_block";
@@ -217,7 +342,7 @@ std::tuple<at::Tensor, at::Tensor> verify_block_cpu(
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, target_logits.scalar_type(), "verify_block_cpu_target", [&] {
     using TT = scalar_t;
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, draft_type, "verify_block_cpu_draft", [&] {
-      verify_block_kernel<TT, scalar_t>(
+      (block ? verify_block_block_kernel<TT, scalar_t> : verify_block_kernel<TT, scalar_t>)(
           target_logits, d_p, cu_p, draft_dist, kind, sp.temperature_ptr(), sp.top_k_ptr(), sp.top_p_ptr(),
           sp.seed.const_data_ptr<int64_t>(), sp.offset.const_data_ptr<int64_t>(), B, max_num_draft,
           out.mutable_data_ptr<int32_t>(), num_accepted.mutable_data_ptr<int32_t>());

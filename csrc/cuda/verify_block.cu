@@ -13,6 +13,7 @@
 #include <limits>
 
 #include "dspark/verify_block.cuh"
+#include "dspark/verify_block_method.cuh"
 #include "verify_block.h"
 
 namespace dspark {
@@ -74,6 +75,32 @@ void launch(const vb::Params& p, int64_t stat_rows, bool with_filters, bool samp
   }
 }
 
+// method="block" (sampling requests present): steps 1-2, then block_z_kernel (not for
+// point masses) and block_walk_kernel in place of walk_kernel, then steps 4-5
+// (dspark/verify_block_method.cuh).
+template <class TT, class DT>
+void launch_block(const vb::BlockParams& bp, int64_t stat_rows, bool with_filters, cudaStream_t stream) {
+  const vb::Params& p = bp.p;
+  vb::stats_kernel<TT, DT><<<dim3(static_cast<unsigned>(stat_rows), static_cast<unsigned>(p.num_splits)),
+                             vb::kStatsThreads, 0, stream>>>(p);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  if (with_filters) {
+    vb::filter_kernel<TT, DT><<<static_cast<unsigned>(stat_rows), vb::kFilterThreads, 0, stream>>>(p);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+  if (p.draft_kind != vb::kPointMass) {
+    vb::block_z_kernel<TT, DT><<<static_cast<unsigned>(p.T), vb::kBlockZThreads, 0, stream>>>(bp);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+  vb::block_walk_kernel<TT, DT><<<static_cast<unsigned>(p.B), vb::kBlockWalkThreads, 0, stream>>>(bp);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  vb::race_kernel<TT, DT><<<dim3(static_cast<unsigned>(p.B), static_cast<unsigned>(p.num_race_splits)),
+                            vb::kRaceThreads, 0, stream>>>(p);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  vb::finish_kernel<<<static_cast<unsigned>(p.B), vb::kFinishThreads, 0, stream>>>(p);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
 }  // namespace
 
 std::tuple<at::Tensor, at::Tensor> verify_block_cuda(
@@ -81,7 +108,8 @@ std::tuple<at::Tensor, at::Tensor> verify_block_cuda(
     const std::optional<at::Tensor>& draft_logits, const std::optional<at::Tensor>& draft_probs,
     const std::optional<at::Tensor>& temperature, const std::optional<at::Tensor>& top_k,
     const std::optional<at::Tensor>& top_p, const at::Tensor& seed, const at::Tensor& offset,
-    int64_t max_num_draft) {
+    int64_t max_num_draft, c10::string_view method) {
+  const bool block_method = parse_verify_method(method);
   check_verify_block_args(target_logits, draft_tokens, cu_num_draft, draft_logits, draft_probs, temperature,
                           top_k, top_p, seed, offset, max_num_draft);
   TORCH_CHECK(target_logits.is_cuda(), kOp, ": target_logits must be a CUDA tensor, got ", target_logits.device());
@@ -129,8 +157,10 @@ std::tuple<at::Tensor, at::Tensor> verify_block_cuda(
   const int64_t filter_bytes = with_filters ? align_up(stat_rows * int64_t(sizeof(vb::RowFilter)), 256) : 0;
   const int64_t desc_bytes = align_up(B * int64_t(sizeof(vb::RaceDesc)), 256);
   const int64_t race_bytes = sampling ? align_up(B * num_race_splits * int64_t(sizeof(vb::RacePartial)), 256) : 0;
-  at::Tensor workspace =
-      at::empty({partials_bytes + filter_bytes + desc_bytes + race_bytes}, target_logits.options().dtype(at::kByte));
+  const bool block = block_method && sampling;  // without temperature every row is greedy: the token walk
+  const int64_t z_bytes = block ? align_up(T * int64_t(sizeof(double)), 256) : 0;  // Z_j per target row
+  at::Tensor workspace = at::empty({partials_bytes + filter_bytes + desc_bytes + race_bytes + z_bytes},
+                                   target_logits.options().dtype(at::kByte));
   char* ws = static_cast<char*>(workspace.mutable_data_ptr());
 
   vb::Params p;
@@ -170,7 +200,14 @@ std::tuple<at::Tensor, at::Tensor> verify_block_cuda(
     using TT = decltype(target_tag);
     dispatch_float_type(draft_type, draft_name, [&](auto draft_tag) {
       using DT = decltype(draft_tag);
-      launch<TT, DT>(p, stat_rows, with_filters, sampling, stream);
+      if (block) {
+        vb::BlockParams bp;
+        bp.p = p;
+        bp.z = reinterpret_cast<double*>(ws + partials_bytes + filter_bytes + desc_bytes + race_bytes);
+        launch_block<TT, DT>(bp, stat_rows, with_filters, stream);
+      } else {
+        launch<TT, DT>(p, stat_rows, with_filters, sampling, stream);
+      }
     });
   });
   return {output_tokens, num_accepted};

@@ -14,6 +14,11 @@ sampled from the draft row. Per position that accepts about 0.9 (greedy), 0.8
 (draft logits/probs) and 0.7 (point mass); the table's ``acc`` column is the mean
 number of accepted drafts per request measured on these inputs.
 
+``--method block`` adds, for every case, the same inputs verified with
+``method="block"`` (block verification, docs/verification.md#block-verification) on
+our backends, in the same run: its group is labelled ``method=block`` and its note
+gives the mean accepted length and the time against token-wise on the same backend.
+
 Correctness is checked once per case before timing, on integer outputs:
 every backend against the reference on the whole batch when the reference is
 cheap (``B·(γ+1)·V <= --reference-cap``), else against the cpu backend (on CPU
@@ -37,6 +42,7 @@ and ``Σ_b min(a_b + 1, n_b)`` draft rows for the measured accept counts ``a_b``
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 
@@ -58,6 +64,7 @@ OWN = ("cuda", "triton", "cpu", "reference")
 BASELINES = ("eager", "flashinfer", "vllm")
 ALL_BACKENDS = OWN + BASELINES
 REFERENCE_CAP = 2e6
+VERIFY_METHODS = ("token", "block")
 
 # Input model (see the module docstring).
 TARGET_PEAK = 0.75
@@ -76,6 +83,8 @@ def add_arguments(p) -> None:
     p.add_argument("--mode", nargs="+", choices=MODES + ("all",), help=f"(default {' '.join(DEFAULT_MODES)})")
     p.add_argument("--backend", nargs="+", choices=ALL_BACKENDS, metavar="NAME",
                    help=f"implementations to time: {', '.join(ALL_BACKENDS)} (default: every one that runs here)")
+    p.add_argument("--method", nargs="+", choices=VERIFY_METHODS,
+                   help="verification method (default token); block also runs token-wise on the same inputs")
     p.add_argument("--reference-cap", type=float, default=REFERENCE_CAP,
                    help="time the reference only when B*(γ+1)*V is at most this (default %(default).0e)")
 
@@ -87,9 +96,11 @@ class Group:
     gamma: int
     dtype: str
     mode: str
+    method: str = "token"  # verify_block's method
 
     def label(self) -> str:
-        return f"{self.preset} V={self.vocab} γ={self.gamma} {self.dtype} {self.mode}"
+        tail = "" if self.method == "token" else f" method={self.method}"
+        return f"{self.preset} V={self.vocab} γ={self.gamma} {self.dtype} {self.mode}{tail}"
 
 
 def plan(args, device: torch.device) -> tuple[list[Group], list[int]]:
@@ -106,7 +117,9 @@ def plan(args, device: torch.device) -> tuple[list[Group], list[int]]:
         modes = list(MODES)
     gammas = list(args.gamma or [DEFAULT_GAMMA])
     dtypes = list(args.dtype or (["bf16"] if device.type == "cuda" else ["fp32"]))
-    groups = [Group(p, v, g, dt, m) for (p, v) in presets for g in gammas for dt in dtypes for m in modes]
+    methods = ["token", "block"] if "block" in (getattr(args, "method", None) or ()) else ["token"]
+    groups = [Group(p, v, g, dt, m, vm) for (p, v) in presets for g in gammas for dt in dtypes for m in modes
+              for vm in methods]
     return groups, sorted(set(batches))
 
 
@@ -214,12 +227,12 @@ def lazy_bytes(inp: dict, num_accepted: torch.Tensor) -> int:
 # --------------------------------------------------------------------------- runners
 
 
-def own_runner(name: str):
+def own_runner(name: str, method: str = "token"):
     def run(inp: dict):
         return dspark_kernels.verify_block(
             inp["target_logits"], inp["draft_tokens"], inp["cu_num_draft"], draft_logits=inp["draft_logits"],
             draft_probs=inp["draft_probs"], temperature=inp["temperature"], seed=inp["seed"], offset=inp["offset"],
-            max_num_draft=inp["max_num_draft"], backend=name)
+            max_num_draft=inp["max_num_draft"], method=method, backend=name)
     return run
 
 
@@ -280,13 +293,23 @@ def run(args, ctx) -> list[dict]:
     cases: list[dict] = []
     progress = ctx.progress(len(groups) * len(batches), NAME)
     case_seed = args.seed
+    seeds: dict = {}  # a block group verifies exactly the inputs of its token group
+    token_cases: dict = {}
     for group in groups:
         for bi, batch in enumerate(batches):
             progress.step(f"{group.label()} B={batch}")
-            case_seed += 1
+            key = (dataclasses.replace(group, method="token"), batch)
+            if key not in seeds:
+                case_seed += 1
+                seeds[key] = case_seed
             try:
-                cases += _run_case(args, ctx, group, batch, names, explicit, cpu_ok, ceiling, case_seed,
-                                   slice_check=(bi == 0))
+                got = _run_case(args, ctx, group, batch, names, explicit, cpu_ok, ceiling, seeds[key],
+                                slice_check=(bi == 0))
+                if group.method == "token":
+                    token_cases[key] = {c["backend"]: c for c in got}
+                else:
+                    _compare_with_token(got, token_cases.get(key, {}))
+                cases += got
             except torch.cuda.OutOfMemoryError as exc:  # one too-large case must not stop the sweep
                 torch.cuda.empty_cache()
                 cases.append(new_case(op=NAME, group=group.label(), preset=group.preset, vocab=group.vocab,
@@ -296,6 +319,17 @@ def run(args, ctx) -> list[dict]:
                 torch.cuda.empty_cache()
     progress.close()
     return cases
+
+
+def _compare_with_token(cases: list[dict], token: dict) -> None:
+    """Notes on block cases: mean accepted length and time against token-wise (same backend, same run)."""
+    for c in cases:
+        t = token.get(c["backend"])
+        if c["status"] != "ok" or t is None or t["status"] != "ok":
+            continue
+        c["note"] = (f"{c['note']}; " if c["note"] else "") + (
+            f"accepted {c['mean_accepted']:.3f} vs token {t['mean_accepted']:.3f}, "
+            f"time x{c['median_s'] / t['median_s']:.2f} token")
 
 
 def _run_case(args, ctx, group: Group, batch: int, names: list[str], explicit: bool, cpu_ok: bool,
@@ -309,13 +343,13 @@ def _run_case(args, ctx, group: Group, batch: int, names: list[str], explicit: b
     ref_ok = _availability("reference", device, False, group, batch, args.reference_cap) is None
     check_full, check_name = None, None
     if ref_ok:
-        check_full, check_name = own_runner("reference")(inp), "reference"
+        check_full, check_name = own_runner("reference", group.method)(inp), "reference"
     elif cpu_ok:
-        check_full, check_name = own_runner("cpu")(to_cpu(inp)), "cpu"
+        check_full, check_name = own_runner("cpu", group.method)(to_cpu(inp)), "cpu"
     ref_slice = sl = None
     if slice_check and not ref_ok:
         sl = slice_first_request(inp)
-        ref_slice = own_runner("reference")(sl)
+        ref_slice = own_runner("reference", group.method)(sl)
     accepted = check_full[1] if check_full is not None else None
     base["bytes_lazy"] = lazy_bytes(inp, accepted) if accepted is not None else None
 
@@ -327,12 +361,14 @@ def _run_case(args, ctx, group: Group, batch: int, names: list[str], explicit: b
         case = new_case(**base, backend=name)
         cases.append(case)
         why = _availability(name, device, explicit, group, batch, args.reference_cap)
+        if why is None and group.method != "token" and name not in OWN:
+            why = "skipped", "token-wise only (the baselines have no block verification)"
         if why is not None:
             case["status"], case["note"] = why
             continue
         try:
             if name in OWN:
-                fn = own_runner(name)
+                fn = own_runner(name, group.method)
             elif name == "eager":
                 fn = eager_runner
             else:

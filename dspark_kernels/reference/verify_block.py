@@ -24,6 +24,7 @@ def verify_block(
     seed: torch.Tensor,
     offset: torch.Tensor,
     max_num_draft: int,
+    method: str = "token",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     device = target_logits.device
     target_logits = target_logits.cpu()
@@ -44,6 +45,14 @@ def verify_block(
 
         def target_row(i: int) -> torch.Tensor:
             return target_logits[start + b + i]
+
+        if method == "block" and not greedy:
+            accepted, emitted = _block_request(target_row, drafts[start : start + n], start, n, vocab, t, k, p, s, o,
+                                               draft_logits, draft_probs)
+            out[b, :accepted] = drafts[start : start + accepted].to(torch.int32)
+            out[b, accepted] = emitted
+            num_accepted[b] = accepted
+            continue
 
         accepted = 0
         emitted = None
@@ -92,3 +101,98 @@ def verify_block(
         out[b, accepted] = emitted
         num_accepted[b] = accepted
     return out.to(device), num_accepted.to(device)
+
+
+# ---------------------------------------------------------------------------------------
+# method="block": block verification (Sun et al. 2024), docs/verification.md#block-verification
+
+_F32 = torch.float32
+_NEG_INF = float("-inf")
+
+
+def _f32(x: float) -> torch.Tensor:
+    return torch.tensor(x, dtype=_F32)
+
+
+def block_ratio_step(log_rho: float, log_p: float, log_q: float) -> float:
+    """log rho_{j+1} = min(0, log rho_j + (log p(x) - log q(x))) in fp32: -inf once p(x) = 0
+    (or rho_j = 0), 0 when q(x) = 0 < p(x); a NaN stays NaN (never accepted)."""
+    if not log_rho > _NEG_INF or not log_p > _NEG_INF:
+        return _NEG_INF
+    if not log_q > _NEG_INF:
+        return 0.0
+    d = float(_f32(log_rho) + (_f32(log_p) - _f32(log_q)))
+    return 0.0 if d >= 0.0 else d
+
+
+def block_residual_mass(log_rho: float, log_p: torch.Tensor, q: torch.Tensor | None, x: int) -> float:
+    """Z = sum_v max(rho p(v) - q(v), 0) in fp64 from fp32 rho = exp(log rho), p = exp(log p)
+    (0 where log p = -inf) and q (fp32 values). q=None is the point mass at x: the closed
+    form rho (1 - p(x))."""
+    rho = float(torch.exp(_f32(log_rho)))
+    p = torch.where(log_p > _NEG_INF, torch.exp(torch.where(log_p > _NEG_INF, log_p, 0.0)), 0.0).double()
+    if q is None:
+        return rho * (1.0 - float(p[x]))
+    d = rho * p - q.double()
+    return float(torch.where(d > 0, d, 0.0).sum())
+
+
+def block_accept_prob(log_rho: float, z: float) -> float:
+    """h = Z / (Z + 1 - rho) in fp64 (1 when rho = 1: then the denominator is Z alone)."""
+    rho = float(torch.exp(_f32(log_rho)))
+    if rho >= 1.0:
+        return 1.0
+    return z / (z + (1.0 - rho))
+
+
+def _block_request(target_row, drafts, start, n, vocab, t, k, p, s, o, draft_logits, draft_probs):
+    """(accepted, emitted) of one sampling request under block verification."""
+    # The block is the leading run of valid ids: a padding id (or one outside [0, V))
+    # was not drawn from q, so the block ends there and its row is the bonus row.
+    g = 0
+    while g < n and 0 <= int(drafts[g]) < vocab:
+        g += 1
+
+    def log_p_row(i):
+        return filtered_log_probs(target_row(i), t, k, p)
+
+    def log_q_row(i):  # log q over the vocabulary, and q itself (None for a point mass)
+        if draft_logits is not None:
+            lq = filtered_log_probs(draft_logits[start + i].cpu(), t, k, p)
+            return lq, torch.where(lq > _NEG_INF, torch.exp(torch.where(lq > _NEG_INF, lq, 0.0)), 0.0)
+        if draft_probs is not None:
+            q = draft_probs[start + i].cpu().to(_F32)
+            return torch.log(q), q
+        lq = torch.full((vocab,), _NEG_INF)
+        lq[int(drafts[i])] = 0.0
+        return lq, None
+
+    # Forward over j = 1..g: rho_j from draft j-1, h_j, and the coin eta_j (the accept
+    # stream at offset + j - 1, as the token method's coin of draft j - 1). tau is the
+    # largest j whose coin passes (the backward scan, done while going forward).
+    log_rho, tau, tau_log_rho = 0.0, 0, 0.0
+    for j in range(1, g + 1):
+        x = int(drafts[j - 1])
+        lq_row, _ = log_q_row(j - 1)
+        log_rho = block_ratio_step(log_rho, float(log_p_row(j - 1)[x]), float(lq_row[x]))
+        if not log_rho > _NEG_INF:
+            break  # rho = 0 (or NaN) from here on: every later h is 0
+        u = philox.uniforms(s, o + j - 1, philox.SALT_ACCEPT, 0)
+        if j == g:  # the last draft: h = rho, tested in log space like the token rule
+            ok = float(torch.log(u)) < log_rho
+        else:
+            _, q_next = log_q_row(j)
+            z = block_residual_mass(log_rho, log_p_row(j), q_next, int(drafts[j]))
+            ok = float(u) < block_accept_prob(log_rho, z)
+        if ok:
+            tau, tau_log_rho = j, log_rho
+    lp = log_p_row(tau)
+    noise = philox.gumbels(s, o + tau, philox.SALT_RESAMPLE, torch.arange(vocab))
+    if tau == g:  # every draft of the block accepted: the bonus token from p
+        return tau, race(lp, noise)
+    # The correction: norm(max(rho_tau p_tau - q_tau, 0)) (rho_0 = 1: the token residual)
+    lq, _ = log_q_row(tau)
+    weights = residual_log_weights(_f32(tau_log_rho) + lp, lq)
+    if not (weights > _NEG_INF).any():
+        weights = lp  # no residual mass (p == q numerically): sample p
+    return tau, race(weights, noise)

@@ -483,6 +483,7 @@ def verify_block(
     seed: torch.Tensor | None = None,
     offset: torch.Tensor | None = None,
     max_num_draft: int = 0,
+    method: str = "token",
     *,
     _num_splits_override: int | None = None,
     _block: int | None = None,
@@ -604,7 +605,11 @@ def verify_block(
     block4 = (_block // 4 if _block else (256 if not interp else min(1024, triton.next_power_of_2(vocab) // 4)))
     block4 = max(block4, 4)
     d_arg = draft if draft is not None else target_logits
-    _decide_kernel[(batch,)](
+    decide, extra = _decide_kernel, {}
+    if method == "block":  # block verification: its own decision kernel (verify_block_method.py)
+        from .verify_block_method import _decide_block_kernel as decide
+        extra = dict(BLOCK=max(16, min(1024 if not interp else 4096, triton.next_power_of_2(vocab))))
+    decide[(batch,)](
         target_logits, target_logits.stride(0), target_logits.stride(1), num_rows,
         d_arg, d_arg.stride(0), d_arg.stride(1),
         draft_tokens, num_drafts, cu_num_draft, temp_arg, topk_arg, topp_arg, seed, offset,
@@ -614,6 +619,6 @@ def verify_block(
         out, num_accepted,
         KIND=kind, HAS_TEMP=has_temp, HAS_TOPK=has_topk, HAS_TOPP=has_topp, HAS_FILTER=has_topk or has_topp,
         S_BLOCK=s_block, BLOCK4=block4, BLOCK_W=min(128, triton.next_power_of_2(width)),
-        num_warps=4 if not interp else 1,
+        num_warps=4 if not interp else 1, **extra,
     )
     return out, num_accepted

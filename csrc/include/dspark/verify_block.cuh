@@ -154,6 +154,7 @@ struct RaceDesc {  // the row request b samples, written by walk_kernel
   float q_threshold, q_lse;
   int32_t mode;      // RaceMode
   int32_t accepted;  // column of output_tokens that receives the emitted token
+  float log_rho;     // the residual is max(rho p - q, 0): 0 for method="token" (block: verify_block_method.cuh)
 };
 
 struct RacePartial {  // one (request, split) of step 4
@@ -689,6 +690,7 @@ __global__ void __launch_bounds__(kWalkThreads) walk_kernel(const Params p) {
   d.q_lse = DSPARK_NEG_INF;
   d.mode = kRaceNone;
   d.accepted = static_cast<int32_t>(accepted);
+  d.log_rho = 0.f;
   if (rq.greedy) {
     const int64_t am = row_argmax_at(p, trow);
     if (lane == 0) out_row[accepted] = static_cast<int32_t>(am);
@@ -767,7 +769,7 @@ __global__ void __launch_bounds__(kRaceThreads) race_kernel(const Params p) {
           log_q = logf(load_float<DT>(drow, v));
         else
           log_q = v == d.draft_token ? 0.f : DSPARK_NEG_INF;
-        const float lr = residual_log_weight(lp, log_q);
+        const float lr = residual_log_weight(lp + d.log_rho, log_q);  // <= lp: the pruning above holds
         if (lr > DSPARK_NEG_INF && lr + gmax >= best_residual.value) log_r[e] = lr;
       }
       if (reach >= best_target.value && reach >= d.p_floor) log_p[e] = lp;
