@@ -278,42 +278,94 @@ def test_nan_draft_logits_elsewhere_leave_acceptance_to_the_coin():
 
 
 # --------------------------------------------------------------------------
-# verify_block: the law of the +inf rule (fp64 oracle, χ²)
+# The law of the +inf rule (fp64 oracle, χ², ≥ 1e5 seeds, false alarm ≤ 1e-6 per check)
 
 STAT_TRIALS = 100_000
+INF_ROW = torch.tensor([3.0, INF, -INF, NAN, INF, 50.0, INF, 0.0])
+INF_ROW_P = [1 / 3 if x == INF else 0.0 for x in INF_ROW.tolist()]  # the oracle: uniform on the +inf entries
 
 
-def _stat_backends():
-    return ["reference"] + [b for b in VERIFY_BACKENDS if b == "cpu"]
+def _reference_race_samples(log_w, salt, trials, seed):
+    """Tokens of the reference's race (sampling.race) over log_w, one per seed, with the
+    reference's Philox noise (vectorised over seeds; the full op is ~5 ms per request)."""
+    from dspark_kernels.reference import philox, sampling
+
+    seeds = torch.randint(0, 2**62, (trials, 1), generator=torch.Generator().manual_seed(seed))
+    noise = philox.gumbels(seeds, 0, salt, torch.arange(log_w.numel())[None, :])
+    return torch.tensor([sampling.race(log_w, noise[t]) for t in range(trials)])
 
 
-@pytest.mark.parametrize("backend", _stat_backends())
-def test_inf_row_emits_uniformly_among_inf_entries(backend):
-    """Bonus token of a +inf row (no drafts): uniform over its +inf entries, whatever the
-    finite entries and the temperature; first token after a rejection (q an +inf row on
-    other entries): still distributed as p."""
-    vocab, trials = 8, STAT_TRIALS
-    row = torch.tensor([3.0, INF, -INF, NAN, INF, 50.0, INF, 0.0])
-    p = [1 / 3 if x == INF else 0.0 for x in row.tolist()]
+def test_reference_inf_row_law():
+    """The reference's log p of a +inf row (any temperature, with filters) is -log 3 on
+    its three +inf entries, and its race draws uniformly among them."""
+    from dspark_kernels.reference import philox, sampling
+
+    for t, k, p in ((0.5, 0, 1.0), (INF, 0, 1.0), (1.0, 2, 1.0), (1.0, 0, 0.3), (1e-38, 0, 1.0)):
+        log_p = sampling.filtered_log_probs(INF_ROW, t, k, p)
+        inf_set = [x > 0 for x in INF_ROW_P]
+        if t == 1e-38:
+            inf_set[5] = True  # 50 / 1e-38 overflows: a fourth +inf entry (3 / 1e-38 does not)
+        expect = torch.tensor([-math.log(sum(inf_set)) if x else -INF for x in inf_set])
+        assert torch.allclose(log_p, expect, atol=1e-6, rtol=0), (t, k, p, log_p)
+    log_p = sampling.filtered_log_probs(INF_ROW, 0.5, 0, 1.0)
+    chi2_check(_reference_race_samples(log_p, philox.SALT_RESAMPLE, STAT_TRIALS, 5), INF_ROW_P,
+               "reference: +inf row race")
+    # draft_sample_block's race weights (inf_rule over s): uniform among the +inf entries too
+    w = sampling.inf_rule(sampling.scale_logits(INF_ROW, 0.8))
+    chi2_check(_reference_race_samples(w, philox.SALT_DRAFT, STAT_TRIALS, 6), INF_ROW_P,
+               "reference: draft +inf row race")
+
+
+def test_reference_op_on_inf_rows_equals_cpu():
+    """The full reference op on the statistical test's inputs (fewer seeds) gives the
+    cpu kernel's integers, so the cpu χ² below is the reference's law."""
+    if "cpu" not in VERIFY_BACKENDS:
+        pytest.skip("cpu backend not built")
+    args, kwargs = _inf_stat_inputs(300)
+    ref = dk.verify_block(*args, **kwargs, backend="reference")
+    got = dk.verify_block(*args, **kwargs, backend="cpu")
+    assert torch.equal(ref[0], got[0]) and torch.equal(ref[1], got[1])
+    base = INF_ROW.repeat(300, 1, 1)
+    kw = dict(temperature=0.8, seed=kwargs["seed"], offset=0)
+    assert torch.equal(dk.draft_sample_block(base, torch.zeros(300, dtype=torch.int32), **kw, backend="reference")[0],
+                       dk.draft_sample_block(base, torch.zeros(300, dtype=torch.int32), **kw, backend="cpu")[0])
+
+
+def _inf_stat_inputs(trials):
     g = torch.Generator().manual_seed(77)
     seeds = torch.randint(0, 2**62, (trials,), generator=g)
-    cu = torch.zeros(trials + 1, dtype=torch.int32)
-    out, acc = dk.verify_block(row.repeat(trials, 1), torch.zeros(0, dtype=torch.int32), cu, temperature=0.5,
-                               seed=seeds, offset=torch.zeros(trials, dtype=torch.int64), backend=backend)
-    chi2_check(out[:, 0], p, f"{backend}: +inf row, bonus token")
-    # One draft per request, drawn from q (uniform over q's two +inf entries); lossless: out[:, 0] ~ p.
+    # One draft per request, drawn from q (uniform over q's two +inf entries 0 and 1).
     q_row = torch.tensor([INF, INF, 0.0, 1.0, -INF, NAN, 2.0, 5.0])
     drafts = torch.where(torch.rand(trials, generator=g) < 0.5, 0, 1).to(torch.int32)
     cu = torch.arange(0, trials + 1, dtype=torch.int32)
-    target = torch.stack([row, torch.randn(vocab, generator=g)]).repeat(trials, 1)
-    out, acc = dk.verify_block(target, drafts, cu, draft_logits=q_row.repeat(trials, 1), temperature=1.0,
-                               seed=seeds, offset=torch.zeros(trials, dtype=torch.int64), backend=backend)
-    chi2_check(out[:, 0], p, f"{backend}: +inf rows, first token")
-    # x = 1 has p = q = 1/3 vs 1/2: accepted with probability 2/3; x = 0 never (p = 0).
-    rate = float((acc[drafts == 1] >= 1).double().mean())
+    target = torch.stack([INF_ROW, torch.randn(8, generator=g)]).repeat(trials, 1)
+    return (target, drafts, cu), dict(draft_logits=q_row.repeat(trials, 1), temperature=1.0, seed=seeds,
+                                      offset=torch.zeros(trials, dtype=torch.int64))
+
+
+def test_inf_rows_are_lossless_on_cpu():
+    """Drafts from q (a +inf row on entries 0, 1), target p (+inf on 1, 4, 6): the first
+    token is distributed as p; x = 1 is accepted with probability min(1, p/q) = 2/3 and
+    x = 0 (p = 0) never; the bonus token of a +inf row with no drafts is uniform too."""
+    if "cpu" not in VERIFY_BACKENDS:
+        pytest.skip("cpu backend not built")
+    trials = STAT_TRIALS
+    args, kwargs = _inf_stat_inputs(trials)
+    out, acc = dk.verify_block(*args, **kwargs, backend="cpu")
+    chi2_check(out[:, 0], INF_ROW_P, "cpu: +inf rows, first token")
+    drafts = args[1]
     n1 = int((drafts == 1).sum())
+    rate = float((acc[drafts == 1] >= 1).double().mean())
     assert abs(rate - 2 / 3) < 5 * math.sqrt(2 / 9 / n1), rate
     assert int(acc[drafts == 0].sum()) == 0
+    out, _ = dk.verify_block(INF_ROW.repeat(trials, 1), torch.zeros(0, dtype=torch.int32),
+                             torch.zeros(trials + 1, dtype=torch.int32), temperature=0.5, seed=kwargs["seed"],
+                             offset=0, backend="cpu")
+    chi2_check(out[:, 0], INF_ROW_P, "cpu: +inf row, bonus token")
+    tokens, _ = dk.draft_sample_block(INF_ROW.repeat(trials, 1, 1), torch.zeros(trials, dtype=torch.int32),
+                                      temperature=0.8, seed=kwargs["seed"], offset=0, return_logits=False,
+                                      backend="cpu")
+    chi2_check(tokens[:, 0], INF_ROW_P, "cpu: draft +inf row")
 
 
 # --------------------------------------------------------------------------
@@ -410,15 +462,3 @@ def test_draft_subnormal_logits():
     for seed in SEEDS:
         base, anchor, kwargs = _draft_inputs(seed, **(dict(top_p=0.9) if seed % 2 else {}))
         _check_draft(base * 1e-39, anchor, kwargs)
-
-
-@pytest.mark.parametrize("backend", ["reference"] + [b for b in DRAFT_BACKENDS if b == "cpu"])
-def test_draft_inf_row_is_uniform_among_inf_entries(backend):
-    trials = STAT_TRIALS
-    row = torch.tensor([3.0, INF, NAN, -INF, INF, 80.0])
-    g = torch.Generator().manual_seed(91)
-    base = row.repeat(trials, 1, 1)
-    tokens, _ = dk.draft_sample_block(base, torch.zeros(trials, dtype=torch.int32), temperature=0.8,
-                                      seed=torch.randint(0, 2**62, (trials,), generator=g), offset=0,
-                                      return_logits=False, backend=backend)
-    chi2_check(tokens[:, 0], [0, 0.5, 0, 0, 0.5, 0], f"{backend}: draft +inf row")

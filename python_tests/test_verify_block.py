@@ -302,17 +302,19 @@ def test_all_accepted_when_p_equals_q(backend):
 
 
 @pytest.mark.parametrize("backend", ["reference"] + BACKENDS)
-def test_zero_draft_probability_accepts_and_padding_is_rejected(backend):
+def test_zero_draft_probability_and_padding_are_rejected(backend):
     args, kwargs = _inputs([2, 2], 6, "probs", seed=9)
     target, drafts, cu = args
     probs = kwargs["draft_probs"].clone()
-    probs[0, drafts[0]] = 0.0  # q(x) = 0 with p(x) > 0: p/q = inf, accept
+    probs[0, drafts[0]] = 0.0  # q(x) = 0: x was not drawn from q, rejected (docs: Non-finite input)
     kwargs["draft_probs"] = probs
     drafts = drafts.clone()
     drafts[2] = -1  # padding: always rejected, the row is sampled from p
     out, acc = _run(backend, (target, drafts, cu), kwargs)
-    assert int(acc[0]) >= 1 and int(out[0, 0]) == int(drafts[0])
+    assert int(acc[0]) == 0 and 0 <= int(out[0, 0]) < 6
     assert int(acc[1]) == 0 and 0 <= int(out[1, 0]) < 6
+    ref = dk.verify_block(target, drafts, cu, **kwargs, backend="reference")
+    assert torch.equal(out, ref[0]) and torch.equal(acc, ref[1])
 
 
 @pytest.mark.parametrize("backend", ["reference"] + BACKENDS)
