@@ -76,11 +76,12 @@ def _oracle_verify(target, drafts, cu, b, temperature, top_k, top_p, seed, offse
         else:
             q = [1.0 if v == x else 0.0 for v in range(vocab)]
         u = float(philox.uniforms(seed, offset + i, philox.SALT_ACCEPT, 0))
-        if p[x] > 0 and (q[x] == 0 or u < p[x] / q[x]):
+        q_ok = 0 < q[x] < math.inf  # else x was not drawn from q: rejected, sampled from p
+        if p[x] > 0 and q_ok and u < p[x] / q[x]:
             out.append(x)
             continue
         r = [max(pv - qv, 0.0) for pv, qv in zip(p, q)]
-        if sum(r) <= 0:
+        if sum(r) <= 0 or not q_ok:
             r = p
         w = [math.log(x) if x > 0 else -math.inf for x in r]
         return out + [max(range(vocab), key=lambda v: (w[v] + noise[v], -v))], len(out)
