@@ -53,9 +53,10 @@ def verify_block(
 
     Sampling rows (``T_b > 0``): draft ``i`` is accepted iff
     ``log u_i < log p_i(x_i) - log q_i(x_i)`` (``u_i`` from the accept stream), never
-    when ``p_i(x_i) = 0`` or ``x_i`` is ``-1`` / ``>= V``. At the first rejection the
-    emitted token is drawn from ``norm(max(p_i - q_i, 0))`` (from ``p_i`` if that has
-    no mass or ``x_i`` is padding); if all are accepted, a bonus token is drawn from
+    when ``p_i(x_i) = 0``, ``q_i(x_i)`` is not a finite positive number, or ``x_i`` is
+    ``-1`` / ``>= V``. At the first rejection the emitted token is drawn from
+    ``norm(max(p_i - q_i, 0))`` (from ``p_i`` if that has no mass, ``x_i`` is padding
+    or ``q_i(x_i)`` is unusable); if all are accepted, a bonus token is drawn from
     ``p_{n_b}``. Draws are Gumbel races on the resample stream. Greedy rows
     (``T_b <= 0`` or ``temperature=None``): accept while ``x_i == argmax target_i``,
     then emit the argmax (ties: lowest index).
@@ -63,6 +64,10 @@ def verify_block(
     Top-k keeps tokens with scaled logit ``>=`` the k-th largest (``k <= 0`` or
     ``>= V``: off); top-p then keeps token v iff the mass of kept tokens with a
     strictly larger logit is ``< top_p`` (``top_p >= 1``: off).
+
+    Non-finite input (docs/verification.md): NaN logits count as -inf; an infinite
+    logit stays infinite when scaled (an overflowing ``l / T`` is infinite); a row whose
+    max is +inf puts equal mass on its +inf entries and none elsewhere.
 
     Randomness: Philox4x32-10 keyed by ``seed[b]`` at position ``offset[b] + i``
     (see the README): identical on every backend, independent of batch

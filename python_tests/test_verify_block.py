@@ -76,11 +76,12 @@ def _oracle_verify(target, drafts, cu, b, temperature, top_k, top_p, seed, offse
         else:
             q = [1.0 if v == x else 0.0 for v in range(vocab)]
         u = float(philox.uniforms(seed, offset + i, philox.SALT_ACCEPT, 0))
-        if p[x] > 0 and (q[x] == 0 or u < p[x] / q[x]):
+        q_ok = 0 < q[x] < math.inf  # else x was not drawn from q: rejected, sampled from p
+        if p[x] > 0 and q_ok and u < p[x] / q[x]:
             out.append(x)
             continue
         r = [max(pv - qv, 0.0) for pv, qv in zip(p, q)]
-        if sum(r) <= 0:
+        if sum(r) <= 0 or not q_ok:
             r = p
         w = [math.log(x) if x > 0 else -math.inf for x in r]
         return out + [max(range(vocab), key=lambda v: (w[v] + noise[v], -v))], len(out)
@@ -302,17 +303,19 @@ def test_all_accepted_when_p_equals_q(backend):
 
 
 @pytest.mark.parametrize("backend", ["reference"] + BACKENDS)
-def test_zero_draft_probability_accepts_and_padding_is_rejected(backend):
+def test_zero_draft_probability_and_padding_are_rejected(backend):
     args, kwargs = _inputs([2, 2], 6, "probs", seed=9)
     target, drafts, cu = args
     probs = kwargs["draft_probs"].clone()
-    probs[0, drafts[0]] = 0.0  # q(x) = 0 with p(x) > 0: p/q = inf, accept
+    probs[0, drafts[0]] = 0.0  # q(x) = 0: x was not drawn from q, rejected (docs: Non-finite input)
     kwargs["draft_probs"] = probs
     drafts = drafts.clone()
     drafts[2] = -1  # padding: always rejected, the row is sampled from p
     out, acc = _run(backend, (target, drafts, cu), kwargs)
-    assert int(acc[0]) >= 1 and int(out[0, 0]) == int(drafts[0])
+    assert int(acc[0]) == 0 and 0 <= int(out[0, 0]) < 6
     assert int(acc[1]) == 0 and 0 <= int(out[1, 0]) < 6
+    ref = dk.verify_block(target, drafts, cu, **kwargs, backend="reference")
+    assert torch.equal(out, ref[0]) and torch.equal(acc, ref[1])
 
 
 @pytest.mark.parametrize("backend", ["reference"] + BACKENDS)

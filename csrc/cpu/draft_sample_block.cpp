@@ -48,6 +48,16 @@ struct RowParams {
   uint64_t position;
 };
 
+// The +inf rule: a +inf weight always wins the race over s + G (inf + G = inf, the
+// first one on ties), so `token` has weight +inf iff the row has +inf entries; they
+// share the mass, so race again over them with weight 0 (score G), the others out.
+template <typename F>
+int64_t inf_race(int64_t V, const RowParams& rp, int64_t token, F weight) {
+  if (token < 0 || !(weight(token) == -kNegInf)) return token;
+  auto w_inf = [&](int64_t v) { return weight(v) == -kNegInf ? 0.f : kNegInf; };
+  return gumbel_race_salted(V, rp.seed, rp.position, kSaltDraft, w_inf, w_inf);
+}
+
 // One draw from row (greedy argmax, or the race over s + G restricted to the filter).
 template <typename T>
 int64_t sample_row(Row<T> row, int64_t V, const RowParams& rp, std::vector<float>& scratch) {
@@ -60,12 +70,11 @@ int64_t sample_row(Row<T> row, int64_t V, const RowParams& rp, std::vector<float
     const float thr = filter_threshold(scratch, rp.top_k, rp.top_p);
     auto weight = [&](int64_t v) { return scratch[v] >= thr ? scratch[v] : kNegInf; };
     token = gumbel_race_salted(V, rp.seed, rp.position, kSaltDraft, weight, weight);
+    token = inf_race(V, rp, token, weight);
   } else {
-    auto weight = [&](int64_t v) {
-      const float s = scale_logit(row[v], T_);
-      return s >= kNegInf ? s : kNegInf;  // NaN never races
-    };
+    auto weight = [&](int64_t v) { return scale_logit(row[v], T_); };  // NaN is -inf: never races
     token = gumbel_race_salted(V, rp.seed, rp.position, kSaltDraft, weight, weight);
+    token = inf_race(V, rp, token, weight);
   }
   return token < 0 ? 0 : token;
 }

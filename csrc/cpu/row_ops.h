@@ -42,6 +42,7 @@ inline float filter_threshold(std::vector<float>& s, int64_t top_k, float top_p)
     if (!kept.empty()) {
       std::sort(kept.begin(), kept.end(), std::greater<float>());
       const float m = kept[0];
+      if (m == -kNegInf) return -kNegInf;  // +inf entries hold all the mass: keep just them
       double total = 0.0;
       for (float x : kept) total += static_cast<double>(std::exp(x - m));
       const double target = static_cast<double>(top_p) * total;

@@ -47,12 +47,19 @@ RowStats row_stats(Row<T> row, int64_t V, float temperature, int64_t top_k, floa
     for (int64_t v = 0; v < V; ++v)
       if (scratch[v] >= st.threshold) softmax_stats_update(acc, scratch[v]);
     st.lse = softmax_stats_lse(acc);
+    row_filter_final(acc.max, acc.sum, st.threshold, st.lse);  // the +inf rule
     return st;
   }
   // Two passes, as the reference: m = max s (division by T > 0 is monotone, so it is
   // the scaled raw maximum), then lse = m + log(sum exp(s - m)).
   const float m = scale_logit(row_max(row, V), temperature);
   if (!(m > kNegInf)) return st;
+  if (m == -kNegInf) {  // +inf entries (or l / T overflowing): they share the mass
+    float n_inf = 0.f;
+    for (int64_t v = 0; v < V; ++v) n_inf += scale_logit(row[v], temperature) == m ? 1.f : 0.f;
+    row_filter_final(m, n_inf, st.threshold, st.lse);
+    return st;
+  }
   // fp64 accumulation: a sequential fp32 sum over 10^5 terms drifts by ~1e-5,
   // enough to flip accept decisions against the reference's pairwise sum.
   double sum = 0.0;
@@ -135,14 +142,16 @@ void verify_block_kernel(const at::Tensor& target_logits, const int32_t* drafts,
         const uint64_t position = o + static_cast<uint64_t>(i);
         if (valid) {
           const float log_u = std::log(uniform_from_word(random_word(s, position, kSaltAccept, 0)));
-          if (accept_token(log_u, log_p(x), log_q(x))) {
+          const float log_qx = log_q(x);
+          if (accept_token(log_u, log_p(x), log_qx)) {
             out_row[accepted++] = static_cast<int32_t>(x);
             continue;
           }
-          emitted = gumbel_race(V, s, position, log_p,  // the residual's weight is at most p's
-                                [&](int64_t v) { return residual_log_weight(log_p(v), log_q(v)); });
+          if (draft_prob_ok(log_qx))  // else q(x) is not a finite positive number: sample p
+            emitted = gumbel_race(V, s, position, log_p,  // the residual's weight is at most p's
+                                  [&](int64_t v) { return residual_log_weight(log_p(v), log_q(v)); });
         }
-        // Padding id, or a residual with no mass (p == q numerically): sample p.
+        // Padding id, q(x) unusable, or a residual with no mass (p == q numerically): sample p.
         if (emitted < 0) emitted = gumbel_race(V, s, position, log_p);
         if (emitted < 0) emitted = 0;
       }

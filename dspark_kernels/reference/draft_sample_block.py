@@ -12,7 +12,9 @@ One request and one position at a time. Position ``k`` of request ``b``:
   ``sampling.filter_threshold`` (the verify_block rules), and the Gumbel race
   ``argmax_v (s_v + G_v)`` over ``s_v >= t`` with ``G`` from the draft stream
   (``philox.SALT_DRAFT``) at position ``offset[b] + k`` and index ``v``
-  (``sampling.race``: lowest index on ties, token 0 if no score is finite).
+  (``sampling.race``: lowest index on ties, token 0 if no score is finite);
+* non-finite input (docs/drafting.md): NaN is ``-inf``; a row with ``+inf`` kept
+  entries races them alone with weight 0 (score ``G_v``: uniform among them).
 
 The returned logits are ``l`` (fp32), the distribution the token was drawn from.
 """
@@ -22,7 +24,7 @@ from __future__ import annotations
 import torch
 
 from . import philox
-from .sampling import filter_threshold, race
+from .sampling import filter_threshold, greedy_argmax, inf_rule, race, scale_logits
 
 
 def markov_correction(w1_row: torch.Tensor, w2: torch.Tensor) -> torch.Tensor:
@@ -36,10 +38,7 @@ def markov_correction(w1_row: torch.Tensor, w2: torch.Tensor) -> torch.Tensor:
 
 
 def greedy_token(logits: torch.Tensor) -> int:
-    x = torch.where(torch.isnan(logits), torch.tensor(float("-inf")), logits)
-    if not (x > float("-inf")).any():
-        return 0
-    return int(torch.argmax(x))  # the first maximal index
+    return greedy_argmax(logits)
 
 
 def sample_row(logits: torch.Tensor, temperature: float, top_k: int, top_p: float, seed: int,
@@ -47,9 +46,9 @@ def sample_row(logits: torch.Tensor, temperature: float, top_k: int, top_p: floa
     """One draw from the filtered ``softmax(logits / T)`` (fp32 logits), or the argmax."""
     if not temperature > 0.0:
         return greedy_token(logits)
-    s = logits / torch.tensor(temperature, dtype=torch.float32)
+    s = scale_logits(logits, temperature)
     threshold = filter_threshold(s, top_k, top_p)
-    weights = torch.where(s >= threshold, s, torch.tensor(float("-inf")))
+    weights = inf_rule(torch.where(s >= threshold, s, torch.tensor(float("-inf"))))
     noise = philox.gumbels(seed, position, philox.SALT_DRAFT, torch.arange(s.numel()))
     return race(weights, noise)
 

@@ -13,6 +13,12 @@ These are the rules every backend implements (the C++/CUDA kernels through
 * ``log p = s - logsumexp(s over kept)``, ``-inf`` for dropped tokens;
 * a categorical sample is the Gumbel race ``argmax_v(log w_v + G_v)`` (lowest index
   wins ties); a race with no finite score yields index 0.
+
+Non-finite input (docs/verification.md, "Non-finite input"): a NaN logit is ``-inf``
+(never sampled, accepted, kept or the argmax); an infinite logit stays infinite when
+scaled (also at ``T = +inf``), and a finite ``l / T`` that overflows is infinite; a
+row whose largest ``s`` is ``+inf`` keeps only its ``+inf`` entries, which share the
+mass equally (``log p = -log(n_inf)``).
 """
 
 from __future__ import annotations
@@ -28,6 +34,32 @@ def top_p_active(p: float) -> bool:
     return 0.0 < p < 1.0
 
 
+def scale_logits(logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """``s = logit / T`` in fp32; NaN -> -inf, +-inf stay +-inf (also at T = +inf)."""
+    x = logits.to(torch.float32)
+    s = x / torch.tensor(temperature, dtype=torch.float32)
+    s = torch.where(torch.isinf(x), x, s)
+    return torch.where(torch.isnan(x), torch.tensor(float("-inf")), s)
+
+
+def greedy_argmax(logits: torch.Tensor) -> int:
+    """argmax of the raw logits: NaN never wins, lowest index on ties, 0 if none is above -inf."""
+    x = logits.to(torch.float32)
+    x = torch.where(torch.isnan(x), torch.tensor(float("-inf")), x)
+    if not (x > float("-inf")).any():
+        return 0
+    return int(torch.argmax(x))  # the first maximal index
+
+
+def inf_rule(w: torch.Tensor) -> torch.Tensor:
+    """Race weights of a row with ``+inf`` entries: 0 on them, -inf elsewhere (they share
+    the mass equally); other rows unchanged."""
+    inf = w == float("inf")
+    if not inf.any():
+        return w
+    return torch.where(inf, torch.tensor(0.0), torch.tensor(float("-inf")))
+
+
 def filter_threshold(s: torch.Tensor, top_k: int, top_p: float) -> float:
     """The smallest scaled logit kept by top-k then top-p (``-inf`` = keep all)."""
     vocab = s.numel()
@@ -37,7 +69,9 @@ def filter_threshold(s: torch.Tensor, top_k: int, top_p: float) -> float:
     if top_p_active(top_p):
         kept = s[s >= threshold]
         kept = kept[kept > float("-inf")]
-        if kept.numel() > 0:
+        if kept.numel() > 0 and float(kept.max()) == float("inf"):
+            threshold = float("inf")  # the +inf entries hold all the mass: keep just them
+        elif kept.numel() > 0:
             m = kept.max()
             e = torch.exp(kept - m).to(torch.float64)  # exp in fp32, sums in fp64
             values, order = torch.sort(kept, descending=True)
@@ -51,11 +85,14 @@ def filter_threshold(s: torch.Tensor, top_k: int, top_p: float) -> float:
 
 def filtered_log_probs(logits: torch.Tensor, temperature: float, top_k: int, top_p: float) -> torch.Tensor:
     """log softmax(logits / T) restricted to the top-k / top-p set, fp32, ``-inf`` outside."""
-    s = logits.to(torch.float32) / torch.tensor(temperature, dtype=torch.float32)
+    s = scale_logits(logits, temperature)
     threshold = filter_threshold(s, top_k, top_p)
     s = torch.where(s >= threshold, s, torch.tensor(float("-inf")))
-    if not torch.isfinite(s).any():
+    if not (s > float("-inf")).any():
         return s
+    if float(s.max()) == float("inf"):  # the +inf entries share the mass
+        n_inf = torch.tensor(float(int((s == float("inf")).sum())), dtype=torch.float32)
+        return torch.where(s == float("inf"), -torch.log(n_inf), torch.tensor(float("-inf")))
     m = s.max()
     lse = m + torch.log(torch.exp(s - m).sum())
     return s - lse

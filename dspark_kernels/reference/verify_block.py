@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 
 from . import philox
-from .sampling import filtered_log_probs, race, residual_log_weights
+from .sampling import filtered_log_probs, greedy_argmax, race, residual_log_weights
 
 
 def verify_block(
@@ -60,7 +60,7 @@ def verify_block(
             x = int(drafts[start + i])
             valid = 0 <= x < vocab
             if greedy:
-                target_argmax = int(torch.argmax(target_row(i).float()))
+                target_argmax = greedy_argmax(target_row(i))
                 if valid and x == target_argmax:
                     accepted += 1
                     continue
@@ -76,23 +76,26 @@ def verify_block(
                 if valid:
                     log_q[x] = 0.0
             position = o + i
+            q_ok = False  # q(x) is a finite positive number
             if valid:
                 log_u = float(torch.log(philox.uniforms(s, position, philox.SALT_ACCEPT, 0)))
                 lp, lq = float(log_p[x]), float(log_q[x])
-                if lp > float("-inf") and (lq == float("-inf") or log_u < lp - lq):
+                q_ok = float("-inf") < lq < float("inf")  # False for NaN
+                if lp > float("-inf") and q_ok and log_u < lp - lq:
                     accepted += 1
                     continue
-            # Rejected (or padding): sample the residual; a padding id was not drawn
-            # from q, so its row is sampled from p itself.
+            # Rejected (or padding): sample the residual; a padding id, or one whose q(x)
+            # is not a finite positive number, was not drawn from q, so its row is
+            # sampled from p itself.
             noise = philox.gumbels(s, position, philox.SALT_RESAMPLE, torch.arange(vocab))
-            weights = residual_log_weights(log_p, log_q) if valid else log_p
+            weights = residual_log_weights(log_p, log_q) if q_ok else log_p
             if not (weights > float("-inf")).any():
                 weights = log_p  # p == q numerically: the residual has no mass
             emitted = race(weights, noise)
             break
         if emitted is None:  # every draft accepted: bonus token from row n
             if greedy:
-                emitted = int(torch.argmax(target_row(n).float()))
+                emitted = greedy_argmax(target_row(n))
             else:
                 log_p = filtered_log_probs(target_row(n), t, k, p)
                 noise = philox.gumbels(s, o + n, philox.SALT_RESAMPLE, torch.arange(vocab))

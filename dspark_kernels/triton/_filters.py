@@ -14,6 +14,15 @@ import triton
 import triton.language as tl
 
 _NEG_INF = tl.constexpr(float("-inf"))
+_POS_INF = tl.constexpr(float("inf"))
+
+
+@triton.jit
+def scale_logit(x, t):
+    """``s = x / t`` (IEEE division) with the non-finite rules of sampling.h: NaN -> -inf,
+    +-inf stay +-inf (also at t = +inf)."""
+    s = tl.where((x == _POS_INF) | (x == _NEG_INF), x, tl.math.div_rn(x, t))
+    return tl.where(x != x, _NEG_INF, s)
 
 
 @triton.jit
@@ -47,7 +56,7 @@ def top_k_threshold(row_ptr, stride, V, t, k, BLOCK: tl.constexpr, RADIX_BITS: t
             cols = c0 + offs
             mask = cols < V
             x = tl.load(row_ptr + cols.to(tl.int64) * stride, mask=mask, other=0.0).to(tl.float32)
-            s = tl.math.div_rn(x, t)
+            s = scale_logit(x, t)
             key = tl.where(mask & (s == s), _float_key(s), -1)  # NaN never counts
             cnt2 += (key[:, None] >= cand[None, :]).to(tl.int32)
         cnt = tl.sum(cnt2, axis=0)
@@ -75,7 +84,7 @@ def top_p_threshold(row_ptr, stride, V, t, thr, safe_m, p, BLOCK: tl.constexpr, 
             cols = c0 + offs
             mask = cols < V
             x = tl.load(row_ptr + cols.to(tl.int64) * stride, mask=mask, other=0.0).to(tl.float32)
-            s = tl.math.div_rn(x, t)
+            s = scale_logit(x, t)
             kept = mask & (s >= thr) & (s > _NEG_INF)
             e = tl.where(kept, tl.exp(s - safe_m), 0.0).to(tl.float64)
             key = tl.where(kept, _float_key(s), -1)
@@ -86,4 +95,5 @@ def top_p_threshold(row_ptr, stride, V, t, thr, safe_m, p, BLOCK: tl.constexpr, 
         target = p.to(tl.float64) * total
         j = tl.max(tl.where(mass >= target, digits, 0), axis=0)
         prefix = prefix + (j << shift)
-    return tl.where(total > 0.0, key_to_float(prefix), thr)
+    # A row whose max is +inf: its +inf entries hold all the mass, keep just them.
+    return tl.where(safe_m == _POS_INF, _POS_INF, tl.where(total > 0.0, key_to_float(prefix), thr))

@@ -36,6 +36,9 @@ Precision: the Markov correction uses ``tl.dot`` with fp32 accumulation (IEEE fp
 inputs when the weights are fp32, no TF32), so logits equal the reference's to fp32
 rounding (the summation order over the rank differs); tokens equal the reference's
 except where two race scores are that close.
+
+Non-finite input (docs/drafting.md): NaN is -inf (``scale_logit``); a sampling row
+with +inf kept entries races only them, with score ``G`` (``_race_tile``'s tier 1).
 """
 
 from __future__ import annotations
@@ -46,11 +49,12 @@ import torch
 import triton
 import triton.language as tl
 
-from ._filters import top_k_threshold, top_p_threshold
+from ._filters import scale_logit, top_k_threshold, top_p_threshold
 from .philox import gumbel_from_word, random_words4, split_u64
 
 SALT_DRAFT = tl.constexpr(0x44524654)
 _NEG_INF = tl.constexpr(float("-inf"))
+_POS_INF = tl.constexpr(float("inf"))
 _BIG = tl.constexpr(2147483647)
 # Larger than every Gumbel value the contract can produce (the largest is
 # -log(-log(1 - 2^-24)) = 16.6355...): a margin for approximate device logarithms.
@@ -126,7 +130,7 @@ def _threshold_kernel(
             cols = c0 + offs
             mask = cols < V
             x = tl.load(row_ptr + cols.to(tl.int64) * sx2, mask=mask, other=_NEG_INF).to(tl.float32)
-            s = tl.where(mask, tl.math.div_rn(x, t), _NEG_INF)
+            s = tl.where(mask, scale_logit(x, t), _NEG_INF)
             m = tl.maximum(m, tl.max(tl.where(s == s, s, _NEG_INF), axis=0))
         safe_m = tl.where(m > _NEG_INF, m, 0.0)
         if k_on:
@@ -144,21 +148,36 @@ def _threshold_kernel(
 @triton.jit
 def _race_tile(lg, valid, greedy, t_safe, thr, seed_lo, seed_hi, pos_lo, pos_hi, cols, col0, best, best_idx,
                BB: tl.constexpr, BV: tl.constexpr):
-    """Fold one ``[BB, BV]`` chunk of fp32 logits ``lg`` into the running (best, index) per row."""
-    s = tl.where(greedy[:, None], lg, tl.math.div_rn(lg, t_safe[:, None]))
+    """Fold one ``[BB, BV]`` chunk of fp32 logits ``lg`` into the running (best, index) per row.
+
+    The +inf rule: a sampling row's +inf entries race alone with weight 0 (score ``G``).
+    Once a row has seen one, its state is "tier 1": ``best_idx = -2 - index`` and
+    ``best`` the best ``G`` of its +inf entries; finite entries no longer compete."""
+    s = tl.where(greedy[:, None], lg, scale_logit(lg, t_safe[:, None]))
     w = tl.where(valid & (s >= thr[:, None]) & (s > _NEG_INF), s, _NEG_INF)  # NaN never races
     wmax = tl.max(w, axis=1)
-    need = (~greedy) & (wmax + _GUMBEL_BOUND >= best)
+    tier1 = best_idx <= -2
+    winf = (~greedy)[:, None] & (w == _POS_INF)
+    any_inf = tl.max(winf.to(tl.int32), axis=1) > 0
+    need = (~greedy) & (((wmax + _GUMBEL_BOUND >= best) & ~tier1) | any_inf)
     if tl.max(need.to(tl.int32), axis=0) > 0:
         g = _gumbel_tile(seed_lo[:, None], seed_hi[:, None], pos_lo[:, None], pos_hi[:, None], col0, BB, BV)
         sc = tl.where(greedy[:, None], w, w + g)
+        sc1 = tl.where(winf, g, _NEG_INF)
     else:  # no sampling row of the tile can reach its running best here: no noise needed
         sc = tl.where(greedy[:, None], w, _NEG_INF)
+        sc1 = tl.full([BB, BV], _NEG_INF, tl.float32)
     sc = tl.where(w > _NEG_INF, sc, _NEG_INF)
     cmax = tl.max(sc, axis=1)
     cidx = tl.min(tl.where((sc == cmax[:, None]) & (sc > _NEG_INF), cols[None, :], _BIG), axis=1)
-    upd = cmax > best  # chunks come in increasing column order: ties keep the lower index
-    return tl.where(upd, cmax, best), tl.where(upd, cidx, best_idx)
+    c1max = tl.max(sc1, axis=1)
+    c1idx = tl.min(tl.where((sc1 == c1max[:, None]) & winf, cols[None, :], _BIG), axis=1)
+    # chunks come in increasing column order: ties keep the lower index
+    upd = (~tier1) & (~any_inf) & (cmax > best)
+    upd1 = any_inf & (~tier1 | (c1max > best))
+    best = tl.where(upd1, c1max, tl.where(upd, cmax, best))
+    best_idx = tl.where(upd1, -2 - c1idx, tl.where(upd, cidx, best_idx))
+    return best, best_idx
 
 
 @triton.jit
@@ -171,6 +190,11 @@ def _merge_partials(pv_ptr, pi_ptr, rows64, rmask, S, S_BLOCK: tl.constexpr):
     ok = m2 & (idxs >= 0)
     vmax = tl.max(tl.where(ok, vals, _NEG_INF), axis=1)
     tok = tl.min(tl.where(ok & (vals == vmax[:, None]), idxs, _BIG), axis=1)
+    # Tier-1 partials (a +inf entry, index -2 - v, score G) beat every finite one.
+    ok1 = m2 & (idxs <= -2)
+    v1max = tl.max(tl.where(ok1, vals, _NEG_INF), axis=1)
+    tok1 = tl.min(tl.where(ok1 & (vals == v1max[:, None]), -2 - idxs, _BIG), axis=1)
+    tok = tl.where(tl.max(ok1.to(tl.int32), axis=1) > 0, tok1, tok)
     return tl.where(tok == _BIG, 0, tok)
 
 
@@ -227,7 +251,8 @@ def _race_kernel(
         if done == S - 1:  # the last split of this row tile: merge in split order
             tl.store(tokens_ptr + tok_off, _merge_partials(pv_ptr, pi_ptr, rows64, rm, S, S_BLOCK), mask=rm)
     else:
-        tl.store(tokens_ptr + tok_off, tl.where(best_idx >= 0, best_idx, 0), mask=rm)
+        tok = tl.where(best_idx >= 0, best_idx, tl.where(best_idx <= -2, -2 - best_idx, 0))  # tier 1: -2 - v
+        tl.store(tokens_ptr + tok_off, tok, mask=rm)
 
 
 # ----------------------------------------------------------------------------------------

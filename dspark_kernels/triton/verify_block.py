@@ -46,8 +46,9 @@ portable log1p that also runs in the interpreter). Sums are taken in a different
 order from the reference's, so results equal the reference's except where two
 candidates are within a few ulps of each other (an accept coin on the boundary,
 two race scores, or a top-p mass on its target), which random inputs do not
-produce. NaN logits are not supported (the reference's argmax takes NaN as the
-maximum; these kernels skip it).
+produce. Non-finite input follows docs/verification.md ("Non-finite input"): NaN is
+-inf (``scale_logit``), a row whose max is +inf keeps its +inf entries with
+``threshold = +inf`` and ``lse = log(n_inf)`` (``_log_prob`` gives them ``-lse``).
 
 Triton versions: only long-standing ``tl`` APIs (load/store/where/max/min/sum,
 umulhi, math.div_rn, bitcast casts, while loops); checked under the 3.4, 3.6, 3.8 and
@@ -62,13 +63,14 @@ import torch
 import triton
 import triton.language as tl
 
-from ._filters import top_k_threshold, top_p_threshold
+from ._filters import scale_logit, top_k_threshold, top_p_threshold
 from .philox import gumbel_from_word, random_word, random_words4, select_word, split_u64, uniform_from_word
 
 # Globals read inside @triton.jit functions must be constexpr.
 SALT_ACCEPT = tl.constexpr(0x41434350)
 SALT_RESAMPLE = tl.constexpr(0x52534D50)
 _NEG_INF = tl.constexpr(float("-inf"))
+_POS_INF = tl.constexpr(float("inf"))
 
 # Kinds of draft distribution (constexpr).
 _KIND_POINT = 0
@@ -168,14 +170,16 @@ def _row_stats_kernel(
                 cols = c * BLOCK + offs
                 mask = cols < V
                 x = tl.load(row_ptr + cols.to(tl.int64) * stride_col, mask=mask, other=_NEG_INF).to(tl.float32)
-                s = tl.where(mask, tl.math.div_rn(x, t), _NEG_INF)
+                s = tl.where(mask, scale_logit(x, t), _NEG_INF)
                 new_m = tl.maximum(m_vec, s)
                 ref = tl.where(new_m > _NEG_INF, new_m, 0.0)  # exp(-inf - ref) = 0, never NaN
-                acc_vec = acc_vec * tl.exp(m_vec - ref) + tl.exp(s - ref)
+                # x == ref counts exp(0) = 1 exactly, so +inf entries are counted, never inf - inf.
+                acc_vec = acc_vec * tl.where(m_vec == ref, 1.0, tl.exp(m_vec - ref)) + \
+                    tl.where(s == ref, 1.0, tl.exp(s - ref))
                 m_vec = new_m
             m = tl.max(m_vec, axis=0)
             ref_m = tl.where(m > _NEG_INF, m, 0.0)
-            acc = tl.sum(acc_vec * tl.exp(m_vec - ref_m), axis=0)
+            acc = tl.sum(tl.where(m_vec == ref_m, acc_vec, acc_vec * tl.exp(m_vec - ref_m)), axis=0)
             tl.store(ws_m_ptr + ws, m)
             tl.store(ws_sum_ptr + ws, acc)
 
@@ -191,8 +195,10 @@ def _merge_softmax(ws_m_ptr, ws_sum_ptr, ridx, S, S_BLOCK: tl.constexpr):
     m = tl.max(ms, axis=0)
     finite = m > _NEG_INF
     safe_m = tl.where(finite, m, 0.0)
-    total = tl.sum(tl.where(ms > _NEG_INF, sums * tl.exp(ms - safe_m), 0.0), axis=0)
+    total = tl.sum(tl.where(ms > _NEG_INF, tl.where(ms == safe_m, sums, sums * tl.exp(ms - safe_m)), 0.0), axis=0)
     lse = tl.where(finite, safe_m + tl.log(tl.where(finite, total, 1.0)), _NEG_INF)
+    # A +inf row: lse = log(n_inf), read with threshold +inf (sampling.h row_filter_final).
+    lse = tl.where(m == _POS_INF, tl.log(total), lse)
     return m, lse
 
 
@@ -256,11 +262,14 @@ def _filter_kernel(
             cols = c * BLOCK + offs
             mask = cols < V
             x = tl.load(row_ptr + cols.to(tl.int64) * stride_col, mask=mask, other=0.0).to(tl.float32)
-            s = tl.math.div_rn(x, t)
+            s = scale_logit(x, t)
             kept = mask & (s >= thr) & (s > _NEG_INF)
-            acc_vec += tl.where(kept, tl.exp(s - safe_m), 0.0)
+            acc_vec += tl.where(kept, tl.where(s == safe_m, 1.0, tl.exp(s - safe_m)), 0.0)
         acc = tl.sum(acc_vec, axis=0)
         lse = tl.where(m > _NEG_INF, safe_m + tl.log(tl.where(acc > 0.0, acc, 1.0)), _NEG_INF)
+        # The +inf rule (sampling.h row_filter_final): keep the +inf entries, lse = log(n_inf).
+        thr = tl.where(m == _POS_INF, _POS_INF, thr)
+        lse = tl.where(m == _POS_INF, tl.log(acc), lse)
         tl.store(thr_ptr + pid, thr)
         tl.store(lse_ptr + pid, lse)
 
@@ -274,8 +283,8 @@ def _filter_kernel(
 def _row_lse_thr(ws_m_ptr, ws_sum_ptr, thr_ptr, lse_ptr, ridx, S, filt_on,
                  HAS_FILTER: tl.constexpr, S_BLOCK: tl.constexpr):
     """(threshold, lse) of a sampling row: filtered ones from _filter_kernel, else merged splits."""
-    _, lse = _merge_softmax(ws_m_ptr, ws_sum_ptr, ridx, S, S_BLOCK)
-    thr = tl.full([], _NEG_INF, tl.float32)
+    m, lse = _merge_softmax(ws_m_ptr, ws_sum_ptr, ridx, S, S_BLOCK)
+    thr = tl.where(m == _POS_INF, _POS_INF, _NEG_INF)  # the +inf rule
     if HAS_FILTER:
         if filt_on:
             thr = tl.load(thr_ptr + ridx)
@@ -286,7 +295,9 @@ def _row_lse_thr(ws_m_ptr, ws_sum_ptr, thr_ptr, lse_ptr, ridx, S, filt_on,
 @triton.jit
 def _log_prob(s, thr, lse):
     keep = (s >= thr) & (s > _NEG_INF)
-    return tl.where(keep, tl.where(keep, s, 0.0) - tl.where(keep, lse, 0.0), _NEG_INF)
+    # thr = +inf: a +inf row, whose +inf entries share the mass (log p = -lse = -log n_inf).
+    lp = tl.where(thr == _POS_INF, -lse, tl.where(keep, s, 0.0) - tl.where(keep, lse, 0.0))
+    return tl.where(keep, lp, _NEG_INF)
 
 
 @triton.jit
@@ -342,12 +353,12 @@ def _decide_kernel(
             thr_p, lse_p = _row_lse_thr(t_ws_m_ptr, t_ws_sum_ptr, t_thr_ptr, t_lse_ptr, ridx, S, filt_on,
                                         HAS_FILTER, S_BLOCK)
             lx = tl.load(t_ptr + trow * t_stride_row + xs * t_stride_col, mask=valid, other=0.0).to(tl.float32)
-            lp = tl.where(valid, _log_prob(tl.math.div_rn(lx, t), thr_p, lse_p), _NEG_INF)
+            lp = tl.where(valid, _log_prob(scale_logit(lx, t), thr_p, lse_p), _NEG_INF)
             if KIND == 1:
                 thr_q, lse_q = _row_lse_thr(d_ws_m_ptr, d_ws_sum_ptr, d_thr_ptr, d_lse_ptr, ridx, S, filt_on,
                                             HAS_FILTER, S_BLOCK)
                 qx = tl.load(d_ptr + dpos * d_stride_row + xs * d_stride_col, mask=valid, other=0.0).to(tl.float32)
-                lq = _log_prob(tl.math.div_rn(qx, t), thr_q, lse_q)
+                lq = _log_prob(scale_logit(qx, t), thr_q, lse_q)
             elif KIND == 2:
                 qx = tl.load(d_ptr + dpos * d_stride_row + xs * d_stride_col, mask=valid, other=1.0).to(tl.float32)
                 lq = tl.where(qx == 0.0, _NEG_INF, tl.log(tl.where(qx == 0.0, 1.0, qx)))
@@ -355,8 +366,8 @@ def _decide_kernel(
                 lq = tl.zeros([], tl.float32)
             pos_lo, pos_hi = split_u64(offset + i)
             log_u = tl.log(uniform_from_word(random_word(seed_lo, seed_hi, pos_lo, pos_hi, salt_accept, zero_u32)))
-            q_zero = lq == _NEG_INF  # q(x) = 0 < p(x): p/q = inf, accept
-            ok = valid & (lp > _NEG_INF) & (q_zero | (log_u < lp - tl.where(q_zero, 0.0, lq)))
+            q_ok = (lq > _NEG_INF) & (lq < _POS_INF)  # q(x) a finite positive number (not NaN)
+            ok = valid & (lp > _NEG_INF) & q_ok & (log_u < lp - tl.where(q_ok, lq, 0.0))
         if ok:
             i += 1
         else:
@@ -380,10 +391,20 @@ def _decide_kernel(
                                     HAS_FILTER, S_BLOCK)
         thr_q = tl.full([], _NEG_INF, tl.float32)
         lse_q = tl.zeros([], tl.float32)
+        xq = tl.where(use_res, x, 0)
         if KIND == 1:
             if use_res:  # draft row `row` exists (row < n)
                 thr_q, lse_q = _row_lse_thr(d_ws_m_ptr, d_ws_sum_ptr, d_thr_ptr, d_lse_ptr, ridx, S, filt_on,
                                             HAS_FILTER, S_BLOCK)
+                qx = tl.load(d_ptr + dpos * d_stride_row + xq * d_stride_col).to(tl.float32)
+                lqx = _log_prob(scale_logit(qx, t), thr_q, lse_q)
+                # q(x) not a finite positive number: x was not drawn from q, sample p
+                use_res = use_res & (lqx > _NEG_INF) & (lqx < _POS_INF)
+        elif KIND == 2:
+            if use_res:
+                qx = tl.load(d_ptr + dpos * d_stride_row + xq * d_stride_col).to(tl.float32)
+                lqx = tl.where(qx == 0.0, _NEG_INF, tl.log(tl.where(qx == 0.0, 1.0, qx)))
+                use_res = use_res & (lqx > _NEG_INF) & (lqx < _POS_INF)
         pos_lo, pos_hi = split_u64(offset + row)
         t_row_ptr = t_ptr + trow * t_stride_row
         d_row_ptr = d_ptr + dpos * d_stride_row
@@ -402,7 +423,7 @@ def _decide_kernel(
             cols = base + r4 * 4 + lane
             mask = cols < v_row
             lt = tl.load(t_row_ptr + cols.to(tl.int64) * t_stride_col, mask=mask, other=0.0).to(tl.float32)
-            lp = tl.where(mask, _log_prob(tl.math.div_rn(lt, t), thr_p, lse_p), _NEG_INF)
+            lp = tl.where(mask, _log_prob(scale_logit(lt, t), thr_p, lse_p), _NEG_INF)
             # race over p
             sc = tl.where(lp > _NEG_INF, lp + g, _NEG_INF)
             upd = sc > best_p
@@ -412,7 +433,7 @@ def _decide_kernel(
             if use_res:
                 if KIND == 1:
                     lq_raw = tl.load(d_row_ptr + cols.to(tl.int64) * d_stride_col, mask=mask, other=0.0)
-                    lq = tl.where(mask, _log_prob(tl.math.div_rn(lq_raw.to(tl.float32), t), thr_q, lse_q), _NEG_INF)
+                    lq = tl.where(mask, _log_prob(scale_logit(lq_raw.to(tl.float32), t), thr_q, lse_q), _NEG_INF)
                 elif KIND == 2:
                     q = tl.load(d_row_ptr + cols.to(tl.int64) * d_stride_col, mask=mask, other=0.0).to(tl.float32)
                     lq = tl.where(q == 0.0, _NEG_INF, tl.log(tl.where(q == 0.0, 1.0, q)))

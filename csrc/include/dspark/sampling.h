@@ -29,6 +29,7 @@ namespace dspark {
 #else
 #define DSPARK_NEG_INF (-INFINITY)
 #endif
+#define DSPARK_POS_INF (-DSPARK_NEG_INF)
 
 DSPARK_HD float gumbel_from_word(uint32_t word) {
   return -logf(-logf(uniform_from_word(word)));
@@ -42,21 +43,35 @@ DSPARK_HD float gumbel_from_word(uint32_t word) {
 DSPARK_HD float gumbel_upper_bound() { return gumbel_from_word(0xffffffffu); }
 
 // Scaled logit: division (not multiplication by 1/T) so every backend rounds alike.
-DSPARK_HD float scale_logit(float logit, float temperature) { return logit / temperature; }
+// Non-finite input (docs/verification.md, "Non-finite input"): a NaN logit is -inf;
+// an infinite logit stays infinite (also at T = +inf, where inf / inf would be NaN);
+// a finite l / T may overflow to +-inf and is then treated as such.
+DSPARK_HD float scale_logit(float logit, float temperature) {
+  if (logit != logit) return DSPARK_NEG_INF;
+  if (logit == DSPARK_POS_INF || logit == DSPARK_NEG_INF) return logit;
+  return logit / temperature;
+}
+
+// q(x) of the draft token is usable iff it is a finite positive number: log q is
+// neither -inf (q = 0), +inf nor NaN (a negative or NaN draft_probs entry).
+DSPARK_HD bool draft_prob_ok(float log_q) { return log_q > DSPARK_NEG_INF && log_q < DSPARK_POS_INF; }
 
 // The strict log-space accept test. A token of probability zero is never accepted,
-// and q(x) = 0 with p(x) > 0 accepts (p/q = inf) without producing a NaN.
+// and neither is one whose q(x) is not a finite positive number (the row is then
+// sampled from p, as for padding).
 DSPARK_HD bool accept_token(float log_u, float log_p, float log_q) {
   if (!(log_p > DSPARK_NEG_INF)) return false;
-  if (!(log_q > DSPARK_NEG_INF)) return true;
+  if (!draft_prob_ok(log_q)) return false;
   return log_u < log_p - log_q;
 }
 
 // log p(v) of a filtered row from its scaled logit s: s - lse where s >= threshold
-// (the top-k / top-p cut, -inf when no filter), -inf elsewhere. A NaN (an all -inf
-// row gives lse = -inf) is never accepted and never wins a race.
+// (the top-k / top-p cut, -inf when no filter), -inf elsewhere. A row whose max is
+// +inf has threshold = +inf and lse = log(number of +inf entries) (row_filter_final):
+// its +inf entries share the mass, log p = -lse, every other entry has p = 0.
 DSPARK_HD float filtered_log_prob(float s, float threshold, float lse) {
-  return s >= threshold ? s - lse : DSPARK_NEG_INF;
+  if (!(s >= threshold)) return DSPARK_NEG_INF;
+  return threshold == DSPARK_POS_INF ? -lse : s - lse;
 }
 
 // log max(p - q, 0) from log p and log q; -inf where q >= p.
@@ -109,13 +124,15 @@ DSPARK_HD SoftmaxStats softmax_stats_init() {
   return s;
 }
 
+// s == max adds exp(0) = 1 exactly, so +inf entries are counted (sum = number of +inf
+// entries once max = +inf) instead of adding exp(inf - inf) = NaN.
 DSPARK_HD void softmax_stats_update(SoftmaxStats& st, float s) {
   if (!(s > DSPARK_NEG_INF)) return;
   if (s > st.max) {
     st.sum = st.sum * expf(st.max - s) + 1.f;
     st.max = s;
   } else {
-    st.sum += expf(s - st.max);
+    st.sum += s == st.max ? 1.f : expf(s - st.max);
   }
 }
 
@@ -125,7 +142,7 @@ DSPARK_HD SoftmaxStats softmax_stats_merge(SoftmaxStats a, SoftmaxStats b) {
   SoftmaxStats r;
   if (a.max >= b.max) {
     r.max = a.max;
-    r.sum = a.sum + b.sum * expf(b.max - a.max);
+    r.sum = a.sum + (b.max == a.max ? b.sum : b.sum * expf(b.max - a.max));
   } else {
     r.max = b.max;
     r.sum = b.sum + a.sum * expf(a.max - b.max);
@@ -137,6 +154,16 @@ DSPARK_HD SoftmaxStats softmax_stats_merge(SoftmaxStats a, SoftmaxStats b) {
 DSPARK_HD float softmax_stats_lse(SoftmaxStats st) {
   if (!(st.max > DSPARK_NEG_INF)) return DSPARK_NEG_INF;
   return st.max + logf(st.sum);
+}
+
+// The +inf rule for a row's (threshold, lse) given its max s: a row whose max is +inf
+// keeps only its +inf entries (threshold = +inf), which share the mass equally:
+// lse = log(n_inf), read by filtered_log_prob as log p = -lse. Other rows unchanged.
+DSPARK_HD void row_filter_final(float max, float n_inf, float& threshold, float& lse) {
+  if (max == DSPARK_POS_INF) {
+    threshold = DSPARK_POS_INF;
+    lse = logf(n_inf);
+  }
 }
 
 // Filters: top-k keeps every token whose scaled logit is >= the k-th largest

@@ -533,7 +533,9 @@ __device__ RowFilter filtered_row_stats(const typename Tag::storage* row, int64_
       }
     }
     km = block_allreduce<kFilterThreads>(km, KeptMaxOp());
-    if (km.max > DSPARK_NEG_INF) {  // else nothing is kept and the threshold stays
+    if (km.max == DSPARK_POS_INF) {  // +inf entries hold all the mass: keep just them
+      threshold = DSPARK_POS_INF;
+    } else if (km.max > DSPARK_NEG_INF) {  // else nothing is kept and the threshold stays
       TopPWeight weight;
       weight.threshold = threshold;
       weight.max = km.max;
@@ -560,6 +562,7 @@ __device__ RowFilter filtered_row_stats(const typename Tag::storage* row, int64_
   f.threshold = threshold;
   f.lse = softmax_stats_lse(st);
   f.max = st.max;
+  row_filter_final(st.max, st.sum, f.threshold, f.lse);  // the +inf rule (sampling.h)
   return f;
 }
 
@@ -606,6 +609,7 @@ __device__ __forceinline__ RowFilter row_filter_at(const Params& p, int64_t r, b
   f.threshold = DSPARK_NEG_INF;
   f.lse = softmax_stats_lse(st);
   f.max = st.max;
+  row_filter_final(st.max, st.sum, f.threshold, f.lse);  // the +inf rule (sampling.h)
   return f;
 }
 
@@ -619,6 +623,19 @@ __device__ __forceinline__ int64_t row_argmax_at(const Params& p, int64_t r) {
 }
 
 __device__ __forceinline__ bool valid_token(int64_t x, int64_t V) { return x >= 0 && x < V; }
+
+// Warp-collective: log q(x) of draft row drow at the valid id x (0 for a point mass).
+template <class DT>
+__device__ float draft_log_q(const Params& p, const Request& rq, int64_t drow, int64_t x) {
+  if (p.draft_kind == kDraftLogits) {
+    const RowFilter qf = row_filter_at(p, p.T + drow, rq.filtered);
+    const float d = load_float<DT>(static_cast<const typename DT::storage*>(p.draft) + drow * p.draft_stride, x);
+    return filtered_log_prob(scale_logit(d, rq.temperature), qf.threshold, qf.lse);
+  }
+  if (p.draft_kind == kDraftProbs)
+    return logf(load_float<DT>(static_cast<const typename DT::storage*>(p.draft) + drow * p.draft_stride, x));
+  return 0.f;  // point mass at x
+}
 
 // Warp-collective (every lane computes the same decision): is draft i of request b
 // accepted? Exactly the CPU kernel's per-position rule.
@@ -635,15 +652,7 @@ __device__ bool accept_position(const Params& p, const Request& rq, int64_t b, i
   const RowFilter pf = row_filter_at(p, trow, rq.filtered);
   const float t = load_float<TT>(static_cast<const typename TT::storage*>(p.target) + trow * p.target_stride, x);
   const float log_p = filtered_log_prob(scale_logit(t, rq.temperature), pf.threshold, pf.lse);
-  float log_q = 0.f;  // point mass at x
-  const int64_t drow = rq.start + i;
-  if (p.draft_kind == kDraftLogits) {
-    const RowFilter qf = row_filter_at(p, p.T + drow, rq.filtered);
-    const float d = load_float<DT>(static_cast<const typename DT::storage*>(p.draft) + drow * p.draft_stride, x);
-    log_q = filtered_log_prob(scale_logit(d, rq.temperature), qf.threshold, qf.lse);
-  } else if (p.draft_kind == kDraftProbs) {
-    log_q = logf(load_float<DT>(static_cast<const typename DT::storage*>(p.draft) + drow * p.draft_stride, x));
-  }
+  const float log_q = draft_log_q<DT>(p, rq, rq.start + i, x);
   const float log_u = logf(uniform_from_word(random_word(rq.seed, rq.offset + static_cast<uint64_t>(i), kSaltAccept, 0)));
   return accept_token(log_u, log_p, log_q);
 }
@@ -703,9 +712,9 @@ __global__ void __launch_bounds__(kWalkThreads) walk_kernel(const Params p) {
     const float log_p_max = filtered_log_prob(pf.max, pf.threshold, pf.lse);
     if (log_p_max > DSPARK_NEG_INF) d.p_floor = log_p_max + gumbel_min_bound();
     const int64_t x = i < rq.n ? p.draft_tokens[rq.start + i] : -1;
-    // A rejected real draft samples the residual; padding (never drawn from q) and the
-    // bonus row sample p itself.
-    if (i < rq.n && valid_token(x, p.V)) {
+    // A rejected real draft samples the residual; padding and a draft whose q(x) is not
+    // a finite positive number (never drawn from q) and the bonus row sample p itself.
+    if (i < rq.n && valid_token(x, p.V) && draft_prob_ok(draft_log_q<DT>(p, rq, d.draft_row, x))) {
       d.mode = kRaceResidual;
       d.draft_token = x;
       if (p.draft_kind == kDraftLogits) {
