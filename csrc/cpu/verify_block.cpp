@@ -177,7 +177,7 @@ void verify_block_kernel(const at::Tensor& target_logits, const int32_t* drafts,
 // request makes one pass over each row of its block (h_j needs the residual mass of
 // row j; none for point masses), then one race at the row it stops at.
 template <typename TT, typename DT>
-void verify_block_block_kernel(const at::Tensor& target_logits, const int32_t* drafts, const int32_t* cu,
+void verify_block_block_kernel(const at::Tensor& target_logits, const int32_t* drafts, const int64_t* cu,
                                const at::Tensor* draft_dist, DraftKind kind, const float* temperature,
                                const int64_t* top_k, const float* top_p, const int64_t* seed,
                                const int64_t* offset, int64_t B, int64_t max_num_draft, int32_t* out,
