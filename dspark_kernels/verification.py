@@ -364,6 +364,8 @@ VERIFY_TREE = _registry.declare(_registry.OpSpec(
            "-> (Tensor accept_path, Tensor num_accepted, Tensor output_tokens)",
     fake=_verify_tree_fake,
     reference=".reference.verify_tree:verify_tree",
+    triton=".triton.verify_tree:verify_tree",
     check=_check_verify_tree,
     check_data=_check_verify_tree_data,
+    cpp=frozenset({"CPU"}),
 ))
