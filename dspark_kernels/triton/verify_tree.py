@@ -270,25 +270,25 @@ def _tree_kernel(
             # the emitted token: a Gumbel race over the last residual w (unnormalised), or p'
             r4 = tl.arange(0, BLOCK4)[:, None]
             lane = tl.arange(0, 4)[None, :]
-            best = tl.full([BLOCK4, 4], _NEG_INF, tl.float32)
-            best_idx = tl.full([BLOCK4, 4], _BIG, tl.int32)
+            rbest = tl.full([BLOCK4, 4], _NEG_INF, tl.float32)
+            rbest_idx = tl.full([BLOCK4, 4], _BIG, tl.int32)
             for base in range(0, V, 4 * BLOCK4):
                 ctr = (base // 4 + r4).to(tl.uint32)
                 w0, w1, w2, w3 = random_words4(seed_lo, seed_hi, pos_lo, pos_hi, salt_resample, ctr)
                 g = gumbel_from_word(select_word(w0, w1, w2, w3, lane))
-                cols = base + r4 * 4 + lane
-                mask = cols < V
-                tk = (tl.zeros(cols.shape, tl.int32) + taken) != 0
-                x = tl.load(t_row + cols.to(tl.int64) * t_stride_col, mask=mask & (~tk), other=0.0).to(tl.float32)
-                lp_target = tl.where(mask, _log_prob(tl.math.div_rn(x, t), thr_p, lse_p), _NEG_INF)
-                w = tl.load(ws_row + cols.to(tl.int64), mask=mask & tk, other=_NEG_INF)
-                wt = tl.where(tk, tl.where(mask, w, _NEG_INF), lp_target)
-                sc = tl.where(wt > _NEG_INF, wt + g, _NEG_INF)
-                upd = sc > best
-                best = tl.where(upd, sc, best)
-                best_idx = tl.where(upd, cols, best_idx)
-            mx = tl.max(tl.max(best, axis=1), axis=0)
-            win = tl.min(tl.min(tl.where((best == mx) & (best > _NEG_INF), best_idx, _BIG), axis=1), axis=0)
+                rcols = base + r4 * 4 + lane
+                rmask = rcols < V
+                rtk = (tl.zeros(rcols.shape, tl.int32) + taken) != 0
+                rx = tl.load(t_row + rcols.to(tl.int64) * t_stride_col, mask=rmask & (~rtk), other=0.0).to(tl.float32)
+                rlp = tl.where(rmask, _log_prob(tl.math.div_rn(rx, t), thr_p, lse_p), _NEG_INF)
+                rw = tl.load(ws_row + rcols.to(tl.int64), mask=rmask & rtk, other=_NEG_INF)
+                rwt = tl.where(rtk, tl.where(rmask, rw, _NEG_INF), rlp)
+                sc = tl.where(rwt > _NEG_INF, rwt + g, _NEG_INF)
+                rupd = sc > rbest
+                rbest = tl.where(rupd, sc, rbest)
+                rbest_idx = tl.where(rupd, rcols, rbest_idx)
+            mx = tl.max(tl.max(rbest, axis=1), axis=0)
+            win = tl.min(tl.min(tl.where((rbest == mx) & (rbest > _NEG_INF), rbest_idx, _BIG), axis=1), axis=0)
             emitted = tl.where(win < V, win, 0).to(tl.int64)
         if nxt >= 0:
             tok = tl.load(drafts_ptr + start + nxt).to(tl.int32)
@@ -350,8 +350,8 @@ def verify_tree(
     sampling = temp is not None
     ws = torch.empty((batch, vocab) if sampling else (1,), dtype=torch.float32, device=device)
     interp = _interpreting()
-    block = min(1024 if not interp else 4096, max(16, triton.next_power_of_2(vocab)))
-    block4 = max(4, min(256 if not interp else 1024, triton.next_power_of_2(vocab) // 4))
+    block = min(256 if not interp else 4096, max(16, triton.next_power_of_2(vocab)))
+    block4 = max(4, min(64 if not interp else 1024, triton.next_power_of_2(vocab) // 4))
     dummy = ws
     _tree_kernel[(batch,)](
         target_logits, target_logits.stride(0), target_logits.stride(1),
@@ -362,6 +362,6 @@ def verify_tree(
         vocab, width, int(max_depth), ws, path, num_accepted, out,
         KIND=kind, HAS_TEMP=temp is not None, HAS_TOPK=top_k is not None, HAS_TOPP=topp is not None,
         BLOCK=block, BLOCK4=block4, BLOCK_W=triton.next_power_of_2(width), RADIX_BITS=4 if not interp else 8,
-        num_warps=4 if not interp else 1,
+        num_warps=8 if not interp else 1,
     )
     return path, num_accepted, out
