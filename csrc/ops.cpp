@@ -32,5 +32,6 @@ TORCH_LIBRARY_IMPL(dspark, CUDA, m) {
   m.impl("window_commit", &dspark::window_commit_cuda);
   m.impl("state_select", &dspark::state_select_cuda);
   m.impl("schedule_verify_lens", &dspark::schedule_verify_lens_cuda);
+  m.impl("verify_tree", &dspark::verify_tree_cuda);
 }
 #endif

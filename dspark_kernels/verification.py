@@ -367,5 +367,5 @@ VERIFY_TREE = _registry.declare(_registry.OpSpec(
     triton=".triton.verify_tree:verify_tree",
     check=_check_verify_tree,
     check_data=_check_verify_tree_data,
-    cpp=frozenset({"CPU"}),
+    cpp=frozenset({"CPU", "CUDA"}),
 ))
