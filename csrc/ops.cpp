@@ -9,6 +9,7 @@
 #include "kv.h"
 #include "random_words.h"
 #include "verify_block.h"
+#include "verify_tree.h"
 
 TORCH_LIBRARY_IMPL(dspark, CPU, m) {
   m.impl("verify_block", &dspark::verify_block_cpu);
@@ -19,6 +20,7 @@ TORCH_LIBRARY_IMPL(dspark, CPU, m) {
   m.impl("state_select", &dspark::state_select_cpu);
   m.impl("schedule_verify_lens", &dspark::schedule_verify_lens_cpu);
   m.impl("draft_sample_block", &dspark::draft_sample_block_cpu);
+  m.impl("verify_tree", &dspark::verify_tree_cpu);
 }
 
 #ifdef DSPARK_WITH_CUDA
@@ -30,5 +32,6 @@ TORCH_LIBRARY_IMPL(dspark, CUDA, m) {
   m.impl("window_commit", &dspark::window_commit_cuda);
   m.impl("state_select", &dspark::state_select_cuda);
   m.impl("schedule_verify_lens", &dspark::schedule_verify_lens_cuda);
+  m.impl("verify_tree", &dspark::verify_tree_cuda);
 }
 #endif

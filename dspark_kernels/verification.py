@@ -196,3 +196,196 @@ VERIFY_BLOCK = _registry.declare(_registry.OpSpec(
     check_data=_check_verify_block_data,
     cpp=frozenset({"CPU", "CUDA"}),
 ))
+
+
+# ----------------------------------------------------------------------------------------
+# verify_tree: SpecInfer multi-round verification of ragged draft trees.
+
+
+def verify_tree(
+    target_logits: torch.Tensor,
+    draft_tokens: torch.Tensor,
+    parents: torch.Tensor,
+    cu_num_draft: torch.Tensor,
+    *,
+    draft_logits: torch.Tensor | None = None,
+    draft_probs: torch.Tensor | None = None,
+    temperature: torch.Tensor | float | None = None,
+    top_k: torch.Tensor | int | None = None,
+    top_p: torch.Tensor | float | None = None,
+    seed: torch.Tensor | int | None = None,
+    offset: torch.Tensor | int | None = None,
+    max_depth: int | None = None,
+    backend: str | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    r"""Verification of ragged draft trees (SpecInfer multi-round speculative sampling).
+
+    Request ``b`` owns nodes ``j = 0 .. n_b - 1`` (global ``cu[b] + j``) in topological
+    order; ``parents[cu[b] + j]`` is the parent's local index, ``-1`` for a child of the
+    root (the last committed token). Target row ``cu[b] + b`` is the distribution after
+    the root, row ``cu[b] + b + 1 + j`` the one after node ``j`` (so ``T = N + B``, and
+    the chain ``parents = [-1, 0, 1, ...]`` is verify_block's layout: it gives exactly
+    verify_block's tokens from the same seeds).
+
+    Rule, with ``p`` / ``q`` filtered as in verify_block: at the current node (start:
+    the root, ``p' = p`` of its row) try its children in increasing local index;
+    accept child ``c`` iff ``log u < log p'(c) - log q_c(c)`` where ``q_c`` is c's own
+    row of ``draft_logits`` / ``draft_probs``, or a point mass at c's token when
+    neither is given; on rejection ``p' <- norm(max(p' - q_c, 0))`` and try the next
+    sibling; after an acceptance descend (``p'`` becomes the new node's ``p``); when
+    no child is accepted (or at a leaf) emit a Gumbel-race sample of ``p'``. Ids ``-1``
+    are padding (skipped). Greedy requests (``T <= 0`` / ``temperature=None``) follow
+    the first child whose id is the argmax of the current row and emit the argmax
+    where none is.
+
+    Losslessness: the output is distributed as the target when the siblings of a
+    node were drawn i.i.d. from their ``q`` given the parent (SpecInfer's multi-step
+    speculative sampling). Siblings chosen deterministically (EAGLE's top-k children)
+    must be verified as point masses (pass neither ``draft_logits`` nor
+    ``draft_probs``): then rejecting ``c`` sets ``p'(c) = 0`` and renormalises, which
+    is SGLang's target-only tree walk (``tree_speculative_sampling_target_only``),
+    also lossless. Passing the drafter's q for deterministic siblings is not.
+
+    Randomness (docs/randomness.md, verify_block's salts): the accept coin of a child
+    of rank ``r`` among its siblings at position ``offset + depth(parent)`` (root
+    depth 0), index ``r``; the emitted token's race at ``offset + depth(current)``.
+    A chain therefore uses exactly verify_block's coins; batch-invariant, identical
+    on every backend.
+
+    Args:
+        target_logits: ``[N + B, V]`` float32 / float16 / bfloat16.
+        draft_tokens: ``[N]`` int32 / int64, ``-1`` = padding (never accepted).
+        parents: ``[N]`` int32 / int64 local parent indices, ``-1 <= parents[j] < j``.
+        cu_num_draft: ``[B + 1]`` int32 / int64 offsets.
+        draft_logits / draft_probs: ``[N, V]`` (at most one of them).
+        temperature, top_k, top_p, seed, offset: as in verify_block.
+        max_depth: output width - 1, ``>=`` the depth of every tree; None reads it
+            from ``parents`` (one host read: pass it under CUDA graphs / torch.compile).
+            Nodes deeper than ``max_depth`` are an error on the CPU (and under
+            ``DSPARK_DEBUG=1`` on CUDA), and never visited otherwise.
+        backend: "reference" | "cpu" | "triton" | "cuda" | None.
+
+    Returns:
+        ``accept_path [B, max_depth + 1]`` int32 (window indices for kv_commit:
+        0 = the root, ``1 + j`` = node j; ``num_accepted + 1`` of them, then -1),
+        ``num_accepted [B]`` int32, and ``output_tokens [B, max_depth + 1]`` int32
+        (the accepted tokens, then the emitted one, then -1).
+
+    Example:
+
+    >>> import torch, dspark_kernels as dk
+    >>> logits = torch.full((4, 5), -10.0)
+    >>> logits[0, 2] = logits[1, 4] = logits[2, 1] = logits[3, 3] = 10.0
+    >>> # greedy, root -> {node 0: token 3, node 1: token 2}, node 1 -> {node 2: token 1}
+    >>> path, n, out = dk.verify_tree(logits, torch.tensor([3, 2, 1]), torch.tensor([-1, -1, 1]),
+    ...                               torch.tensor([0, 3]), max_depth=2)
+    >>> path.tolist(), n.tolist(), out.tolist()
+    ([[0, 2, 3]], [2], [[2, 1, 3]])
+    """
+    op = "verify_tree"
+    _check_tensor(op, "target_logits", target_logits, dim=2, dtypes=_FLOAT_DTYPES)
+    _check_tensor(op, "cu_num_draft", cu_num_draft, dim=1, dtypes=_INT_DTYPES, device=target_logits.device)
+    device = target_logits.device
+    batch = max(cu_num_draft.shape[0] - 1, 0)
+    temperature = _per_request(op, "temperature", temperature, batch, device, torch.float32)
+    top_k = _per_request(op, "top_k", top_k, batch, device, torch.int32)
+    top_p = _per_request(op, "top_p", top_p, batch, device, torch.float32)
+    seed, offset = _default_seed_offset(op, seed, offset, batch, device)
+    if max_depth is None:  # one host read; valid offsets and parents first
+        _check_tensor(op, "draft_tokens", draft_tokens, dim=1, dtypes=_INT_DTYPES)
+        _check_tensor(op, "parents", parents, dim=1, shape=tuple(draft_tokens.shape), dtypes=_INT_DTYPES)
+        max_depth = _tree_max_depth(op, parents, cu_num_draft, draft_tokens.shape[0])[0]
+    return _registry.dispatch(VERIFY_TREE, backend, target_logits, draft_tokens, parents, cu_num_draft,
+                              draft_logits, draft_probs, temperature, top_k, top_p, seed, offset, max_depth)
+
+
+def _tree_max_depth(op, parents, cu_num_draft, num_draft) -> tuple[int, int]:
+    """Checks cu_num_draft and parents (host reads); returns the deepest node's depth and its request."""
+    n = _check_offsets(op, "cu_num_draft", cu_num_draft, num_draft, "draft_tokens.size(0)")
+    par = parents.detach().cpu().to(torch.int64).tolist()
+    deepest, where = 0, 0
+    start = 0
+    for b, nb in enumerate(n.tolist()):
+        depth = []
+        for j in range(nb):
+            i = start + j
+            pj = par[i]
+            if pj < -1:
+                _fail(op, f"parents[{i}] = {pj} is out of range (request {b}: local parent indices are >= -1)")
+            if pj >= j:
+                _fail(op, f"parents[{i}] = {pj} must be < its local index {j} (request {b}: nodes in topological "
+                          f"order, parents within the request; -1 = the root)")
+            depth.append(1 if pj < 0 else depth[pj] + 1)
+        if depth and max(depth) > deepest:
+            deepest, where = max(depth), b
+        start += nb
+    return deepest, where
+
+
+def _check_verify_tree(target_logits, draft_tokens, parents, cu_num_draft, draft_logits, draft_probs,
+                       temperature, top_k, top_p, seed, offset, max_depth):
+    """Shape / dtype / device checks (the C++ kernels run the same ones themselves)."""
+    op = "verify_tree"
+    _check_tensor(op, "target_logits", target_logits, dim=2, dtypes=_FLOAT_DTYPES)
+    device = target_logits.device
+    _check_tensor(op, "draft_tokens", draft_tokens, dim=1, dtypes=_INT_DTYPES, device=device)
+    _check_tensor(op, "parents", parents, dim=1, shape=tuple(draft_tokens.shape), dtypes=_INT_DTYPES, device=device)
+    _check_tensor(op, "cu_num_draft", cu_num_draft, dim=1, dtypes=_INT_DTYPES, device=device)
+    if cu_num_draft.shape[0] < 1:
+        _fail(op, f"cu_num_draft must have B + 1 >= 1 entries, got shape {tuple(cu_num_draft.shape)}")
+    batch = cu_num_draft.shape[0] - 1
+    num_draft = draft_tokens.shape[0]
+    vocab = target_logits.shape[1]
+    if vocab < 1:
+        _fail(op, f"target_logits must have a vocabulary of at least 1, got shape {tuple(target_logits.shape)}")
+    if target_logits.shape[0] != num_draft + batch:
+        _fail(op, f"target_logits must have N + B = {num_draft + batch} rows (N = draft_tokens.size(0) = "
+                  f"{num_draft}, B = cu_num_draft.size(0) - 1 = {batch}), got {target_logits.shape[0]}")
+    if draft_logits is not None and draft_probs is not None:
+        _fail(op, "give draft_logits or draft_probs, not both")
+    for name, t in (("draft_logits", draft_logits), ("draft_probs", draft_probs)):
+        if t is not None:
+            _check_tensor(op, name, t, dim=2, shape=(num_draft, vocab), dtypes=_FLOAT_DTYPES, device=device)
+    _check_sampling_tensors(op, batch, device, temperature, top_k, top_p, seed, offset)
+    if isinstance(max_depth, bool) or not isinstance(max_depth, (int, torch.SymInt)):
+        _fail(op, f"max_depth must be an int, got {type(max_depth).__name__}")
+    if not 0 <= max_depth <= 2**31 - 2:
+        _fail(op, f"max_depth must be in [0, 2^31 - 2] (the outputs have max_depth + 1 int32 columns), "
+                  f"got {max_depth}")
+
+
+def _check_verify_tree_data(target_logits, draft_tokens, parents, cu_num_draft, draft_logits, draft_probs,
+                            temperature, top_k, top_p, seed, offset, max_depth):
+    """Data-dependent checks (host reads): CPU always, CUDA under DSPARK_DEBUG=1."""
+    op = "verify_tree"
+    deepest, b = _tree_max_depth(op, parents, cu_num_draft, draft_tokens.shape[0])
+    if deepest > max_depth:
+        _fail(op, f"request {b}'s tree has depth {deepest}, more than max_depth = {max_depth}")
+    vocab = target_logits.shape[1]
+    d = draft_tokens.cpu()
+    bad = (d < -1) | (d >= vocab)
+    if bad.any():
+        i = int(torch.nonzero(bad)[0])
+        _fail(op, f"draft_tokens[{i}] = {int(d[i])} is outside [-1, V) with V = {vocab}")
+
+
+def _verify_tree_fake(target_logits, draft_tokens, parents, cu_num_draft, draft_logits, draft_probs, temperature,
+                      top_k, top_p, seed, offset, max_depth):
+    batch = cu_num_draft.shape[0] - 1
+    path = target_logits.new_empty((batch, max_depth + 1), dtype=torch.int32)
+    out = target_logits.new_empty((batch, max_depth + 1), dtype=torch.int32)
+    return path, target_logits.new_empty((batch,), dtype=torch.int32), out
+
+
+VERIFY_TREE = _registry.declare(_registry.OpSpec(
+    schema="verify_tree(Tensor target_logits, Tensor draft_tokens, Tensor parents, Tensor cu_num_draft, *, "
+           "Tensor? draft_logits=None, Tensor? draft_probs=None, Tensor? temperature=None, "
+           "Tensor? top_k=None, Tensor? top_p=None, Tensor seed, Tensor offset, SymInt max_depth) "
+           "-> (Tensor accept_path, Tensor num_accepted, Tensor output_tokens)",
+    fake=_verify_tree_fake,
+    reference=".reference.verify_tree:verify_tree",
+    triton=".triton.verify_tree:verify_tree",
+    check=_check_verify_tree,
+    check_data=_check_verify_tree_data,
+    cpp=frozenset({"CPU", "CUDA"}),
+))

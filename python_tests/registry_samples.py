@@ -97,6 +97,14 @@ def draft_block_attention():
             _i32([3, 7])), dict(max_block_len=2)
 
 
+def verify_tree():
+    g = _g(11)
+    # request 0: root -> {0, 1}, 1 -> {2}; request 1: a single node
+    return (torch.randn(6, 11, generator=g), _i32([1, 2, 3, 4]), _i32([-1, -1, 1, -1]), _i32([0, 3, 4])), dict(
+        temperature=torch.tensor([1.0, 0.0]), seed=torch.tensor([11, 12]), offset=torch.tensor([0, 5]),
+        max_depth=2)
+
+
 SAMPLES = {name: fn for name, fn in list(globals().items())
            if callable(fn) and not name.startswith("_") and name not in ("annotations",) and
            getattr(fn, "__module__", None) == __name__}
