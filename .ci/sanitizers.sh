@@ -30,7 +30,9 @@ for f in "$asan" "$ubsan"; do [ -f "$f" ] || { echo "sanitizers: $f not found"; 
 
 tests=(python_tests/test_verify_block.py python_tests/test_kv.py python_tests/test_schedule_verify_lens.py
        python_tests/test_draft_sample_block.py python_tests/test_philox.py
-       python_tests/test_cpp_hardening.py python_tests/test_fuzz_cpp_limits.py)
+       python_tests/test_cpp_hardening.py python_tests/test_fuzz_cpp_limits.py
+       python_tests/test_verify_tree.py python_tests/test_verify_block_method.py python_tests/test_nonfinite.py
+       python_tests/test_hardening.py)
 log="$out/pytest.log"
 rc=0
 DSPARK_KERNELS_LIBRARY="$lib" PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" \

@@ -79,6 +79,7 @@ KNOWN_FAILURES: dict[tuple[str, str], str] = {
 EXAMPLES: dict = collections.defaultdict(lambda: 40)
 EXAMPLES.update({
     "verify_block": 30,
+    "verify_tree": 20,
     "draft_sample_block": 30,
     "draft_block_attention": 20,
     "fused_moe": 20,
@@ -549,6 +550,55 @@ def verify_block_cases(draw, mode):
                                           temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
                                           offset=offset, max_num_draft=max_num_draft),
                        triton=dtype != torch.bfloat16)
+
+
+@st.composite
+def verify_tree_cases(draw, mode):
+    """Random ragged trees (each node's parent a local index before it, or -1 for the root)."""
+    batch = draw(st.integers(0, 3))
+    vocab = draw(st.integers(1, 30))
+    n = draw(st.lists(st.integers(0, 5), min_size=batch, max_size=batch))
+    num = sum(n)
+    dtype = draw(st.sampled_from([torch.float32, torch.float16]))
+    nf = mode == "nonfinite"
+    target, layout = draw(arranged(draw(floats((num + batch, vocab), dtype, nf, scale=10.0))))
+    tokens = draw(st.lists(st.integers(-1, vocab - 1), min_size=num, max_size=num))
+    parents, depth = [], 0
+    for k in n:
+        local = []
+        for i in range(k):
+            local.append(draw(st.integers(-1, i - 1)))
+        depths = []
+        for i, par in enumerate(local):
+            depths.append(1 if par < 0 else depths[par] + 1)
+        depth = max([depth] + depths)
+        parents += local
+    cu = [0]
+    for k in n:
+        cu.append(cu[-1] + k)
+    max_depth = depth + draw(st.integers(0, 1))
+    q_kind = draw(st.sampled_from(["point", "logits", "probs"]))
+    draft_logits = draft_probs = None
+    if q_kind == "logits":
+        draft_logits = draw(floats((num, vocab), dtype, nf, scale=10.0))
+    elif q_kind == "probs":
+        draft_probs = torch.softmax(draw(floats((num, vocab), torch.float32, False, scale=10.0)), -1).to(dtype)
+    if mode == "invalid":
+        what = draw(st.sampled_from(["parent_ahead", "parent_low", "token_high", "max_depth"]))
+        if what == "parent_ahead" and num:
+            parents[draw(st.integers(0, num - 1))] = draw(st.sampled_from([5, 2**31 - 1]))
+        elif what == "parent_low" and num:
+            parents[draw(st.integers(0, num - 1))] = -2
+        elif what == "token_high" and num:
+            tokens[draw(st.integers(0, num - 1))] = vocab
+        elif what == "max_depth" and depth > 0:
+            max_depth = depth - 1
+    ordered = (target, ints(tokens, int_dtype(draw, *tokens)), ints(parents, int_dtype(draw, *parents)),
+               ints(cu, int_dtype(draw)), draft_logits, draft_probs, *_sampling(draw, batch, vocab, mode),
+               _seeds(draw, batch, mode), _offsets(draw, batch, mode, room=max_depth + 1), max_depth)
+    return _plain_case(ordered, _describe(target_logits=target, layout=layout, parents=ordered[2],
+                                          draft_tokens=ordered[1], cu_num_draft=ordered[3], max_depth=max_depth),
+                       triton=True)
 
 
 @st.composite
@@ -1146,6 +1196,7 @@ def draft_block_attention_cases(draw, mode):
 
 STRATEGIES: dict[str, Callable] = {
     "verify_block": verify_block_cases,
+    "verify_tree": verify_tree_cases,
     "draft_sample_block": draft_sample_block_cases,
     "random_words": random_words_cases,
     "schedule_verify_lens": schedule_verify_lens_cases,
@@ -1163,6 +1214,7 @@ STRATEGIES: dict[str, Callable] = {
 
 MODES: dict[str, list[str]] = {
     "verify_block": ["plain", "nonfinite", "wide_ints", "offset_overflow", "invalid"],
+    "verify_tree": ["plain", "nonfinite", "wide_ints", "invalid"],
     "draft_sample_block": ["plain", "nonfinite", "wide_ints", "offset_overflow", "invalid"],
     "random_words": ["plain", "wide_ints", "wide_index", "invalid"],
     "schedule_verify_lens": ["plain", "nonfinite", "invalid"],

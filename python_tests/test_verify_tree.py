@@ -186,7 +186,9 @@ def test_chi2_first_token_and_depth2_path(backend, iid):
     p0, p1 = laws[0], laws[1]
     # The reference walks requests in Python (~15 ms each): fewer trials there; the
     # compiled backends run 10^5 (and equal the reference exactly, tested below).
-    trials = {"reference": 3_000, "triton": 3_000}.get(backend, 100_000)
+    if backend == "triton" and not torch.cuda.is_available():
+        pytest.skip("the interpreted Triton kernel equals the reference exactly (tested below); chi2 runs on a GPU")
+    trials = {"reference": 3_000}.get(backend, 100_000)
     args, kwargs = _two_level_batch(trials, vocab, width0, width1, iid, seed=11, laws=laws)
     path, n, out = _run(backend, args, kwargs)
     first = out[:, 0].long()

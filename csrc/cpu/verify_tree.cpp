@@ -46,9 +46,14 @@ void filtered_log_probs(Row<T> row, int64_t V, float temperature, int64_t top_k,
     for (int64_t v = 0; v < V; ++v)
       if (scratch[v] >= threshold) softmax_stats_update(acc, scratch[v]);
     lse = softmax_stats_lse(acc);
+    row_filter_final(acc.max, acc.sum, threshold, lse);  // the +inf rule
   } else {
     const float m = scale_logit(row_max(row, V), temperature);
-    if (m > kNegInf) {
+    if (m == -kNegInf) {  // +inf entries (or l / T overflowing): they share the mass
+      float n_inf = 0.f;
+      for (int64_t v = 0; v < V; ++v) n_inf += scale_logit(row[v], temperature) == m ? 1.f : 0.f;
+      row_filter_final(m, n_inf, threshold, lse);
+    } else if (m > kNegInf) {
       double sum = 0.0;
       for (int64_t v = 0; v < V; ++v)
         sum += static_cast<double>(std::exp(scale_logit(row[v], temperature) - m));
@@ -128,6 +133,9 @@ void verify_tree_kernel(const at::Tensor& target_logits, const int64_t* drafts, 
             };
             const float log_u =
                 std::log(uniform_from_word(random_word(s, position, kSaltAccept, static_cast<uint32_t>(r))));
+            // q(x) not a finite positive number: the child was not drawn from q, skipped
+            // like padding (p' unchanged), as verify_block samples that row from p.
+            if (!draft_prob_ok(lq(x))) continue;
             if (accept_token(log_u, log_p[x], lq(x))) {
               next = c;
               break;

@@ -30,7 +30,7 @@ from __future__ import annotations
 import torch
 
 from . import philox
-from .sampling import filtered_log_probs, race, residual_log_weights
+from .sampling import filtered_log_probs, greedy_argmax, race, residual_log_weights
 
 _NEG_INF = float("-inf")
 
@@ -98,7 +98,7 @@ def verify_tree(
         while True:
             children = [j for j in range(n) if par[j] == node] if d < max_depth else []
             if greedy:
-                am = int(torch.argmax(target_row(node).float()))
+                am = greedy_argmax(target_row(node))  # NaN never wins
                 nxt = next((c for c in children if drafts[start + c] == am), None)
                 if nxt is None:
                     emitted = am
@@ -121,7 +121,9 @@ def verify_tree(
                         log_q[x] = 0.0
                     log_u = float(torch.log(philox.uniforms(s, position, philox.SALT_ACCEPT, rank)))
                     lp, lq = float(log_p[x]), float(log_q[x])
-                    if lp > _NEG_INF and (lq == _NEG_INF or log_u < lp - lq):
+                    if not _NEG_INF < lq < float("inf"):  # q(x) not finite positive: not drawn from q, skipped
+                        continue
+                    if lp > _NEG_INF and log_u < lp - lq:
                         nxt = c
                         break
                     w = residual_log_weights(log_p, log_q)

@@ -38,6 +38,7 @@ from .verify_block import _log1p_neg, _log_prob
 SALT_ACCEPT = tl.constexpr(0x41434350)
 SALT_RESAMPLE = tl.constexpr(0x52534D50)
 _NEG_INF = tl.constexpr(float("-inf"))
+_POS_INF = tl.constexpr(float("inf"))
 _BIG = tl.constexpr(2147483647)
 
 _KIND_POINT = 0
@@ -65,6 +66,7 @@ def _row_stats(row_ptr, stride, V, t, k, k_on, p, p_on,
     """(threshold, lse) of a filtered scaled row: log p(v) = s_v - lse where s_v >= threshold."""
     m = _row_max(row_ptr, stride, V, t, BLOCK)
     finite = m > _NEG_INF
+    inf_row = m == _POS_INF
     safe_m = tl.where(finite, m, 0.0)
     thr = tl.full([], _NEG_INF, tl.float32)
     if HAS_TOPK:
@@ -81,9 +83,14 @@ def _row_stats(row_ptr, stride, V, t, k, k_on, p, p_on,
         x = tl.load(row_ptr + cols.to(tl.int64) * stride, mask=mask, other=0.0).to(tl.float32)
         s = tl.math.div_rn(x, t)
         kept = mask & (s >= thr) & (s > _NEG_INF)
-        acc += tl.where(kept, tl.exp(tl.where(kept, s, 0.0) - safe_m), 0.0).to(tl.float64)
+        e = tl.where(kept, tl.exp(tl.where(kept, s, 0.0) - tl.where(inf_row, 0.0, safe_m)), 0.0)
+        # A row whose max is +inf: its +inf entries share the mass (count them; sampling.h row_filter_final).
+        e = tl.where(inf_row, tl.where(mask & (s == _POS_INF), 1.0, 0.0), e)
+        acc += e.to(tl.float64)
     total = tl.sum(acc, axis=0)
     lse = tl.where(finite, safe_m + tl.log(tl.where(finite, total, 1.0)).to(tl.float32), _NEG_INF)
+    lse = tl.where(inf_row, tl.log(total).to(tl.float32), lse)
+    thr = tl.where(inf_row, _POS_INF, thr)
     return thr, lse
 
 
@@ -225,8 +232,10 @@ def _tree_kernel(
                                                                   lse_q, KIND), _NEG_INF), axis=0)
                         log_u = tl.log(uniform_from_word(random_word(seed_lo, seed_hi, pos_lo, pos_hi, salt_accept,
                                                                      rank)))
-                        q_zero = lqx == _NEG_INF
-                        ok = (lpx > _NEG_INF) & (q_zero | (log_u < lpx - tl.where(q_zero, 0.0, lqx)))
+                        # q(x) must be a finite positive number (else the child was not drawn from q:
+                        # skipped like padding, p' unchanged), as verify_block's accept test.
+                        q_ok = (lqx > _NEG_INF) & (lqx < _POS_INF)
+                        ok = (lpx > _NEG_INF) & q_ok & (log_u < lpx - tl.where(q_ok, lqx, 0.0))
                         if ok:
                             nxt = c
                         else:
@@ -241,7 +250,7 @@ def _tree_kernel(
                                 w = tl.where(mask, _residual(lp, lq), _NEG_INF)
                                 m_vec = tl.maximum(m_vec, w)
                             m = tl.max(m_vec, axis=0)
-                            if m > _NEG_INF:  # else p' == q_c numerically: keep p'
+                            if (m > _NEG_INF) & q_ok:  # else p' == q_c numerically (or skipped): keep p'
                                 acc = tl.zeros([BLOCK], tl.float64)
                                 for cc in range(0, V, BLOCK):
                                     cols = cc + offs

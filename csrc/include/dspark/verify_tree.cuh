@@ -204,12 +204,23 @@ __device__ RowStat row_stats(DevRow<Tag> row, int64_t V, float t, int64_t k, flo
   st.thr = DSPARK_NEG_INF;
   if (top_k_active(k, V)) st.thr = top_k_threshold(row, V, t, k, sm);
   if (top_p_active(p)) st.thr = top_p_threshold(row, V, t, st.thr, safe_m, p, sm);
+  // A row whose max is +inf (or l / T overflowing): its +inf entries share the mass
+  // (sampling.h row_filter_final), so count them instead of summing exponentials.
+  const bool inf_row = m == DSPARK_POS_INF;
   double sum = 0.0;
   for (int64_t v = threadIdx.x; v < V; v += kThreads) {
     const float s = scale_logit(row[v], t);
-    if (s >= st.thr && s > DSPARK_NEG_INF) sum += static_cast<double>(expf(s - safe_m));
+    if (inf_row) {
+      if (s == DSPARK_POS_INF) sum += 1.0;
+    } else if (s >= st.thr && s > DSPARK_NEG_INF) {
+      sum += static_cast<double>(expf(s - safe_m));
+    }
   }
   sum = block_reduce(sum, sm.d, SumD());
+  if (inf_row) {
+    row_filter_final(m, static_cast<float>(sum), st.thr, st.lse);
+    return st;
+  }
   st.lse = finite ? tree_residual_lse(safe_m, sum) : DSPARK_NEG_INF;
   return st;
 }
@@ -278,6 +289,7 @@ __global__ void __launch_bounds__(kThreads) tree_kernel(Params p) {
           return v == x ? 0.f : DSPARK_NEG_INF;
         };
         const float log_u = logf(uniform_from_word(random_word(seed, position, kSaltAccept, static_cast<uint32_t>(r))));
+        if (!draft_prob_ok(log_q(x))) continue;  // not drawn from q: skipped like padding, p' unchanged
         if (accept_token(log_u, log_p(x), log_q(x))) {
           next = c;
           break;
