@@ -21,7 +21,9 @@ env -u DSPARK_REQUIRE_CUDA_BUILD DSPARK_SANITIZE=1 DSPARK_SKIP_CUDA_BUILD=1 MAX_
   || { tail -50 "$out/build.log"; echo "sanitizers: the ASan/UBSan build failed"; exit 1; }
 lib="$PWD/$out/lib/dspark_kernels/_C.abi3.so"
 [ -f "$lib" ] || { echo "sanitizers: $lib was not built"; exit 1; }
-nm -D "$lib" | grep -q __asan_report || { echo "sanitizers: $lib is not instrumented"; exit 1; }
+# (nm's output to a file first: `nm | grep -q` fails under pipefail when grep exits early)
+nm -D "$lib" > "$out/symbols.txt"
+grep -q __asan_report "$out/symbols.txt" || { echo "sanitizers: $lib is not instrumented"; exit 1; }
 echo "sanitizers: built $lib in $(( $(date +%s) - start )) s"
 
 asan="$(gcc -print-file-name=libasan.so)"

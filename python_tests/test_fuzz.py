@@ -60,9 +60,6 @@ from dspark_kernels._registry import REGISTRY  # noqa: E402
 # --------------------------------------------------------------------------------------
 
 KNOWN_FAILURES: dict[tuple[str, str], str] = {
-    ("verify_block", "nonfinite"):
-        "non-finite verify_block rules: a NaN logit (greedy argmax, sampling rows) differs between the reference "
-        "and the C++ / Triton kernels",
     # Found by this suite; not fixed yet.
     ("draft_block_attention", "nonfinite"):
         "found by fuzzing: an inf query (every score -inf, or inf - inf) gives NaN in the reference and a number "

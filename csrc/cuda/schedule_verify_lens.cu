@@ -1,5 +1,5 @@
 // schedule_verify_lens on CUDA: argument checks, workspace and the three launches
-// of dspark/drafting.cuh (the pipeline is described there). No host sync: every
+// of dspark/schedule_verify_lens.cuh (the pipeline is described there). No host sync: every
 // size comes from shapes, and the call can be captured in a CUDA graph.
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
@@ -11,7 +11,7 @@
 #include <cstdint>
 
 #include "drafting.h"
-#include "dspark/drafting.cuh"
+#include "dspark/schedule_verify_lens.cuh"
 
 namespace dspark {
 

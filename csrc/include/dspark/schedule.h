@@ -1,6 +1,6 @@
 // The DSpark prefix scheduler's arithmetic (docs/drafting.md: schedule_verify_lens),
 // shared by the CPU kernel (csrc/cpu/schedule_verify_lens.cpp) and the CUDA kernels
-// (dspark/drafting.cuh) as __host__ __device__ functions; the PyTorch reference
+// (dspark/schedule_verify_lens.cuh) as __host__ __device__ functions; the PyTorch reference
 // (dspark_kernels/reference/schedule_verify_lens.py) and the Triton kernels restate
 // the same rules.
 //

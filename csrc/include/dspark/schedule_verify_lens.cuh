@@ -1,4 +1,4 @@
-// Drafting ops on the GPU: the device code of schedule_verify_lens (docs/drafting.md).
+// schedule_verify_lens on the GPU: its device code (docs/drafting.md).
 // The launcher is csrc/cuda/schedule_verify_lens.cu; the arithmetic is the shared
 // __host__ __device__ functions of dspark/schedule.h, so the CPU kernel (tested
 // against the reference in CI) runs the same rules the GPU runs.
