@@ -201,7 +201,7 @@ def _decide_block_kernel(
         trow = start + b + row
         dpos = start + row
         use_res = row < g
-        x = tl.load(drafts_ptr + dpos, mask=use_res & (dpos < num_drafts), other=-1).to(tl.int64)
+        x = tl.load(drafts_ptr + dpos, mask=tl.where(use_res, dpos < num_drafts, False), other=-1).to(tl.int64)
         row_ok = trow < num_target_rows
         thr_p, lse_p = _row_lse_thr(t_ws_m_ptr, t_ws_sum_ptr, t_thr_ptr, t_lse_ptr, ridx, S, filt_on,
                                     HAS_FILTER, S_BLOCK)
@@ -225,7 +225,7 @@ def _decide_block_kernel(
             w0, w1, w2, w3 = random_words4(seed_lo, seed_hi, pos_lo, pos_hi, salt_resample, ctr)
             gn = gumbel_from_word(select_word(w0, w1, w2, w3, lane))
             cols = base + r4 * 4 + lane
-            mask = (cols < V) & row_ok
+            mask = tl.where(row_ok, cols < V, False)  # no scalar &-ed into a tensor mask (Triton 3.9)
             lt = tl.load(t_row_ptr + cols.to(tl.int64) * t_stride_col, mask=mask, other=0.0).to(tl.float32)
             lp = tl.where(mask, _log_prob(tl.math.div_rn(lt, t), thr_p, lse_p), _NEG_INF)
             sc = tl.where(lp > _NEG_INF, lp + gn, _NEG_INF)
