@@ -128,11 +128,10 @@ def _check_method(method) -> None:
         _fail("verify_block", f"method must be one of {VERIFY_METHODS}, got {method!r}")
 
 
-def _check_verify_block(target_logits, draft_tokens, cu_num_draft, draft_logits, draft_probs, temperature, top_k,
-                        top_p, seed, offset, max_num_draft, method="token"):
-    """Shape / dtype / device checks (the C++ kernels run the same ones themselves)."""
-    op = "verify_block"
-    _check_method(method)
+def _check_verify_layout(op, target_logits, draft_tokens, cu_num_draft, draft_logits, draft_probs, temperature,
+                         top_k, top_p, seed, offset, width, width_name):
+    """The checks verify_block and verify_tree share: the ragged layout (T = N + B target
+    rows), q, the sampling tensors, and the output width ``width + 1`` (int32 columns)."""
     _check_tensor(op, "target_logits", target_logits, dim=2, dtypes=_FLOAT_DTYPES)
     device = target_logits.device
     _check_tensor(op, "draft_tokens", draft_tokens, dim=1, dtypes=_INT_DTYPES, device=device)
@@ -153,11 +152,19 @@ def _check_verify_block(target_logits, draft_tokens, cu_num_draft, draft_logits,
         if t is not None:
             _check_tensor(op, name, t, dim=2, shape=(num_draft, vocab), dtypes=_FLOAT_DTYPES, device=device)
     _check_sampling_tensors(op, batch, device, temperature, top_k, top_p, seed, offset)
-    if isinstance(max_num_draft, bool) or not isinstance(max_num_draft, (int, torch.SymInt)):
-        _fail(op, f"max_num_draft must be an int, got {type(max_num_draft).__name__}")
-    if not 0 <= max_num_draft <= 2**31 - 2:
-        _fail(op, f"max_num_draft must be in [0, 2^31 - 2] (the output has max_num_draft + 1 int32 columns), "
-                  f"got {max_num_draft}")
+    if isinstance(width, bool) or not isinstance(width, (int, torch.SymInt)):
+        _fail(op, f"{width_name} must be an int, got {type(width).__name__}")
+    if not 0 <= width <= 2**31 - 2:
+        _fail(op, f"{width_name} must be in [0, 2^31 - 2] (the output has {width_name} + 1 int32 columns), "
+                  f"got {width}")
+
+
+def _check_verify_block(target_logits, draft_tokens, cu_num_draft, draft_logits, draft_probs, temperature, top_k,
+                        top_p, seed, offset, max_num_draft, method="token"):
+    """Shape / dtype / device checks (the C++ kernels run the same ones themselves)."""
+    _check_method(method)
+    _check_verify_layout("verify_block", target_logits, draft_tokens, cu_num_draft, draft_logits, draft_probs,
+                         temperature, top_k, top_p, seed, offset, max_num_draft, "max_num_draft")
 
 
 def _check_verify_block_data(target_logits, draft_tokens, cu_num_draft, draft_logits, draft_probs, temperature,
@@ -325,33 +332,10 @@ def _tree_max_depth(op, parents, cu_num_draft, num_draft) -> tuple[int, int]:
 def _check_verify_tree(target_logits, draft_tokens, parents, cu_num_draft, draft_logits, draft_probs,
                        temperature, top_k, top_p, seed, offset, max_depth):
     """Shape / dtype / device checks (the C++ kernels run the same ones themselves)."""
-    op = "verify_tree"
-    _check_tensor(op, "target_logits", target_logits, dim=2, dtypes=_FLOAT_DTYPES)
-    device = target_logits.device
-    _check_tensor(op, "draft_tokens", draft_tokens, dim=1, dtypes=_INT_DTYPES, device=device)
-    _check_tensor(op, "parents", parents, dim=1, shape=tuple(draft_tokens.shape), dtypes=_INT_DTYPES, device=device)
-    _check_tensor(op, "cu_num_draft", cu_num_draft, dim=1, dtypes=_INT_DTYPES, device=device)
-    if cu_num_draft.shape[0] < 1:
-        _fail(op, f"cu_num_draft must have B + 1 >= 1 entries, got shape {tuple(cu_num_draft.shape)}")
-    batch = cu_num_draft.shape[0] - 1
-    num_draft = draft_tokens.shape[0]
-    vocab = target_logits.shape[1]
-    if vocab < 1:
-        _fail(op, f"target_logits must have a vocabulary of at least 1, got shape {tuple(target_logits.shape)}")
-    if target_logits.shape[0] != num_draft + batch:
-        _fail(op, f"target_logits must have N + B = {num_draft + batch} rows (N = draft_tokens.size(0) = "
-                  f"{num_draft}, B = cu_num_draft.size(0) - 1 = {batch}), got {target_logits.shape[0]}")
-    if draft_logits is not None and draft_probs is not None:
-        _fail(op, "give draft_logits or draft_probs, not both")
-    for name, t in (("draft_logits", draft_logits), ("draft_probs", draft_probs)):
-        if t is not None:
-            _check_tensor(op, name, t, dim=2, shape=(num_draft, vocab), dtypes=_FLOAT_DTYPES, device=device)
-    _check_sampling_tensors(op, batch, device, temperature, top_k, top_p, seed, offset)
-    if isinstance(max_depth, bool) or not isinstance(max_depth, (int, torch.SymInt)):
-        _fail(op, f"max_depth must be an int, got {type(max_depth).__name__}")
-    if not 0 <= max_depth <= 2**31 - 2:
-        _fail(op, f"max_depth must be in [0, 2^31 - 2] (the outputs have max_depth + 1 int32 columns), "
-                  f"got {max_depth}")
+    _check_verify_layout("verify_tree", target_logits, draft_tokens, cu_num_draft, draft_logits, draft_probs,
+                         temperature, top_k, top_p, seed, offset, max_depth, "max_depth")
+    _check_tensor("verify_tree", "parents", parents, dim=1, shape=tuple(draft_tokens.shape), dtypes=_INT_DTYPES,
+                  device=target_logits.device)
 
 
 def _check_verify_tree_data(target_logits, draft_tokens, parents, cu_num_draft, draft_logits, draft_probs,
