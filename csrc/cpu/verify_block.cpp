@@ -27,46 +27,6 @@ namespace {
 
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 
-// Statistics of one temperature-scaled, filtered row: keep s >= threshold,
-// log p(v) = s_v - lse for kept v.
-struct RowStats {
-  float threshold;
-  float lse;
-  float log_prob(float s) const { return filtered_log_prob(s, threshold, lse); }
-};
-
-template <typename T>
-RowStats row_stats(Row<T> row, int64_t V, float temperature, int64_t top_k, float top_p,
-                   std::vector<float>& scratch) {
-  RowStats st{kNegInf, kNegInf};
-  if (top_k_active(top_k, V) || top_p_active(top_p)) {
-    scratch.resize(V);
-    for (int64_t v = 0; v < V; ++v) scratch[v] = scale_logit(row[v], temperature);
-    st.threshold = filter_threshold(scratch, top_k, top_p);
-    SoftmaxStats acc = softmax_stats_init();
-    for (int64_t v = 0; v < V; ++v)
-      if (scratch[v] >= st.threshold) softmax_stats_update(acc, scratch[v]);
-    st.lse = softmax_stats_lse(acc);
-    row_filter_final(acc.max, acc.sum, st.threshold, st.lse);  // the +inf rule
-    return st;
-  }
-  // Two passes, as the reference: m = max s (division by T > 0 is monotone, so it is
-  // the scaled raw maximum), then lse = m + log(sum exp(s - m)).
-  const float m = scale_logit(row_max(row, V), temperature);
-  if (!(m > kNegInf)) return st;
-  if (m == -kNegInf) {  // +inf entries (or l / T overflowing): they share the mass
-    float n_inf = 0.f;
-    for (int64_t v = 0; v < V; ++v) n_inf += scale_logit(row[v], temperature) == m ? 1.f : 0.f;
-    row_filter_final(m, n_inf, st.threshold, st.lse);
-    return st;
-  }
-  // fp64 accumulation: a sequential fp32 sum over 10^5 terms drifts by ~1e-5,
-  // enough to flip accept decisions against the reference's pairwise sum.
-  double sum = 0.0;
-  for (int64_t v = 0; v < V; ++v) sum += static_cast<double>(std::exp(scale_logit(row[v], temperature) - m));
-  st.lse = m + static_cast<float>(std::log(sum));
-  return st;
-}
 
 // Gumbel race over the vocabulary: argmax_v weight(v) + G_v, lowest index on ties.
 // bound(v) >= weight(v) is a cheap upper bound (log p for a residual); groups of

@@ -30,37 +30,15 @@ namespace {
 
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 
-// log p of a temperature-scaled, filtered row into `out` (V entries): the statistics of
-// verify_block's CPU kernel (threshold, then max and an fp64 sum of exps), so a chain
-// reproduces its decisions bit for bit.
+// log p of a temperature-scaled, filtered row into `out` (V entries), from the row
+// statistics verify_block's CPU kernel uses (row_ops.h), so a chain reproduces its
+// decisions bit for bit.
 template <typename T>
 void filtered_log_probs(Row<T> row, int64_t V, float temperature, int64_t top_k, float top_p,
                         std::vector<float>& scratch, std::vector<float>& out) {
   out.resize(V);
-  float threshold = kNegInf, lse = kNegInf;
-  if (top_k_active(top_k, V) || top_p_active(top_p)) {
-    scratch.resize(V);
-    for (int64_t v = 0; v < V; ++v) scratch[v] = scale_logit(row[v], temperature);
-    threshold = filter_threshold(scratch, top_k, top_p);
-    SoftmaxStats acc = softmax_stats_init();
-    for (int64_t v = 0; v < V; ++v)
-      if (scratch[v] >= threshold) softmax_stats_update(acc, scratch[v]);
-    lse = softmax_stats_lse(acc);
-    row_filter_final(acc.max, acc.sum, threshold, lse);  // the +inf rule
-  } else {
-    const float m = scale_logit(row_max(row, V), temperature);
-    if (m == -kNegInf) {  // +inf entries (or l / T overflowing): they share the mass
-      float n_inf = 0.f;
-      for (int64_t v = 0; v < V; ++v) n_inf += scale_logit(row[v], temperature) == m ? 1.f : 0.f;
-      row_filter_final(m, n_inf, threshold, lse);
-    } else if (m > kNegInf) {
-      double sum = 0.0;
-      for (int64_t v = 0; v < V; ++v)
-        sum += static_cast<double>(std::exp(scale_logit(row[v], temperature) - m));
-      lse = m + static_cast<float>(std::log(sum));
-    }
-  }
-  for (int64_t v = 0; v < V; ++v) out[v] = filtered_log_prob(scale_logit(row[v], temperature), threshold, lse);
+  const RowStats st = row_stats(row, V, temperature, top_k, top_p, scratch);
+  for (int64_t v = 0; v < V; ++v) out[v] = st.log_prob(scale_logit(row[v], temperature));
 }
 
 enum class DraftKind { kPointMass, kLogits, kProbs };
