@@ -170,6 +170,61 @@ def test_padding_slot_with_nan_weight_contributes_nothing(backend):
     torch.testing.assert_close(out[:1], alone, rtol=1e-5, atol=1e-6)
 
 
+def _attention_case(seed):
+    g = torch.Generator().manual_seed(seed)
+    # B = 2 requests (blocks of 2 and 1 rows), H = 4 query heads on Hkv = 2 kv heads, D = 8, W = 16
+    q, kb, vb = torch.randn(3, 4, 8, generator=g), torch.randn(3, 2, 8, generator=g), torch.randn(3, 2, 8, generator=g)
+    kc, vc = torch.randn(2, 16, 2, 8, generator=g), torch.randn(2, 16, 2, 8, generator=g)
+    return q, kb, vb, kc, vc, torch.tensor([0, 2, 3]), torch.tensor([5, 9]), torch.randn(4, generator=g)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("where", ["q", "k_block_neg_inf", "v_block_inf", "k_ctx_nan", "v_ctx_neg_inf", "sink_nan",
+                                   "sink_pos_inf"])
+def test_attention_nonfinite_input_makes_exactly_the_rows_that_read_it_nan(backend, where):
+    """docs/attention.md "Non-finite input": row (i, h) is NaN iff it reads a NaN / inf
+    (q[i, h]; a visible key / value or a block row of kv head h // 2; sinks[h]). Before the
+    contract the reference hid a -inf score, returned inf for an inf value, and SDPA
+    turned NaN rows into numbers; every other row must still equal the finite answer."""
+    q, kb, vb, kc, vc, cu, lens, sinks = _attention_case(5)
+    clean = dk.draft_block_attention(q, kb, vb, kc, vc, cu, lens, sinks=sinks, max_block_len=2, backend="reference")
+    nan_rows = torch.zeros(3, 4, dtype=torch.bool)       # [token, head]
+    if where == "q":
+        q[1, 2, 3] = float("inf")
+        nan_rows[1, 2] = True
+    elif where == "k_block_neg_inf":                      # request 0, kv head 1: a -inf score would drop the key
+        kb[1, 1, :] = float("-inf")
+        nan_rows[0:2, 2:4] = True
+    elif where == "v_block_inf":                          # request 1 (row 2), kv head 0
+        vb[2, 0, 5] = float("inf")
+        nan_rows[2, 0:2] = True
+    elif where == "k_ctx_nan":                            # request 1 sees positions 0..8: slot 8 is visible
+        kc[1, 8, 0, 0] = float("nan")
+        nan_rows[2, 0:2] = True
+    elif where == "v_ctx_neg_inf":                        # request 0 sees slots 0..4
+        vc[0, 4, 1, 7] = float("-inf")
+        nan_rows[0:2, 2:4] = True
+    elif where == "sink_nan":
+        sinks[1] = float("nan")
+        nan_rows[:, 1] = True
+    else:
+        sinks[3] = float("inf")
+        nan_rows[:, 3] = True
+    out = dk.draft_block_attention(q, kb, vb, kc, vc, cu, lens, sinks=sinks, max_block_len=2, backend=backend)
+    assert torch.equal(out.isnan().all(-1), nan_rows), out.isnan().all(-1)
+    assert not out[~nan_rows].isnan().any()
+    torch.testing.assert_close(out[~nan_rows], clean[~nan_rows], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_attention_minus_inf_sink_is_no_sink(backend):
+    q, kb, vb, kc, vc, cu, lens, sinks = _attention_case(6)
+    sinks[:] = float("-inf")
+    out = dk.draft_block_attention(q, kb, vb, kc, vc, cu, lens, sinks=sinks, max_block_len=2, backend=backend)
+    want = dk.draft_block_attention(q, kb, vb, kc, vc, cu, lens, max_block_len=2, backend="reference")
+    torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
 def test_invisible_window_slots_are_never_read(backend):
     g = torch.Generator().manual_seed(4)

@@ -24,6 +24,7 @@ import math
 import pytest
 import torch
 from conftest import backend_device
+from helpers import interpreter_reads_fp8_nan
 from test_moe import routing
 
 import dspark_kernels as dk
@@ -302,6 +303,28 @@ def test_experts_without_tokens_are_never_read(backend):
     assert not torch.isnan(got).any()
     if backend != "reference":
         assert_close_fp8(got, ref.fused_moe_fp8(*inputs), inputs)
+
+
+@pytest.mark.parametrize("backend", ["reference"] + _backends())
+def test_nan_weight_byte_of_a_routed_expert_reaches_its_tokens(backend):
+    """An e4m3fn NaN byte (0x7f) in a routed expert's w2 row n is NaN in column n of every
+    token routed to that expert, and nowhere else. Triton's
+    interpreter reads 0x7f as 480.0 (the IEEE-style e4m3 reading; checked below), so
+    there the Triton backend is only checked on the GPU."""
+    if _interp(backend):
+        if not interpreter_reads_fp8_nan():
+            pytest.skip("Triton's interpreter reads the e4m3fn NaN byte as 480.0 (GPU: NaN)")
+    inputs = fp8_inputs(4, 64, 32, 6, 2, kind="uniform", seed=7)
+    x, w13, w2, tw, ids, s13, s2 = inputs
+    w2.view(torch.uint8)[1, 5, 3] = 0x7F               # expert 1, output column 5
+    dev = backend_device(backend)
+    got = dk.fused_moe(*(t.to(dev) for t in (x, w13, w2, tw, ids)), w13_scale=s13.to(dev), w2_scale=s2.to(dev),
+                       backend=backend).cpu()
+    uses = (ids == 1).any(1)
+    assert uses.any() and not uses.all()
+    want = torch.zeros_like(got, dtype=torch.bool)
+    want[uses, 5] = True
+    assert torch.equal(got.isnan(), want)
 
 
 @pytest.mark.skipif("triton" not in _backends(), reason="needs triton")

@@ -18,6 +18,12 @@ C++ of our own. The ragged batch is padded into one call:
   per query head.
 
 Inputs are converted to fp32, the output to ``q.dtype``.
+
+Non-finite input (docs/attention.md): SDPA alone would hide a bad key behind a
+``-inf`` score and turn an all ``-inf`` row into zeros, so every output row
+``(i, h)`` gets ``+ flag`` where ``flag = sum(x * 0)`` over what the row reads
+(``q[i, h]``; the visible context and the block rows of kv head ``g``; ``sinks[h]``
+unless ``-inf``): 0 for finite input, NaN as soon as one term is NaN or +-inf.
 """
 
 from __future__ import annotations
@@ -31,6 +37,24 @@ import torch.nn.functional as F
 def _alloc_out(num_tokens: int, num_heads: int, head_dim: int, dtype: torch.dtype, device) -> torch.Tensor:
     """The output buffer (tests replace this to poison it with NaN)."""
     return torch.empty((num_tokens, num_heads, head_dim), dtype=dtype, device=device)
+
+
+def _nonfinite_flag(qp, kc, vc, kb, vb, valid, sinks, group: int) -> torch.Tensor:
+    """``[B, H, M, 1]``: 0 where a row reads only finite numbers, NaN where it reads a NaN / inf.
+
+    ``x * 0`` is 0 for finite ``x`` and NaN for NaN / +-inf, so sums of it are an
+    exact "anything non-finite?" test. ``kc / vc`` already hold 0 in invisible
+    slots; padded block rows (``~valid``) repeat a real row and are excluded."""
+    q_flag = (qp * 0).sum(-1, keepdim=True)                        # [B, H, M, 1]
+    blk = ((kb * 0).sum(-1) + (vb * 0).sum(-1))                    # [B, Hkv, M]
+    blk = torch.where(valid[:, None, :], blk, 0.0).sum(-1)        # [B, Hkv]
+    ctx = (kc * 0).sum((-1, -2)) + (vc * 0).sum((-1, -2))          # [B, Hkv]
+    kv_flag = (blk + ctx).repeat_interleave(group, dim=1)          # [B, H]
+    flag = q_flag + kv_flag[:, :, None, None]
+    if sinks is not None:
+        s = sinks.to(qp.dtype)
+        flag = flag + torch.where(s == float("-inf"), 0.0, s * 0)[None, :, None, None]
+    return flag
 
 
 def draft_block_attention(
@@ -108,6 +132,8 @@ def draft_block_attention(
                                          attn_mask=mask.contiguous(), scale=scale,
                                          enable_gqa=num_kv_heads != num_heads)
     res = res.transpose(1, 2)                                      # [B, M, H, D]
+    if compute_dtype is not None:  # the op (the eager baseline is plain SDPA, as an engine would write it)
+        res = res + _nonfinite_flag(qp, kc, vc, kb, vb, valid, sinks, num_heads // num_kv_heads).transpose(1, 2)
     if uniform:
         out.view(batch, longest, num_heads, head_dim).copy_(res)
     else:

@@ -13,6 +13,14 @@ context tokens, query head ``h`` (kv head ``g = h // (H / Hkv)``) sees
 
     out[i, h] = sum_j softmax([scale * q[i, h] . K[j, g] ; sinks[h]])_j  V[j, g]
 
+Non-finite input (docs/attention.md "Non-finite input"): the row ``out[i, h]`` is
+NaN, all ``D`` entries, when anything it reads is NaN or +-inf: ``q[i, h]``, a
+key or value it sees (the visible context of kv head ``g`` and its block's own
+rows), or ``sinks[h]`` unless that is ``-inf`` (a sink of ``-inf`` adds
+``exp(-inf) = 0``: the same as no sink). Invisible window slots are never read.
+Attention has no limit to take for such input, so it reports it where it lands
+instead of averaging it away (a ``-inf`` score would otherwise hide a bad key).
+
 Every backend must match this within the FlashAttention tolerance rule (its error
 against this float64 result at most twice that of plain PyTorch math in the
 inputs' dtype, plus a small epsilon).
@@ -74,6 +82,8 @@ def draft_block_attention(
         values = torch.cat([vc64[b, slots], vb64[start:end]])
         if sinks64 is not None:  # the sink: one more logit, with a zero value
             values = torch.cat([values, torch.zeros(1, num_kv_heads, head_dim, dtype=f64)])
+        # a NaN / inf that a kv head's rows read (keys or values, context or block)
+        kv_bad = ~(torch.isfinite(keys).all(dim=2).all(dim=0) & torch.isfinite(values).all(dim=2).all(dim=0))
         for h in range(num_heads):
             g = h // group
             logits = (q64[start:end, h] @ keys[:, g].T) * scale             # [n, n_vis + n]
@@ -81,4 +91,7 @@ def draft_block_attention(
                 logits = torch.cat([logits, sinks64[h].expand(end - start, 1)], dim=1)
             probs = torch.softmax(logits, dim=1)
             out[start:end, h] = probs @ values[:, g]
+            sink_bad = sinks64 is not None and bool(torch.isnan(sinks64[h]) or sinks64[h] == math.inf)
+            row_bad = ~torch.isfinite(q64[start:end, h]).all(dim=1) | bool(kv_bad[g]) | sink_bad
+            out[start:end, h][row_bad] = math.nan
     return out.to(out_dtype or q.dtype).to(device)

@@ -24,6 +24,8 @@ Per tile, an online softmax in base 2 (``s = q.k * scale * log2(e)``):
 
 Every chunk holds at least one valid key, so the running max is finite after the
 first chunk and no ``-inf - -inf`` arises. ``out = acc / l`` is stored in q's dtype.
+Non-finite input makes the row NaN (docs/attention.md): ``s * 0`` of every raw score
+is added into ``l``, ``sinks[h] * 0`` into its start, ``acc * 0`` at the end.
 
 Numerics: ``q.k`` and ``p.v`` are ``tl.dot`` with fp32 accumulation; fp32 inputs
 use ``input_precision="ieee"`` (no TF32, matching PyTorch's default for fp32
@@ -55,11 +57,15 @@ def _attend_chunk(q, k_t, v, key_ok, acc, m_i, l_i, qk_scale, FP32: tl.constexpr
         s = tl.dot(q, k_t, input_precision="ieee")
     else:
         s = tl.dot(q, k_t)
+    # s_raw * 0 is 0 for a finite score and NaN for a NaN / +-inf one (a non-finite q or
+    # key): folded into l it makes the row NaN (docs/attention.md), at the cost of one
+    # add per score; a -inf score would otherwise just drop its key.
+    bad = s * 0.0
     s = tl.where(key_ok[None, :], s * qk_scale, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(s, axis=1))
     alpha = tl.exp2(m_i - m_new)
     p = tl.exp2(s - m_new[:, None])
-    l_i = l_i * alpha + tl.sum(p, axis=1)
+    l_i = l_i * alpha + tl.sum(p + bad, axis=1)
     acc = acc * alpha[:, None]
     if FP32:
         acc = tl.dot(p, v, acc, input_precision="ieee")
@@ -116,8 +122,10 @@ def _draft_block_attn_kernel(
         q_mask = r_ok[:, None] & d_ok[None, :]
         q = tl.load(q_base + q_offs, mask=q_mask, other=0.0)
         if HAS_SINKS:
-            m_i = tl.load(sinks_ptr + head, mask=r_ok, other=0.0).to(tl.float32) * 1.4426950408889634
-            l_i = tl.full([BLOCK_M], 1.0, tl.float32)
+            sink = tl.load(sinks_ptr + head, mask=r_ok, other=0.0).to(tl.float32)
+            m_i = sink * 1.4426950408889634
+            # a NaN / +inf sink makes the row NaN; -inf is no sink (exp(-inf) = 0)
+            l_i = 1.0 + tl.where(sink == float("-inf"), 0.0, sink * 0.0)
         else:
             m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
             l_i = tl.zeros([BLOCK_M], tl.float32)
@@ -144,7 +152,8 @@ def _draft_block_attn_kernel(
                         mask=j_ok[:, None] & d_ok[None, :], other=0.0)
             acc, m_i, l_i = _attend_chunk(q, k_t, v, j_ok, acc, m_i, l_i, qk_scale, FP32)
 
-        out = acc / l_i[:, None]
+        # a non-finite value leaves acc non-finite in some entries: the whole row is NaN
+        out = acc / (l_i + tl.sum(acc * 0.0, axis=1))[:, None]
         o_offs = (r // G)[:, None] * so_t + head[:, None] * so_h + offs_d[None, :] * so_d
         tl.store(o_base + o_offs, out.to(o_ptr.dtype.element_ty), mask=q_mask)
 
