@@ -5,7 +5,8 @@
 # -fno-wrapv -fno-omit-frame-pointer -fno-sanitize-recover=undefined at -O1
 # (setup.py, DSPARK_SANITIZE=1; -fno-wrapv undoes CPython's -fwrapv, which would
 # hide signed overflow from UBSan), into build/asan, then runs the CPU tests
-# against it (DSPARK_KERNELS_LIBRARY) with libasan / libubsan preloaded (python
+# and the fuzz suite (test_fuzz.py, DSPARK_FUZZ_BACKENDS=cpu: the C++ CPU kernels against
+# the reference) against it (DSPARK_KERNELS_LIBRARY) with libasan / libubsan preloaded (python
 # and torch are not instrumented). Any sanitizer report fails: UBSan and ASan
 # abort the process, and the log is searched for reports as well. pytest's exit
 # status is kept as is, so 5 (no test collected) fails too. --capture=sys: a report
@@ -42,6 +43,14 @@ DSPARK_KERNELS_LIBRARY="$lib" PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" \
   ASAN_OPTIONS="detect_leaks=0:verify_asan_link_order=0:abort_on_error=1" \
   UBSAN_OPTIONS="halt_on_error=1:print_stacktrace=1:abort_on_error=1" \
   python -m pytest "${tests[@]}" -q -p no:cacheprovider --capture=sys -k "cpu and not triton" > "$log" 2>&1 || rc=$?
+# The fuzz suite (every op, the reference as oracle) against the instrumented CPU kernels only.
+if [ "$rc" -eq 0 ]; then
+  DSPARK_KERNELS_LIBRARY="$lib" PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" DSPARK_FUZZ_BACKENDS=cpu \
+    LD_PRELOAD="$asan $ubsan" \
+    ASAN_OPTIONS="detect_leaks=0:verify_asan_link_order=0:abort_on_error=1" \
+    UBSAN_OPTIONS="halt_on_error=1:print_stacktrace=1:abort_on_error=1" \
+    python -m pytest python_tests/test_fuzz.py -q -p no:cacheprovider --capture=sys >> "$log" 2>&1 || rc=$?
+fi
 tail -5 "$log"
 if grep -Eq "ERROR: AddressSanitizer|runtime error:|SUMMARY: (Address|UndefinedBehavior)Sanitizer" "$log"; then
   grep -E -A30 "ERROR: AddressSanitizer|runtime error:" "$log" | head -80

@@ -29,7 +29,8 @@ elements); every byte outside the view must be untouched, and every input the op
 does not write must be unchanged.
 
 Known failures are listed in ``KNOWN_FAILURES`` below, by (op, mode): delete an
-entry when its fix lands. ``DSPARK_FUZZ_SCALE=10`` runs ten times the examples.
+entry when its fix lands. ``DSPARK_FUZZ_SCALE=10`` runs ten times the examples;
+``DSPARK_FUZZ_BACKENDS=cpu`` compares only the listed backends with the reference.
 ``test_zz_example_counts`` prints how many examples each
 (op, mode) tried (run with ``-s`` or look at the summary line it prints).
 """
@@ -376,12 +377,18 @@ def _assert_equal_outputs(op, backend, got, want, tol):
                 f"{where}: max error {float((err - bound).max()):.3g} over rtol {rtol} / atol {atol}\n{g}\n{w}"
 
 
+# DSPARK_FUZZ_BACKENDS=cpu: compare only these backends with the reference (.ci/sanitizers.sh runs the
+# fuzz suite on the instrumented C++ CPU kernels, where interpreted Triton would only cost time).
+ONLY_BACKENDS = (frozenset(os.environ["DSPARK_FUZZ_BACKENDS"].split(","))
+                 if os.environ.get("DSPARK_FUZZ_BACKENDS") else None)
+
+
 def check(op: str, mode: str, case: Case):
     COUNTS[op, mode] += 1
     note(repr(case))
     want = _run(op, "reference", case)
     backends = [b for b, ok in dk.backends(op).items() if ok and b != "reference"]
-    backends = [b for b in backends if b != "triton" or case.triton]
+    backends = [b for b in backends if (b != "triton" or case.triton) and (ONLY_BACKENDS is None or b in ONLY_BACKENDS)]
     if isinstance(want, Exception):
         RAISED[op, mode] += 1
         assert isinstance(want, (ValueError, RuntimeError)) and _names_argument(op, str(want)), \
