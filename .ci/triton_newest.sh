@@ -8,7 +8,9 @@
 # built once and reused while it has the wanted triton (idempotent; rebuilt otherwise).
 # The package is used from this checkout (PYTHONPATH), not installed.
 #
-#   bash .ci/triton_newest.sh
+#   bash .ci/triton_newest.sh              # build or reuse the venv, run the checks
+#   bash .ci/triton_newest.sh --venv-only  # only build the venv (.ci/run starts this early, in the
+#                                          # background, so the pip installs overlap the main build)
 #
 # Environment: DSPARK_TRITON_NEWEST_VENV (where the venv lives, default below),
 # DSPARK_TRITON_VERSION (a fixed version instead of the newest on the index),
@@ -52,6 +54,7 @@ if ! have; then
   have || { echo "triton_newest: the venv at $venv does not import its packages"; exit 1; }
 fi
 "$venv/bin/python" -c "import torch, triton, numpy; print('triton_newest: torch', torch.__version__, 'triton', triton.__version__, 'numpy', numpy.__version__)"
+[ "${1:-}" = "--venv-only" ] && { echo "triton_newest: venv ready in $(( $(date +%s) - start )) s"; exit 0; }
 
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 export DSPARK_NO_EXTENSION=1
