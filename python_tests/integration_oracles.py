@@ -6,7 +6,6 @@ joint outcomes."""
 
 from __future__ import annotations
 
-import math
 from types import SimpleNamespace
 
 import torch
@@ -273,7 +272,3 @@ def sglang_greedy(tokens, children, predict, width):
 
 def softmax_rows(t: torch.Tensor) -> list[list[float]]:
     return [[float(v) for v in row] for row in torch.softmax(t.double(), -1)]
-
-
-def log_or_inf(x: float) -> float:
-    return math.log(x) if x > 0 else -math.inf

@@ -126,6 +126,7 @@ def test_bad_shapes_are_errors():
         dfi.chain_speculative_sampling(q[0], d, p)
 
 
+@pytest.mark.cuda
 @requires_cuda
 def test_cuda_graph_and_no_sync():
     _, args = _copies(8, steps=3, vocab=32, seed=4)
@@ -164,6 +165,7 @@ def _flashinfer():
     return flashinfer.sampling
 
 
+@pytest.mark.cuda
 @pytest.mark.skipif(_flashinfer() is None or not torch.cuda.is_available(), reason="needs FlashInfer and a GPU")
 def test_same_as_flashinfer():
     fi = _flashinfer()

@@ -297,6 +297,7 @@ def test_commit_kv_moves_the_accepted_path(page_size):
 # GPU; sgl-kernel itself when installed
 
 
+@pytest.mark.cuda
 @requires_cuda
 def test_cuda_graph_and_no_sync():
     dev = "cuda"
@@ -338,6 +339,7 @@ def _sgl_kernel():
     return sgl_kernel
 
 
+@pytest.mark.cuda
 @pytest.mark.skipif(_sgl_kernel() is None or not torch.cuda.is_available(), reason="needs sgl-kernel and a GPU")
 def test_same_as_sgl_kernel_greedy():
     sk = _sgl_kernel()

@@ -422,6 +422,7 @@ def test_bad_layout_is_an_error():
 # GPU: CUDA graphs and no host syncs; vLLM itself when installed
 
 
+@pytest.mark.cuda
 @requires_cuda
 def test_cuda_graph_and_no_sync():
     dev = "cuda"
@@ -466,6 +467,7 @@ def _vllm_rejection_sample():
     return rejection_sample
 
 
+@pytest.mark.cuda
 @pytest.mark.skipif(_vllm_rejection_sample() is None or not torch.cuda.is_available(),
                     reason="needs vLLM and a GPU")
 def test_same_as_vllm_greedy():

@@ -69,6 +69,16 @@ def chain_speculative_sampling(
         so the emitted drafts are among them) -- and
         ``output_emitted_draft_token_num [B]`` int32, the accepted drafts emitted.
 
+    Example (FlashInfer's own docstring case: draft 2 has p/q = 2, draft 1 has p = 0):
+
+    >>> import torch
+    >>> from dspark_kernels.integrations.flashinfer import chain_speculative_sampling
+    >>> draft_probs = torch.tensor([[[0.1, 0.2, 0.3, 0.4], [0.2, 0.3, 0.4, 0.1]]])
+    >>> target_probs = torch.tensor([[[0.0, 0.1, 0.6, 0.3], [1.0, 0.0, 0.0, 0.0], [0.7, 0.1, 0.1, 0.1]]])
+    >>> out, accepted, emitted = chain_speculative_sampling(draft_probs, torch.tensor([[2, 1]]), target_probs)
+    >>> out.tolist(), accepted.tolist(), emitted.tolist()
+    ([[2, 0, -1]], [1], [1])
+
     Cost: FlashInfer hands over probabilities, our op reads logits: one
     ``[B (K + 1), V]`` log of ``target_probs``; the draft probabilities are read in place.
     """

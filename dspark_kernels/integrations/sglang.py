@@ -182,6 +182,20 @@ def tree_speculative_sampling_target_only(
         backend (ours): verify_tree's backend.
         retrieve_index / retrieve_next_token / retrieve_next_sibling: the older spelling.
 
+    Example (the same tree as verify_tree_greedy's, one-hot target rows):
+
+    >>> import torch
+    >>> from dspark_kernels.integrations.sglang import tree_speculative_sampling_target_only
+    >>> probs = torch.zeros(1, 3, 10)
+    >>> probs[0, 0, 6] = probs[0, 1, 0] = probs[0, 2, 9] = 1.0
+    >>> predicts = torch.full((3,), -1, dtype=torch.int32)
+    >>> accept_index, accept_num = torch.full((1, 2), -1, dtype=torch.int32), torch.zeros(1, dtype=torch.int32)
+    >>> tree_speculative_sampling_target_only(
+    ...     predicts, accept_index, accept_num, torch.tensor([[4, 5, 6]]), torch.tensor([[0, 1, 2]]),
+    ...     torch.tensor([[1, -1, -1]]), torch.tensor([[-1, 2, -1]]), None, None, probs)
+    >>> predicts.tolist(), accept_index.tolist(), accept_num.tolist()
+    ([6, -1, 9], [[0, 2]], [1])
+
     Cost: SGLang hands over probabilities; our op reads logits: one ``[bs * N, V]`` log.
     """
     where = "tree_speculative_sampling_target_only"
@@ -226,6 +240,17 @@ def verify_tree_greedy(
     (``W = accept_index.shape[1]``); ``predicts`` at each path node's flat index gets
     that node's ``target_predict`` (the accepted child's token, and at the end the
     emitted one).
+
+    Example (root -> children 1 (token 5), 2 (token 6); the root's argmax is 6):
+
+    >>> import torch
+    >>> from dspark_kernels.integrations.sglang import verify_tree_greedy
+    >>> predicts = torch.full((3,), -1, dtype=torch.int32)
+    >>> accept_index, accept_num = torch.full((1, 2), -1, dtype=torch.int32), torch.zeros(1, dtype=torch.int32)
+    >>> verify_tree_greedy(predicts, accept_index, accept_num, torch.tensor([[4, 5, 6]]), torch.tensor([[0, 1, 2]]),
+    ...                    torch.tensor([[1, -1, -1]]), torch.tensor([[-1, 2, -1]]), torch.tensor([[6, 0, 9]]))
+    >>> predicts.tolist(), accept_index.tolist(), accept_num.tolist()
+    ([6, -1, 9], [[0, 2]], [1])
 
     sgl-kernel's greedy verify takes the target argmax ids, not logits, so this is
     integer work only (``[bs, N]`` gathers, no ``[N, V]`` tensor): verify_tree's greedy

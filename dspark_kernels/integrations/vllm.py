@@ -198,6 +198,17 @@ def rejection_sample(
         ``[B, max_spec_len + 1]`` int32: accepted drafts, then the recovered or bonus
         token, then ``PLACEHOLDER_TOKEN_ID`` (-1).
 
+    Example (greedy: draft 1 is row 0's argmax, draft 2 is not row 1's):
+
+    >>> import torch
+    >>> from types import SimpleNamespace
+    >>> from dspark_kernels.integrations.vllm import rejection_sample
+    >>> probs = torch.tensor([[0.1, 0.9, 0.0], [0.8, 0.1, 0.1]])
+    >>> greedy = SimpleNamespace(all_greedy=True, temperature=None, generators={})
+    >>> rejection_sample(torch.tensor([1, 2]), [2], 2, torch.tensor([2]), None, probs, torch.tensor([[2]]),
+    ...                  greedy).tolist()
+    [[1, 0, -1]]
+
     Cost: vLLM hands over probabilities, our op reads logits: one ``[N + B, V]``
     gather + log of ``target_probs``. ``RejectionSampler.forward`` reads the logits
     in place instead.
@@ -343,6 +354,18 @@ def rejection_sample_mrv2(
             lossless): an error.
         use_fp64: accepted and ignored (our Gumbel race is exact in its own arithmetic).
         use_block_verification / rejection_sample_method="block": ``method="block"``.
+
+    Example (one greedy request, drafts [1, 0], both the argmax; the bonus row's argmax is 2):
+
+    >>> import torch
+    >>> from dspark_kernels.integrations.vllm import rejection_sample_mrv2
+    >>> logits = torch.tensor([[0., 5., 0.], [5., 0., 0.], [0., 0., 5.]])
+    >>> sampled, num_sampled = rejection_sample_mrv2(
+    ...     logits, None, torch.tensor([2, 1, 0]), torch.tensor([0, 3]), torch.tensor([10, 11, 12]),
+    ...     torch.tensor([0]), torch.zeros(3, dtype=torch.int32), torch.arange(3), torch.zeros(1),
+    ...     torch.zeros(1, dtype=torch.int64), 2)
+    >>> sampled.tolist(), num_sampled.tolist()
+    ([[1, 0, 2]], [3])
 
     Returns:
         ``sampled [R, K + 1]`` int64 (the first ``num_sampled[r]`` entries are valid;
