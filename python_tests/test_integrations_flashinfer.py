@@ -13,7 +13,10 @@ import torch
 from conftest import requires_cuda
 from integration_oracles import chain_law, chain_outcome, chi2_outcomes
 
+import dspark_kernels as dk
 from dspark_kernels.integrations import flashinfer as dfi
+
+BACKENDS = [b for b, ok in dk.backends("verify_block").items() if ok and b != "cuda"]
 
 # flashinfer/sampling.py docstring of chain_speculative_sampling (FLASHINFER_COMMIT)
 DOC_DRAFT_PROBS = [[[0.1, 0.2, 0.3, 0.4], [0.2, 0.3, 0.4, 0.1]]]
@@ -32,6 +35,14 @@ def test_docstring_example():
     assert out.dtype == torch.int32
     assert out.tolist() == [[2, 0, -1]]
     assert accepted.tolist() == [1] and emitted.tolist() == [1]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_docstring_example_every_backend(backend):
+    out, accepted, emitted = dfi.chain_speculative_sampling(
+        torch.tensor(DOC_DRAFT_PROBS), torch.tensor(DOC_DRAFT_IDS), torch.tensor(DOC_TARGET_PROBS), seed=3,
+        backend=backend)
+    assert (out.tolist(), accepted.tolist(), emitted.tolist()) == ([[2, 0, -1]], [1], [1])
 
 
 def test_maybe_outputs_accumulate_in_place():

@@ -78,6 +78,18 @@ def test_sgl_kernel_target_only_hand_built_trees(spelling):
     assert accept_num.tolist() == EXPECTED_ACCEPT_TOKEN_NUM
 
 
+@pytest.mark.parametrize("backend", [b for b, ok in dk.backends("verify_tree").items() if ok and b != "cuda"])
+def test_sgl_kernel_target_only_every_backend(backend):
+    cand, ri, nt, ns = _tree_tensors()
+    probs = torch.softmax(_sgl_target_logits() / 0.01, -1)
+    predicts, accept_index, accept_num = _outputs()
+    ds.tree_speculative_sampling_target_only(predicts, accept_index, accept_num, cand, ri, nt, ns, None, None, probs,
+                                             seed=torch.tensor([1, 2]), backend=backend)
+    assert predicts.tolist() == EXPECTED_PREDICTS
+    assert accept_index.tolist() == EXPECTED_ACCEPT_INDEX
+    assert accept_num.tolist() == EXPECTED_ACCEPT_TOKEN_NUM
+
+
 def test_sgl_kernel_greedy_hand_built_trees():
     cand, ri, nt, ns = _tree_tensors()
     predicts, accept_index, accept_num = _outputs()
@@ -249,6 +261,38 @@ def test_target_only_seeded_batch_invariant():
     for r in a:
         assert a[r] == b[r], r
     assert a[1] == single[1]
+
+
+SUPPORTS_MIN_P = ds._common.supports(dk.verify_tree, "min_p")
+
+
+@pytest.mark.skipif(not SUPPORTS_MIN_P, reason="verify_tree has no min_p yet")
+def test_target_only_min_p_chi2():
+    n, vocab, copies = 4, 5, 12000
+    tree = {0: [1, 2], 2: [3]}
+    tokens = [0, 1, 3, 2]
+    g = torch.Generator().manual_seed(12)
+    p_rows = torch.softmax(torch.randn(n, vocab, generator=g) * 1.5, -1)
+    cand, ri, nt, ns, probs = _copies_inputs(tree, n, p_rows, tokens, copies)
+    predicts, accept_index, accept_num = _outputs(copies, 3, copies * n)
+    ds.tree_speculative_sampling_target_only(predicts, accept_index, accept_num, cand, ri, nt, ns, None, None, probs,
+                                             min_p=torch.full((copies,), 0.3))
+    filtered = [[x if x >= 0.3 * max(r) else 0.0 for x in r.tolist()] for r in p_rows.double()]
+    law = sglang_target_only_law(filtered, tokens, tree)
+    ai, pr = accept_index.tolist(), predicts.tolist()
+    outcomes = []
+    for b in range(copies):
+        path = tuple(i - b * n for i in ai[b] if i >= 0)
+        outcomes.append((path, pr[b * n + path[-1]]))
+    chi2_outcomes(outcomes, law, "sglang target-only min_p")
+
+
+@pytest.mark.skipif(SUPPORTS_MIN_P, reason="verify_tree takes min_p")
+def test_target_only_min_p_unsupported_is_an_error():
+    cand, ri, nt, ns = _tree_tensors()
+    with pytest.raises(NotImplementedError, match="min_p"):
+        ds.tree_speculative_sampling_target_only(*_outputs(), cand, ri, nt, ns, None, None,
+                                                 torch.softmax(_sgl_target_logits(), -1), min_p=torch.full((2,), 0.1))
 
 
 # ----------------------------------------------------------------------------------------

@@ -116,6 +116,27 @@ def test_rejection_sample_greedy_random_batches():
             assert out[b].tolist() == want + [P] * (max(n) + 1 - len(want)), (trial, b)
 
 
+def test_rejection_sample_mixed_batch_greedy_rows_exact():
+    """Greedy rows (temperature 0, or -1 as older vLLM wrote it) in a batch with sampled
+    rows follow vLLM's greedy kernel exactly."""
+    g = torch.Generator().manual_seed(9)
+    vocab, n = 6, [3, 2, 4, 1, 3]
+    spec = [torch.randint(0, vocab, (k,), generator=g).tolist() for k in n]
+    metadata = vllm_spec_decode_metadata(spec)
+    probs = torch.softmax(torch.randn(sum(n), vocab, generator=g) * 3, -1)
+    for b, s in enumerate(spec):
+        probs[sum(n[:b]), s[0]] = 3.0  # the first draft is every greedy row's argmax
+    temperature = torch.tensor([0.0, 1.0, -1.0, 0.7, 0.0])
+    bonus = torch.randint(0, vocab, (len(n), 1), generator=g)
+    sm = vllm_sampling_metadata(temperature=temperature, all_greedy=False)
+    out = dv.rejection_sample(metadata.draft_token_ids, n, max(n), metadata.cu_num_draft_tokens, None, probs, bonus,
+                              sm)
+    argmax = probs.argmax(-1).tolist()
+    for b in (0, 2, 4):
+        want = greedy_chain(spec[b], argmax[sum(n[:b]):sum(n[:b]) + n[b]], int(bonus[b]))
+        assert out[b].tolist() == want + [P] * (max(n) + 1 - len(want)), b
+
+
 # ----------------------------------------------------------------------------------------
 # χ²: the chain law through each entry point
 

@@ -149,6 +149,7 @@ def tree_speculative_sampling_target_only(
     *,
     seed: torch.Tensor | int | None = None,
     offset: torch.Tensor | int | None = None,
+    min_p: torch.Tensor | None = None,
     backend: str | None = None,
     **aliases,
 ) -> None:
@@ -179,6 +180,9 @@ def tree_speculative_sampling_target_only(
         seed, offset (ours): ``[bs]`` or int; None = seeds from torch's default generator
             of the device (as reproducible as SGLang's ``torch.rand`` coins), offset 0.
             Pass ``sampling_seed`` and the root's position for position-keyed streams.
+        min_p (ours): ``[bs]`` SGLang's ``sampling_info.min_ps`` when
+            ``need_min_p_sampling``: keeps tokens with ``p >= min_p * max p`` of the
+            (already tempered) target rows, inside the kernel.
         backend (ours): verify_tree's backend.
         retrieve_index / retrieve_next_token / retrieve_next_sibling: the older spelling.
 
@@ -218,8 +222,10 @@ def tree_speculative_sampling_target_only(
         seed = _common.per_request(seed, batch, logits.device, torch.int64)
     if isinstance(offset, torch.Tensor):
         offset = _common.per_request(offset, batch, logits.device, torch.int64)
+    filters = _common.min_p_kwargs(_verification.verify_tree, where, min_p, min_p is not None)
     path, num_accepted, out = _verification.verify_tree(
-        logits, tokens, parents, cu, temperature=1.0, seed=seed, offset=offset, max_depth=n - 1, backend=backend)
+        logits, tokens, parents, cu, temperature=1.0, seed=seed, offset=offset, max_depth=n - 1, backend=backend,
+        **filters)
     _write_outputs(predicts, accept_index, accept_token_num, given["retrive_index"], path, num_accepted, out)
 
 

@@ -125,14 +125,15 @@ def _v1_check_engine_processing(sampling_metadata, logits_processor, where: str)
 
 def _v1_sampling_temperature(sampling_metadata, batch, device, probabilities: bool):
     """verify_block's temperature: None when all greedy; for probabilities (already
-    tempered) 0 for greedy rows and 1 otherwise; for logits vLLM's temperature as is
-    (0 = greedy)."""
+    tempered) 0 for greedy rows and 1 otherwise; for logits vLLM's temperature as is.
+    A greedy row is one with temperature <= 0: GREEDY_TEMPERATURE = 0 at VLLM_V1_COMMIT,
+    -1 in older vLLM; both are greedy for verify_block too."""
     if getattr(sampling_metadata, "all_greedy", False) or sampling_metadata.temperature is None:
         return None
     t = sampling_metadata.temperature.reshape(-1)[:batch].to(device=device, dtype=torch.float32)
     if probabilities:
-        return torch.where(t == GREEDY_TEMPERATURE, torch.zeros_like(t), torch.ones_like(t))
-    return torch.where(t == GREEDY_TEMPERATURE, torch.zeros_like(t), t)
+        return (t > 0).to(torch.float32)
+    return t
 
 
 def _put_bonus(out, num_accepted, cu, bonus_token_ids):
