@@ -137,6 +137,15 @@ def test_bad_shapes_are_errors():
         dfi.chain_speculative_sampling(q[0], d, p)
 
 
+def test_no_host_reads_meta_tensors():
+    """On meta tensors every read of a value fails: the adapter never reads the device back."""
+    meta = "meta"
+    out, accepted, emitted = dfi.chain_speculative_sampling(
+        torch.rand(4, 3, 16, device=meta), torch.zeros(4, 3, dtype=torch.int64, device=meta),
+        torch.rand(4, 4, 16, device=meta), seed=torch.arange(4, device=meta), offset=5)
+    assert out.shape == (4, 4) and accepted.shape == emitted.shape == (4,)
+
+
 @pytest.mark.cuda
 @requires_cuda
 def test_cuda_graph_and_no_sync():

@@ -341,6 +341,20 @@ def test_commit_kv_moves_the_accepted_path(page_size):
 # GPU; sgl-kernel itself when installed
 
 
+def test_no_host_reads_meta_tensors():
+    """On meta tensors every read of a value fails: the adapters never read the device back."""
+    meta = "meta"
+    cand, ri, nt, ns = (t.to(meta) for t in _tree_tensors())
+    outs = tuple(t.to(meta) for t in _outputs())
+    ds.tree_speculative_sampling_target_only(*outs, cand, ri, nt, ns, None, None, torch.rand(2, 6, 20, device=meta))
+    ds.verify_tree_greedy(*outs, cand, ri, nt, ns, torch.zeros(2, 6, dtype=torch.int64, device=meta))
+    new_len = ds.commit_kv([torch.empty(64, 2, 4, device=meta)], [torch.empty(64, 2, 4, device=meta)],
+                           torch.zeros(4, 32, dtype=torch.int32, device=meta), torch.tensor([1, 2], device=meta),
+                           torch.tensor([3, 4], device=meta), torch.zeros(2, 4, dtype=torch.int32, device=meta),
+                           torch.zeros(2, dtype=torch.int32, device=meta), 6, 4)
+    assert new_len.shape == (2,)
+
+
 @pytest.mark.cuda
 @requires_cuda
 def test_cuda_graph_and_no_sync():

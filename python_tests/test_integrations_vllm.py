@@ -443,6 +443,27 @@ def test_bad_layout_is_an_error():
 # GPU: CUDA graphs and no host syncs; vLLM itself when installed
 
 
+def test_no_host_reads_meta_tensors():
+    """The CPU stand-in for "no host sync": on meta tensors (shapes, no data) every read of
+    a value fails, so an adapter that runs there never reads the device back."""
+    meta = "meta"
+    metadata = vllm_spec_decode_metadata([[1, 2, 3], [4], [0, 0]], device=meta)
+    sm = vllm_sampling_metadata(temperature=torch.full((3,), 0.7), top_p=torch.full((3,), 0.9))
+    sm.temperature, sm.top_p = sm.temperature.to(meta), sm.top_p.to(meta)
+    pos = torch.zeros(3, dtype=torch.int64, device=meta)
+    out = dv.RejectionSampler()(metadata, None, torch.randn(9, 32, device=meta), sm, positions=pos)
+    assert out.sampled_token_ids.shape == (3, 4) and out.sampled_token_ids.device.type == meta
+    out = dv.rejection_sample(metadata.draft_token_ids, [3, 1, 2], 3, metadata.cu_num_draft_tokens, None,
+                              torch.rand(6, 32, device=meta), torch.zeros(3, 1, dtype=torch.int64, device=meta), sm,
+                              positions=pos)
+    assert out.shape == (3, 4)
+    inp = mrv2_inputs([2, 3], [1, 0], 2, 3, 32)
+    inp = {k: (v.to(meta) if isinstance(v, torch.Tensor) else v) for k, v in inp.items()}
+    for block in (False, True):
+        sampled, num_sampled = dv.rejection_sample_mrv2(**inp, use_block_verification=block)
+        assert sampled.shape == (2, 4) and num_sampled.shape == (2,)
+
+
 @pytest.mark.cuda
 @requires_cuda
 def test_cuda_graph_and_no_sync():
