@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib
 import sys
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -410,6 +411,10 @@ def test_engine_side_processing_is_the_engines():
         dv.RejectionSampler()(vllm_spec_decode_metadata(spec), None, logits, sm)
     sm.no_penalties, sm.bad_words_token_ids = True, {0: [[3]]}
     with pytest.raises(NotImplementedError, match="bad_words"):
+        dv.RejectionSampler()(vllm_spec_decode_metadata(spec), None, logits, sm)
+    sm.bad_words_token_ids = {}
+    sm.logitsprocs.all.append(SimpleNamespace(biases={0: {2: 1.5}}))
+    with pytest.raises(NotImplementedError, match="logit_bias"):
         dv.RejectionSampler()(vllm_spec_decode_metadata(spec), None, logits, sm)
     calls = []
 

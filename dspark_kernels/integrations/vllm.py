@@ -117,6 +117,13 @@ def _v1_check_engine_processing(sampling_metadata, logits_processor, where: str)
         uses.append("bad_words_token_ids")
     if getattr(sampling_metadata, "allowed_token_ids_mask", None) is not None:
         uses.append("allowed_token_ids_mask")
+    procs = getattr(sampling_metadata, "logitsprocs", None)
+    for proc in (getattr(procs, "all", None) or ()) if procs is not None else ():
+        # vLLM's built-in LogitBiasLogitsProcessor / MinTokensLogitsProcessor, by their state fields
+        if getattr(proc, "biases", None):
+            uses.append("logit_bias")
+        if getattr(proc, "min_toks", None):
+            uses.append("min_tokens")
     if uses:
         raise NotImplementedError(
             f"{where}: the batch uses {', '.join(uses)}; apply them to the logits in the engine first "
