@@ -127,6 +127,16 @@ def test_seed_forms_and_generator():
     assert torch.equal(d, e)
 
 
+def test_empty_batches_and_no_drafts():
+    out, a, e = dfi.chain_speculative_sampling(torch.rand(0, 2, 5), torch.zeros(0, 2, dtype=torch.int64),
+                                               torch.rand(0, 3, 5))
+    assert out.shape == (0, 3) and a.shape == e.shape == (0,)
+    target = torch.zeros(2, 1, 5)
+    target[0, 0, 3] = target[1, 0, 1] = 1.0
+    out, a, e = dfi.chain_speculative_sampling(torch.rand(2, 0, 5), torch.zeros(2, 0, dtype=torch.int64), target)
+    assert out.tolist() == [[3], [1]] and a.tolist() == e.tolist() == [0, 0]
+
+
 def test_bad_shapes_are_errors():
     q, d, p = torch.tensor(DOC_DRAFT_PROBS), torch.tensor(DOC_DRAFT_IDS), torch.tensor(DOC_TARGET_PROBS)
     with pytest.raises(ValueError, match="target_probs"):

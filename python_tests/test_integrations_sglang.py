@@ -112,6 +112,20 @@ def test_thresholds_other_than_one_are_an_error():
         ds.verify_tree_greedy(*_outputs(), cand, ri, None, ns, probs.argmax(-1))
 
 
+def test_empty_batch_and_root_only_trees():
+    empty = torch.zeros(0, 6, dtype=torch.int64)
+    outs = (torch.empty(0, dtype=torch.int32), torch.empty(0, 4, dtype=torch.int32), torch.empty(0, dtype=torch.int32))
+    ds.tree_speculative_sampling_target_only(*outs, empty, empty, empty, empty, None, None, torch.rand(0, 6, 5))
+    ds.verify_tree_greedy(*outs, empty, empty, empty, empty, empty)
+    probs = torch.zeros(2, 1, 5)
+    probs[0, 0, 2] = probs[1, 0, 4] = 1.0
+    none = torch.full((2, 1), -1)
+    predicts, accept_index, accept_num = _outputs(2, 1, 2)
+    ds.tree_speculative_sampling_target_only(predicts, accept_index, accept_num, torch.tensor([[3], [4]]),
+                                             torch.tensor([[0], [1]]), none, none, None, None, probs)
+    assert (predicts.tolist(), accept_index.tolist(), accept_num.tolist()) == ([2, 4], [[0], [1]], [0, 0])
+
+
 # ----------------------------------------------------------------------------------------
 # The tree encoding
 

@@ -435,6 +435,18 @@ def test_engine_side_processing_is_the_engines():
         dv.RejectionSampler(logits_processor=processor)(vllm_spec_decode_metadata(spec), None, logits, sm)
 
 
+def test_empty_batches():
+    metadata = vllm_spec_decode_metadata([])
+    out = dv.RejectionSampler()(metadata, None, torch.randn(0, 5), vllm_sampling_metadata())
+    assert out.sampled_token_ids.shape == (0, 1)
+    out = dv.rejection_sample(metadata.draft_token_ids, [], 0, metadata.cu_num_draft_tokens, None, torch.rand(0, 5),
+                              torch.zeros(0, 1, dtype=torch.int64),
+                              vllm_sampling_metadata(temperature=torch.ones(0), all_greedy=False))
+    assert out.shape == (0, 1)
+    sampled, num_sampled = dv.rejection_sample_mrv2(**mrv2_inputs([], [], 2, 3, 5))
+    assert sampled.shape == (0, 4) and num_sampled.shape == (0,)
+
+
 def test_bad_layout_is_an_error():
     with pytest.raises(ValueError, match="rows"):
         dv.RejectionSampler()(vllm_spec_decode_metadata([[1, 2]]), None, torch.randn(5, 5),
