@@ -387,8 +387,6 @@ def rejection_sample_mrv2(
         raise ValueError(f"{where}: rejection_sample_method must be None, 'default' or 'block', got "
                          f"{rejection_sample_method!r}")
     method = "block" if (use_block_verification or rejection_sample_method == "block") else "token"
-    if method == "block" and not _common.supports(_op(), "method"):
-        raise NotImplementedError(f"{where}: this build of verify_block has no block method")
     batch = cu_num_logits.shape[0] - 1
     num_logits = target_logits.shape[0]
     num_draft = num_logits - batch
