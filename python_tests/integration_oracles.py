@@ -8,9 +8,19 @@ from __future__ import annotations
 
 from types import SimpleNamespace
 
+import pytest
 import torch
 
+import dspark_kernels as dk
+
 CHI2_FALSE_ALARM = 1e-6
+
+# The χ² tests draw ~10^4 requests per call: with the C++ CPU kernels that takes
+# milliseconds, with only the Python reference (DSPARK_NO_EXTENSION=1) minutes, so they
+# skip there, as the op's own statistical tests do.
+needs_cpu_kernels = pytest.mark.skipif(
+    not (dk.backends("verify_block").get("cpu") and dk.backends("verify_tree").get("cpu")),
+    reason="statistical tests need the cpu backend (the C++ extension)")
 
 
 # ----------------------------------------------------------------------------------------

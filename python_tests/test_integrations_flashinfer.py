@@ -11,7 +11,7 @@ import sys
 import pytest
 import torch
 from conftest import requires_cuda
-from integration_oracles import chain_law, chain_outcome, chi2_outcomes
+from integration_oracles import chain_law, chain_outcome, chi2_outcomes, needs_cpu_kernels
 
 import dspark_kernels as dk
 from dspark_kernels.integrations import flashinfer as dfi
@@ -64,6 +64,7 @@ def _copies(copies, steps=2, vocab=5, seed=3):
                                     p_one.expand(copies, -1, -1))
 
 
+@needs_cpu_kernels
 def test_chain_law_chi2():
     copies = 12000
     (q, d, p), args = _copies(copies)
@@ -74,6 +75,7 @@ def test_chain_law_chi2():
     assert torch.equal(emitted, torch.tensor([chain_outcome(r, 2)[0] for r in out.tolist()], dtype=torch.int32))
 
 
+@needs_cpu_kernels
 def test_accepted_token_num_is_the_independent_count():
     """FlashInfer's meaning: per request, how many drafts pass their own accept test
     (u_i < p_i(x_i) / q_i(x_i)), regardless of earlier rejections: a sum of independent

@@ -12,7 +12,7 @@ import sys
 import pytest
 import torch
 from conftest import requires_cuda
-from integration_oracles import chi2_outcomes, sglang_greedy, sglang_target_only_law, sglang_tree
+from integration_oracles import chi2_outcomes, needs_cpu_kernels, sglang_greedy, sglang_target_only_law, sglang_tree
 
 import dspark_kernels as dk
 from dspark_kernels.integrations import sglang as ds
@@ -231,6 +231,7 @@ def _copies_inputs(tree, n, p_rows, tokens, copies):
             probs)
 
 
+@needs_cpu_kernels
 def test_target_only_chi2():
     """The walk's law (integration_oracles.sglang_target_only_law): root children tried in
     the order [3, 1] (not index order), distinct sibling tokens."""
@@ -281,6 +282,7 @@ SUPPORTS_MIN_P = ds._common.supports(dk.verify_tree, "min_p")
 
 
 @pytest.mark.skipif(not SUPPORTS_MIN_P, reason="verify_tree has no min_p yet")
+@needs_cpu_kernels
 def test_target_only_min_p_chi2():
     n, vocab, copies = 4, 5, 12000
     tree = {0: [1, 2], 2: [3]}

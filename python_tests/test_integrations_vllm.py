@@ -22,6 +22,7 @@ from integration_oracles import (
     chi2_outcomes,
     greedy_chain,
     mrv2_inputs,
+    needs_cpu_kernels,
     softmax_rows,
     vllm_greedy_logits,
     vllm_sampling_metadata,
@@ -34,7 +35,6 @@ from dspark_kernels.integrations import vllm as dv
 
 SUPPORTS_MIN_P = _common.supports(dk.verify_block, "min_p")
 SUPPORTS_DRAFT_INDEX = _common.supports(dk.verify_block, "draft_index")
-TRITON_OK = dk.backends("verify_block").get("triton", False)
 
 
 def test_importable_without_vllm(monkeypatch):
@@ -147,6 +147,7 @@ def _repeat(spec_one, copies):
 
 
 @pytest.mark.parametrize("with_q", [False, True])
+@needs_cpu_kernels
 def test_rejection_sample_chi2(with_q):
     """vLLM V1 rejection_sample on probabilities: (accepted, emitted) ~ the chain law with
     the given bonus token."""
@@ -167,6 +168,7 @@ def test_rejection_sample_chi2(with_q):
     chi2_outcomes([chain_outcome(r, 2) for r in out.tolist()], law, f"rejection_sample q={with_q}")
 
 
+@needs_cpu_kernels
 def test_rejection_sampler_forward_chi2_filters():
     """RejectionSampler.forward on N + B logits with temperature and top-k: the law of
     the filtered target (softmax64, the documented filters), bonus drawn from the bonus
@@ -183,6 +185,7 @@ def test_rejection_sampler_forward_chi2_filters():
     chi2_outcomes([chain_outcome(r, 2) for r in out.tolist()], chain_law(p, None, drafts), "forward top-k")
 
 
+@needs_cpu_kernels
 def test_rejection_sampler_n_rows_chi2():
     """vLLM's unit-test layout with sampled rows: the bonus from the (mock) sampler."""
     vocab, drafts, copies = 5, [3], 12000
@@ -265,7 +268,7 @@ def _mrv2_by_hand(inp, method="token", backend=None):
     return out.long(), acc + 1
 
 
-BACKENDS = ["reference", "cpu"] + (["triton"] if TRITON_OK else [])
+BACKENDS = [b for b, ok in dk.backends("verify_block").items() if ok and b != "cuda"]
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -301,6 +304,7 @@ def test_mrv2_greedy_slot_is_vllm_greedy():
 
 
 @pytest.mark.parametrize("block", [False, True])
+@needs_cpu_kernels
 def test_mrv2_chi2(block):
     """MRV2's law: p = softmax(processed target logits), q = softmax(draft_logits[slot, j]),
     bonus from p_n; the block method has the same law."""
@@ -384,6 +388,7 @@ def _min_p_case(copies=12000):
 
 
 @pytest.mark.skipif(not SUPPORTS_MIN_P, reason="verify_block has no min_p yet")
+@needs_cpu_kernels
 def test_rejection_sampler_min_p_chi2():
     logits_one, spec, sm, drafts = _min_p_case()
     out = dv.RejectionSampler()(vllm_spec_decode_metadata(spec), None, logits_one.repeat(len(spec), 1),

@@ -14,7 +14,8 @@ SGLang's tree encoding, per request ``b`` with ``N = draft_token_num`` nodes (no
 = i's next sibling, ``retrive_index[b, i]`` = i's flat index into ``predicts``
 (normally ``b * N + i``). Target row ``b * N + i`` is the distribution after node i,
 which is verify_tree's layout with ``cu_num_draft = arange(B + 1) * (N - 1)``, node i
-= our node ``i - 1``. The parent of every node is found on the device by pointer
+= our node ``i - 1``. SGLang numbers the nodes parents first (its tree builders do),
+which is the topological order verify_tree needs. The parent of every node is found on the device by pointer
 jumping over the child / sibling links (``ceil(log2 N)`` rounds of gathers on
 ``[B, N]`` integers), so nothing is read back to the host.
 
