@@ -207,10 +207,11 @@ def test_same_as_flashinfer():
     ours = dfi.chain_speculative_sampling(*args)
     for a, b in zip(ours, theirs):
         assert a.tolist() == b.tolist()
-    # sampled: the same law (χ² of ours is above); FlashInfer's emitted counts match ours in mean
-    copies = 4000
-    (q, d, p), big = _copies(copies, steps=2, vocab=5)
+    # sampled: FlashInfer's own outputs follow the oracle's chain law that ours passes
+    copies = 12000
+    (q, d, p), big = _copies(copies)
     big = tuple(a.contiguous().cuda() for a in big)
-    e_theirs = fi.chain_speculative_sampling(*big)[2].double().mean()
-    e_ours = dfi.chain_speculative_sampling(*big)[2].double().mean()
-    assert abs(float(e_theirs - e_ours)) < 0.1
+    out = fi.chain_speculative_sampling(*big)[0]
+    rows = lambda t: [(r / r.sum()).tolist() for r in t.double()]  # noqa: E731
+    chi2_outcomes([chain_outcome(r, 2) for r in out.cpu().tolist()], chain_law(rows(p), rows(q), d.tolist()),
+                  "FlashInfer's chain_speculative_sampling")

@@ -431,3 +431,34 @@ def test_same_as_sgl_kernel_greedy():
     ds.verify_tree_greedy(*ours, *args)
     for a, b in zip(ours, theirs):
         assert torch.equal(a, b)
+
+
+@pytest.mark.cuda
+@needs_cpu_kernels
+@pytest.mark.skipif(_sgl_kernel() is None or not torch.cuda.is_available(), reason="needs sgl-kernel and a GPU")
+def test_same_law_as_sgl_kernel_target_only():
+    """sgl-kernel's own target-only walk follows the oracle's law (so the oracle that ours
+    passes describes sgl-kernel), on the χ² test's tree."""
+    sk = _sgl_kernel()
+    n, vocab, copies = 6, 5, 12000
+    tree = {0: [3, 1], 1: [2], 3: [4, 5]}
+    tokens = [0, 2, 1, 0, 3, 1]
+    g = torch.Generator().manual_seed(4)
+    p_rows = torch.softmax(torch.randn(n, vocab, generator=g), -1)
+    cand, ri, nt, ns, probs = (t.cuda() for t in _copies_inputs(tree, n, p_rows, tokens, copies))
+    predicts, accept_index, accept_num = (t.cuda() for t in _outputs(copies, 4, copies * n))
+    kwargs = dict(predicts=predicts, accept_index=accept_index, accept_token_num=accept_num, candidates=cand,
+                  retrive_index=ri, retrive_next_token=nt, retrive_next_sibling=ns,
+                  uniform_samples=torch.rand(copies, n, device="cuda"),
+                  uniform_samples_for_final_sampling=torch.rand(copies, device="cuda"), target_probs=probs)
+    try:
+        sk.tree_speculative_sampling_target_only(**kwargs)
+    except TypeError:  # the SGLANG_COMMIT form takes draft_probs
+        sk.tree_speculative_sampling_target_only(**kwargs, draft_probs=torch.zeros_like(probs))
+    law = sglang_target_only_law([r.tolist() for r in p_rows], tokens, tree)
+    ai, pr = accept_index.cpu().tolist(), predicts.cpu().tolist()
+    outcomes = []
+    for b in range(copies):
+        path = tuple(i - b * n for i in ai[b] if i >= 0)
+        outcomes.append((path, pr[b * n + path[-1]]))
+    chi2_outcomes(outcomes, law, "sgl-kernel's target-only walk")

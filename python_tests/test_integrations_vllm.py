@@ -546,3 +546,47 @@ def test_same_as_vllm_greedy():
     want = vllm_fn(metadata.draft_token_ids, n, 3, metadata.cu_num_draft_tokens, None, probs, bonus, sm)
     got = dv.rejection_sample(metadata.draft_token_ids, n, 3, metadata.cu_num_draft_tokens, None, probs, bonus, sm)
     assert torch.equal(got, want)
+
+
+@pytest.mark.cuda
+@needs_cpu_kernels
+@pytest.mark.skipif(_vllm_rejection_sample() is None or not torch.cuda.is_available(),
+                    reason="needs vLLM and a GPU")
+def test_same_law_as_vllm_sampled():
+    """vLLM's own sampled outputs follow the oracle's chain law too (so the oracle that
+    ours passes describes vLLM)."""
+    vllm_fn = _vllm_rejection_sample()
+    vocab, drafts, copies = 5, [1, 3], 12000
+    g = torch.Generator().manual_seed(11)
+    p_one = torch.softmax(torch.randn(len(drafts), vocab, generator=g), -1)
+    q_one = torch.softmax(torch.randn(len(drafts), vocab, generator=g), -1)
+    metadata = vllm_spec_decode_metadata(_repeat(drafts, copies), device="cuda")
+    sm = vllm_sampling_metadata(temperature=torch.ones(copies, device="cuda"))
+    want = vllm_fn(metadata.draft_token_ids, [2] * copies, 2, metadata.cu_num_draft_tokens,
+                   q_one.repeat(copies, 1).cuda(), p_one.repeat(copies, 1).cuda(),
+                   torch.full((copies, 1), 4, device="cuda"), sm)
+    law = chain_law(softmax_rows(p_one.log()) + [None], softmax_rows(q_one.log()), drafts, bonus=4)
+    chi2_outcomes([chain_outcome(r, 2) for r in want.cpu().tolist()], law, "vLLM's rejection_sample")
+
+
+def _vllm_mrv2_rejection_sample():
+    try:
+        from vllm.v1.worker.gpu.spec_decode.rejection_sampler_utils import rejection_sample  # type: ignore
+    except Exception:  # noqa: BLE001
+        return None
+    return rejection_sample
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(_vllm_mrv2_rejection_sample() is None or not torch.cuda.is_available(),
+                    reason="needs vLLM (Model Runner V2) and a GPU")
+def test_same_as_vllm_mrv2_greedy():
+    vllm_fn = _vllm_mrv2_rejection_sample()
+    inp = mrv2_inputs([3, 1, 2], [2, 0, 1], 3, 3, 40, seed=5, greedy=(0, 1, 2))
+    inp = {k: (v.cuda() if isinstance(v, torch.Tensor) else v) for k, v in inp.items()}
+    want, want_n = vllm_fn(**inp)
+    got, got_n = dv.rejection_sample_mrv2(**inp)
+    assert torch.equal(got_n, want_n)
+    for r in range(3):
+        k = int(want_n[r])
+        assert got[r, :k].tolist() == want[r, :k].tolist()
