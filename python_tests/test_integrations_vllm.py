@@ -339,6 +339,8 @@ def test_mrv2_method_spellings_and_errors():
         dv.rejection_sample_mrv2(**dict(inp, synthetic_conditional_rates=torch.ones(2)))
     with pytest.raises(ValueError, match="rejection_sample_method"):
         dv.rejection_sample_mrv2(**inp, rejection_sample_method="fast")
+    with pytest.raises(NotImplementedError, match="watermark"):
+        dv.rejection_sample_mrv2(**inp, watermark_key=3, contexts=torch.zeros(3, dtype=torch.int64))
 
 
 def test_mrv2_seed_batch_invariant():

@@ -334,6 +334,10 @@ def rejection_sample_mrv2(
     use_block_verification: bool = False,
     *,
     rejection_sample_method: str | None = None,
+    contexts: torch.Tensor | None = None,
+    watermarking: torch.Tensor | None = None,
+    watermarking_skip_mask: torch.Tensor | None = None,
+    watermark_key: int | None = None,
     backend: str | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Model Runner V2's ``rejection_sample`` (VLLM_MRV2_COMMIT, plus the
@@ -362,6 +366,9 @@ def rejection_sample_mrv2(
             lossless): an error.
         use_fp64: accepted and ignored (our Gumbel race is exact in its own arithmetic).
         use_block_verification / rejection_sample_method="block": ``method="block"``.
+        contexts, watermarking, watermarking_skip_mask, watermark_key: what newer MRV2
+            callers pass when watermarking is on (VLLM_MRV2_BLOCK_COMMIT); watermarked
+            sampling is not ours: an error unless all are None.
 
     Example (one greedy request, drafts [1, 0], both the argmax; the bonus row's argmax is 2):
 
@@ -383,6 +390,9 @@ def rejection_sample_mrv2(
     if synthetic_conditional_rates is not None or rejection_sample_method == "synthetic":
         raise NotImplementedError(f"{where}: synthetic acceptance rates are vLLM's benchmarking mode, not a "
                                   f"verification; use vLLM's kernel for it")
+    if any(x is not None for x in (contexts, watermarking, watermarking_skip_mask, watermark_key)):
+        raise NotImplementedError(f"{where}: watermarked sampling (contexts / watermarking / watermark_key) is "
+                                  f"vLLM's own; use vLLM's kernel for watermarked requests")
     if rejection_sample_method not in (None, "default", "standard", "block"):
         raise ValueError(f"{where}: rejection_sample_method must be None, 'default' or 'block', got "
                          f"{rejection_sample_method!r}")
