@@ -10,7 +10,8 @@ import pytest
 import dspark_kernels as dk
 from dspark_kernels._registry import REGISTRY
 
-MODULES = ["verification", "randomness", "drafting", "kv", "moe", "attention"]
+MODULES = ["verification", "randomness", "drafting", "kv", "moe", "attention",
+           "integrations.vllm", "integrations.sglang", "integrations.flashinfer"]
 # Ops reached through another public function's argument rather than their own.
 NOT_PUBLIC = {"grouped_gemm_out": "grouped_gemm(out=...)"}
 
