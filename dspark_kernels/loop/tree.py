@@ -111,7 +111,10 @@ class TreeLayout:
 
 def parse_branches(text: str) -> tuple[int, ...]:
     """``"K"`` → ``(K, K)`` (K children at each of the first two levels); ``"K1,K2,…"`` → per level."""
-    parts = [int(x) for x in str(text).split(",") if x.strip()]
+    try:
+        parts = [int(x) for x in str(text).split(",") if x.strip()]
+    except ValueError:
+        parts = []
     if not parts or any(k < 1 for k in parts):
         raise ValueError(f"--tree-branch: positive integers expected, got {text!r}")
     return (parts[0], parts[0]) if len(parts) == 1 else tuple(parts)
