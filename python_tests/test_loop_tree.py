@@ -290,3 +290,12 @@ def test_main_job_tree_and_block_flags(monkeypatch, capsys):
     assert "reference ops vs fused ops on prompt 0 (32 tokens): identical" in out
     assert job.main(args + ["--method", "block", "--schedule", "static", "--no-reference-check"]) == 0
     assert "method block" in capsys.readouterr().out
+
+
+def test_tree_module_examples_run():
+    import doctest
+
+    import dspark_kernels.loop.tree as tree_mod
+
+    result = doctest.testmod(tree_mod, optionflags=doctest.NORMALIZE_WHITESPACE, verbose=False)
+    assert result.attempted > 0 and result.failed == 0, result

@@ -29,8 +29,9 @@ node) has a target row and a draft row as above; a node's children come from its
 draft row, the top ``K`` tokens best first in the greedy and point-mass modes
 (deterministic siblings, verified as point masses), ``K`` i.i.d. samples with that
 row as each child's q in the draft-logits / draft-probs modes (the lossless
-configurations of docs/verification.md#verify_tree). The tree group's notes give
-the mean accepted length and the time against both chains on the same backend.
+configurations, docs/verification.md#verification-of-draft-trees-verify_tree). The
+tree group's notes give the mean accepted length and the time against both chains
+on the same backend.
 
 Correctness is checked once per case before timing, on integer outputs:
 every backend against the reference on the whole batch when the reference is

@@ -16,7 +16,7 @@ token ``x`` takes its children from the Markov-corrected logits ``U_l + W1[x] @ 
 
 The siblings are chosen deterministically, so ``verify_tree`` checks them as point
 masses (no q): that is SGLang's target-only tree walk, lossless at any temperature
-(verify_tree's docstring, docs/verification.md#verify_tree).
+(verify_tree's docstring, docs/verification.md#verification-of-draft-trees-verify_tree).
 
 One tree step (``tree_step``): the flattened window ``[root, node 0 … node n−1]`` of
 every request goes through ``Target.forward_paged`` with ``tree_mask`` (each node
