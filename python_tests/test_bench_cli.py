@@ -199,19 +199,20 @@ def test_loop_tree_and_block_quick(tmp_path, capsys):
     """`loop --tree --method token block` on tiny models: greedy output identical to AR in every mode."""
     js = tmp_path / "loop.json"
     rc = main(["loop", "--model", "tiny", "--quick", "--tree", "--method", "token", "block", "--gamma", "3",
-               "--max-new-tokens", "12", "--json", str(js), *FAST])
+               "--tree-siblings", "top-k", "sample", "--max-new-tokens", "12", "--json", str(js), *FAST])
     assert rc == 0
     assert "tree 2x2" in capsys.readouterr().out
     doc = json.loads(js.read_text())
     _check_doc(doc)
     spec = [c for c in doc["cases"] if c["mode"] != "autoregressive"]
     assert {c["mode"] for c in spec} == {"static", "static block", "dspark", "dspark block", "static γ=10",
-                                        "static γ=10 block", "tree 2x2"}
+                                        "static γ=10 block", "tree 2x2", "tree 2x2 sample"}
     for c in spec:
         assert c["status"] == "ok" and c["identical"] is True and c["correct"] is True, c
         assert 1.0 <= c["tau"] <= c["gamma"] + 1
     tree = [c for c in spec if c["mode"] == "tree 2x2"][0]
     assert tree["tree_nodes"] == 10 and tree["gamma"] == 3 and tree["verify_method"] == "tree"
+    assert tree["tree_siblings"] == "top-k"
     assert "verify_tree" in tree["op_time_s"] and "draft tree" in tree["op_time_s"]
     for what in ("chain γ=3 τ", "chain γ=3 block τ", "chain γ=10 τ", "chain γ=10 block τ"):
         assert what in tree["note"], tree["note"]

@@ -20,7 +20,7 @@ import pytest
 import torch
 
 from dspark_kernels.loop import Request, SpecDecoder
-from dspark_kernels.loop.tree import TreeLayout, draft_tree, parse_branches
+from dspark_kernels.loop.tree import TreeLayout, draft_tree, parse_branches, sample_tree
 
 from helpers import chi2_check
 from test_loop import _check_caches, _first_two_token_probs, dense_greedy, make_prompts, tiny_models
@@ -73,6 +73,32 @@ def test_draft_tree_takes_the_markov_corrected_top_k():
             logits = base[b, d - 1] + w1[prev] @ w2
             siblings = [i for i, q in enumerate(t.parents) if q == p]
             assert tokens[b, j] == logits.topk(len(siblings)).indices[siblings.index(j)]
+
+
+def test_sample_tree_draws_each_child_from_its_parent_law():
+    """Every child is draft_sample_block of its level's logits with its parent as the anchor and
+    a seed of its own (so siblings are independent draws); the logits are the sampled-from ones."""
+    import dspark_kernels
+
+    g = torch.Generator().manual_seed(1)
+    nb, depth, vocab = 2, 3, 9
+    base = torch.randn(nb, depth, vocab, generator=g)
+    w1, w2 = torch.randn(vocab, 3, generator=g), torch.randn(3, vocab, generator=g)
+    t = TreeLayout.build(depth, (3, 2))
+    kw = dict(temperature=torch.tensor([1.0, 0.5]), top_k=torch.tensor([0, 4], dtype=torch.int32),
+              top_p=torch.tensor([1.0, 0.9]), seed=torch.tensor([5, 6]), offset=torch.tensor([10, 3]))
+    tokens, logits = sample_tree(t, base, torch.tensor([2, 7]), w1, w2, **kw)
+    assert tokens.shape == (nb, t.num_nodes) and logits.shape == (nb, t.num_nodes, vocab)
+    for b in range(nb):
+        for j, (p, d) in enumerate(zip(t.parents, t.depths)):
+            parent = torch.tensor([2, 7])[b] if p < 0 else tokens[b, p]
+            one = {k: v[b:b + 1] for k, v in kw.items()}
+            one["seed"] = one["seed"] ^ ((j + 1) << 47)
+            one["offset"] = one["offset"] + d - 1
+            tok, lg = dspark_kernels.draft_sample_block(base[b:b + 1, d - 1:d], parent.reshape(1), markov_w1=w1,
+                                                        markov_w2=w2, backend="reference", **one)
+            assert tokens[b, j] == tok[0, 0]
+            torch.testing.assert_close(logits[b, j], lg[0, 0])
 
 
 # ---------------------------------------------------------------------------------------------- tree mask
@@ -189,13 +215,14 @@ def test_block_method_greedy_equals_autoregressive(gamma, schedule):
 
 @pytest.mark.parametrize("backend", [None, "reference"])
 @pytest.mark.parametrize("mode,temperature", [("tree", 0.0), ("tree-random", 0.0), ("tree-random", 1.0),
-                                              ("block", 1.0)])
+                                              ("tree-sample", 1.0), ("block", 1.0)])
 def test_kv_cache_equals_rebuilt_cache_after_every_step(mode, temperature, backend, monkeypatch):
     target, drafter = tiny_models(seed=4)
     paths = random_siblings(monkeypatch) if mode == "tree-random" else None
     prompts = make_prompts(16, [3, 13, 1, 20], seed=8)
     if mode.startswith("tree"):
-        eng = tree_engine(target, drafter, 4, (3, 2), backend=backend)
+        siblings = "sample" if mode == "tree-sample" else "top-k"
+        eng = tree_engine(target, drafter, 4, (3, 2), backend=backend, tree_siblings=siblings)
     else:
         eng = SpecDecoder(target, drafter, gamma=5, method="block", backend=backend, max_batch=3, page_size=4,
                           max_len=96)
@@ -215,35 +242,38 @@ def test_kv_cache_equals_rebuilt_cache_after_every_step(mode, temperature, backe
 # ---------------------------------------------------------------------------------------------- sampling
 
 
-def test_tree_sampling_follows_target_distribution():
-    """χ² (false alarm 1e-6) of the first two generated tokens over 20 000 seeds (T = 1):
-    deterministic top-k siblings verified as point masses are lossless."""
+@pytest.mark.parametrize("siblings,temperature,top_k", [("top-k", 1.0, 0), ("sample", 1.0, 0), ("sample", 0.7, 3)])
+def test_tree_sampling_follows_target_distribution(siblings, temperature, top_k):
+    """χ² (false alarm 1e-6) of the first two generated tokens over 20 000 seeds:
+    deterministic top-k siblings verified as point masses, and siblings drawn i.i.d.
+    from q verified against q, are both lossless."""
     vocab, n = 4, 20_000
     target, drafter = tiny_models(vocab=vocab, seed=5, sharp=1.5)
     prompt = [1, 3, 0, 2, 2]
-    reqs = [Request(prompt, max_new_tokens=3, temperature=1.0, seed=s) for s in range(n)]
-    tree_engine(target, drafter, 2, (2, 2), max_batch=5000, max_len=16).generate(reqs)
+    reqs = [Request(prompt, max_new_tokens=3, temperature=temperature, top_k=top_k, seed=s) for s in range(n)]
+    tree_engine(target, drafter, 2, (2, 2), max_batch=5000, max_len=16, tree_siblings=siblings).generate(reqs)
     pairs = torch.tensor([r.output[0] * vocab + r.output[1] for r in reqs])
-    chi2_check(pairs, _first_two_token_probs(target, prompt, 1.0, 0), "tree T=1")
+    chi2_check(pairs, _first_two_token_probs(target, prompt, temperature, top_k), f"tree {siblings} T={temperature}")
     assert sum(r.accepted for r in reqs) > n // 4, "the tree is not in the loop"
 
 
-@pytest.mark.parametrize("temperature", [0.0, 1.0])
-def test_tree_request_output_independent_of_batch_neighbours(temperature):
+@pytest.mark.parametrize("siblings,temperature", [("top-k", 0.0), ("top-k", 1.0), ("sample", 1.0)])
+def test_tree_request_output_independent_of_batch_neighbours(siblings, temperature):
     target, drafter = tiny_models(seed=3)
     prompts = make_prompts(16, [7, 2, 15, 30, 5], seed=6)
     alone = []
     for i, p in enumerate(prompts):
         r = Request(p, max_new_tokens=16, temperature=temperature, seed=7 + i)
-        tree_engine(target, drafter, 3, (2, 2), max_batch=1).generate([r])
+        tree_engine(target, drafter, 3, (2, 2), max_batch=1, tree_siblings=siblings).generate([r])
         alone.append(r.output)
     order = [4, 2, 0, 3, 1]
     reqs = [Request(prompts[i], max_new_tokens=16, temperature=temperature, seed=7 + i) for i in order]
-    tree_engine(target, drafter, 3, (2, 2), max_batch=3).generate(reqs)
+    tree_engine(target, drafter, 3, (2, 2), max_batch=3, tree_siblings=siblings).generate(reqs)
     assert [r.output for r in reqs] == [alone[i] for i in order]
 
 
-def test_tree_reference_and_fused_backends_give_identical_tokens():
+@pytest.mark.parametrize("siblings", ["top-k", "sample"])
+def test_tree_reference_and_fused_backends_give_identical_tokens(siblings):
     target, drafter = tiny_models(seed=2)
     prompts = make_prompts(16, [4, 11, 2, 23], seed=4)
     params = [dict(temperature=1.0), dict(temperature=0.0), dict(temperature=0.8, top_k=5),
@@ -251,7 +281,7 @@ def test_tree_reference_and_fused_backends_give_identical_tokens():
 
     def run(backend):
         reqs = [Request(p, max_new_tokens=14, seed=100 + i, **kw) for i, (p, kw) in enumerate(zip(prompts, params))]
-        tree_engine(target, drafter, 3, (2, 2), backend=backend).generate(reqs)
+        tree_engine(target, drafter, 3, (2, 2), backend=backend, tree_siblings=siblings).generate(reqs)
         return [r.output for r in reqs], [r.accepted for r in reqs]
 
     assert run("reference") == run(None)
@@ -270,6 +300,8 @@ def test_tree_and_method_errors_name_the_argument():
         SpecDecoder(target, drafter, gamma=3, tree=TreeLayout.build(2))
     with pytest.raises(ValueError, match="method"):
         SpecDecoder(target, drafter, gamma=3, method="tree")
+    with pytest.raises(ValueError, match="tree_siblings"):
+        SpecDecoder(target, drafter, gamma=3, tree=(2, 2), tree_siblings="iid")
     eng = tree_engine(target, drafter, 4, (2, 2), max_len=40)      # window: 14 nodes + 1
     with pytest.raises(ValueError, match="max_len"):
         eng.add_request(Request([1] * 10, max_new_tokens=20))
@@ -285,11 +317,13 @@ def test_main_job_tree_and_block_flags(monkeypatch, capsys):
     args = ["--prompts", "2", "--batch", "2", "--max-new-tokens", "10", "--gamma", "3"]
     assert job.main(args + ["--tree", "--tree-branch", "2"]) == 0
     out = capsys.readouterr().out
-    assert "tree (2, 2) (10 nodes)" in out and "verify_tree" in out
+    assert "tree (2, 2) (10 nodes, top-k siblings)" in out and "verify_tree" in out
     assert "greedy output identical to autoregressive decoding: yes (2/2 prompts)" in out
     assert "reference ops vs fused ops on prompt 0 (32 tokens): identical" in out
     assert job.main(args + ["--method", "block", "--schedule", "static", "--no-reference-check"]) == 0
     assert "method block" in capsys.readouterr().out
+    assert job.main(args + ["--tree", "--tree-siblings", "sample", "--temperature", "1", "--no-reference-check"]) == 0
+    assert "tree (2, 2) (10 nodes, sample siblings)" in capsys.readouterr().out
 
 
 def test_tree_module_examples_run():

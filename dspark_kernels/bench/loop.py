@@ -21,6 +21,18 @@ Models (``--model``):
   always with ``--quick``; the case's ``preset`` / ``model`` and its note say which
   models ran.
 
+``--method block`` adds every chain case again with block verification
+(``verify_block(method="block")``; schedule column ``static block``). ``--tree``
+adds, per γ, the tree mode (loop/tree.py: a tree of depth γ, ``--tree-branch K``
+children per node at each of the first two levels, a chain after; every node
+verified in one target pass, ``verify_tree``; schedule column ``tree 2x2``) and the
+static chain of the same number of verified tokens (γ = the tree's node count,
+schedule column ``static γ=14``, for each ``--method``); the tree's note gives τ
+and tokens/s against that chain and against the static chain of the same depth.
+``--tree-siblings top-k sample`` picks how the tree's children are drafted (the
+drafter's top-K, verified as point masses; or, for sampling, i.i.d. draws verified
+against q: schedule column ``tree 2x2 sample``).
+
 Every request generates exactly ``--max-new-tokens`` tokens (no EOS), so the
 speculative and AR runs do the same work. Timing: the engine is built, one
 ``generate`` warms it up, then ``generate`` is timed (wall clock, CUDA
@@ -83,7 +95,8 @@ PROMPT_MIN, PROMPT_MAX = 32, 64
 # JSON fields of every loop case besides report.CASE_KEYS (None where they do not apply)
 LOOP_KEYS = ("model", "temperature", "max_new_tokens", "tokens", "steps", "tau", "drafted", "accepted_drafts",
              "acceptance", "tokens_per_s", "ar_tokens_per_s", "speedup_vs_ar", "identical", "op_time_s", "op_pct",
-             "target_passes", "drafter_passes", "sps_profile_s", "verify_method", "tree_branches", "tree_nodes")
+             "target_passes", "drafter_passes", "sps_profile_s", "verify_method", "tree_branches", "tree_nodes",
+             "tree_siblings")
 
 # engine region (OpTimers name) -> table abbreviation; "host" is the rest of the wall time
 SPLIT = (("target forward", "tgt"), ("drafter forward", "drf"), ("draft_sample_block", "smp"),
@@ -116,6 +129,8 @@ def add_arguments(p) -> None:
                    help="add the tree mode (a tree of depth γ, verify_tree) and the chain of its node count")
     p.add_argument("--tree-branch", default="2", metavar="K",
                    help="tree children per node at each of the first two levels (default 2), or K1,K2,... per level")
+    p.add_argument("--tree-siblings", nargs="+", choices=("top-k", "sample"),
+                   help="tree children: the drafter's top-K (default) and/or i.i.d. samples verified against q")
     p.add_argument("--model", choices=MODELS, default="trained",
                    help="trained: load_or_train (trains once, minutes; default); tiny: small untrained random "
                         "models; auto: trained if cached, else tiny")
@@ -298,7 +313,8 @@ def run(args, ctx) -> list[dict]:
     note_model = "" if why == model else why
 
     cases: list[dict] = []
-    per_gamma = len(schedules) * len(methods) + (len(methods) + 1 if trees else 0)
+    siblings = list(dict.fromkeys(getattr(args, "tree_siblings", None) or ("top-k",)))
+    per_gamma = len(schedules) * len(methods) + (len(methods) + len(siblings) if trees else 0)
     progress = ctx.progress(len(batches) * len(backends) * (1 + len(gammas) * per_gamma), NAME)
     for backend in backends:
         engine_backend = None if backend == "fused" else backend
@@ -311,11 +327,11 @@ def run(args, ctx) -> list[dict]:
                         max_new_tokens=args.max_new_tokens)
 
             def build(gamma, schedule, sps, ops=engine_backend, batch=batch, max_len=max_len, method="token",
-                      tree=None):
+                      tree=None, tree_siblings="top-k"):
                 return lambda timers: SpecDecoder(target, drafter if gamma else None, gamma=gamma,
                                                   schedule=schedule, sps=sps, backend=ops,
                                                   max_batch=batch, max_len=max_len, timers=timers,
-                                                  method=method, tree=tree)
+                                                  method=method, tree=tree, tree_siblings=tree_siblings)
 
             def measure(case, builder, notes):
                 """Time one speculative configuration into ``case`` and compare it with AR; False on error."""
@@ -374,14 +390,14 @@ def run(args, ctx) -> list[dict]:
                         if measure(case, build(gamma, schedule, sps, method=method), notes) and schedule == "static":
                             static_chain[method] = case
                 if gamma in trees:
-                    _tree_cases(cases, trees[gamma], gamma, base, model, note_model, methods, static_chain,
+                    _tree_cases(cases, trees[gamma], gamma, base, model, note_model, methods, siblings, static_chain,
                                 drafter.cfg.max_gamma, build, measure, progress, f"B={batch} {backend}")
     progress.close()
     return cases
 
 
-def _tree_cases(cases, layout, gamma, base, model, note_model, methods, static_chain, max_gamma, build, measure,
-                progress, where) -> None:
+def _tree_cases(cases, layout, gamma, base, model, note_model, methods, siblings, static_chain, max_gamma, build,
+                measure, progress, where) -> None:
     """The tree mode of depth γ and the static chain of its node count; τ / tok/s notes against both chains."""
     n = layout.num_nodes
     shape = "x".join(map(str, layout.branches))
@@ -398,20 +414,22 @@ def _tree_cases(cases, layout, gamma, base, model, note_model, methods, static_c
         notes.append(f"the chain of the tree {shape}'s {n} verified tokens")
         if measure(case, build(n, "static", None, method=method), notes):
             same_nodes[method] = case
-    progress.step(f"{model} γ={gamma} tree {shape} {where}")
-    case = new_case(**dict(base, group=f"{model} γ={gamma}", gamma=gamma, mode=f"tree {shape}",
-                           verify_method="tree", tree_branches=list(layout.branches), tree_nodes=n))
-    cases.append(case)
-    notes = [note_model] if note_model else []
-    if not measure(case, build(gamma, "static", None, tree=layout), notes):
-        return
-    parts = []
-    for what, other in [*((f"chain γ={gamma}" + ("" if m == "token" else f" {m}"), c)
-                          for m, c in static_chain.items()),
-                        *((f"chain γ={n}" + ("" if m == "token" else f" {m}"), c) for m, c in same_nodes.items())]:
-        parts.append(f"{what} τ {other['tau']:.2f}, x{case['tokens_per_s'] / other['tokens_per_s']:.2f} tok/s")
-    summary = f"{n} nodes: τ {case['tau']:.2f}" + (" vs " + "; ".join(parts) if parts else "")
-    case["note"] = f"{case['note']}; {summary}" if case["note"] else summary
+    for sib in siblings:
+        label = f"tree {shape}" + ("" if sib == "top-k" else f" {sib}")
+        progress.step(f"{model} γ={gamma} {label} {where}")
+        case = new_case(**dict(base, group=f"{model} γ={gamma}", gamma=gamma, mode=label, verify_method="tree",
+                               tree_branches=list(layout.branches), tree_nodes=n, tree_siblings=sib))
+        cases.append(case)
+        notes = [note_model] if note_model else []
+        if not measure(case, build(gamma, "static", None, tree=layout, tree_siblings=sib), notes):
+            continue
+        parts = []
+        for what, other in [*((f"chain γ={gamma}" + ("" if m == "token" else f" {m}"), c)
+                              for m, c in static_chain.items()),
+                            *((f"chain γ={n}" + ("" if m == "token" else f" {m}"), c) for m, c in same_nodes.items())]:
+            parts.append(f"{what} τ {other['tau']:.2f}, x{case['tokens_per_s'] / other['tokens_per_s']:.2f} tok/s")
+        summary = f"{n} nodes: τ {case['tau']:.2f}" + (" vs " + "; ".join(parts) if parts else "")
+        case["note"] = f"{case['note']}; {summary}" if case["note"] else summary
 
 
 # --------------------------------------------------------------------------- table and plot

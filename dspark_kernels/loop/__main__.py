@@ -2,7 +2,7 @@
 
     python -m dspark_kernels.loop [--gamma 5] [--schedule dspark|static] [--prompts 4]
                                   [--max-new-tokens 96] [--temperature 0] [--device cpu|cuda]
-                                  [--method token|block] [--tree [--tree-branch 2]]
+                                  [--method token|block] [--tree [--tree-branch 2] [--tree-siblings top-k|sample]]
 
 Trains the target and the drafter on the Python standard library's source the
 first time (a few minutes on 2 cores; cached after), then generates from
@@ -15,7 +15,8 @@ and that the reference ops give the same tokens as the fused ones.
 ``--method block`` verifies the chains with block verification; ``--tree`` drafts
 a tree of depth γ instead (``--tree-branch K``: K children at each of the first two
 levels, a chain after; ``K1,K2,…`` per level), verified in one target pass with
-``verify_tree`` (static schedule; docs/loop.md#tree-mode).
+``verify_tree`` (static schedule; docs/loop.md#tree-mode); ``--tree-siblings sample``
+draws a sampling request's children i.i.d. from the drafter instead of its top-K.
 """
 
 from __future__ import annotations
@@ -51,7 +52,8 @@ def show(tokens: list[int]) -> str:
 def spec_options(args, gamma) -> dict:
     """SpecDecoder's ``method`` / ``tree`` from the flags (``--tree``: a tree of depth γ)."""
     tree = TreeLayout.build(gamma, parse_branches(args.tree_branch)) if gamma and getattr(args, "tree", False) else None
-    return dict(method=getattr(args, "method", "token"), tree=tree)
+    return dict(method=getattr(args, "method", "token"), tree=tree,
+                tree_siblings=getattr(args, "tree_siblings", "top-k"))
 
 
 def run(target, drafter, prompts, args, *, gamma, backend=None, sps=None, max_new=None, timers=None):
@@ -92,6 +94,9 @@ def main(argv=None) -> int:
                     help="draft a tree of depth γ, verify every node in one pass (verify_tree; static schedule)")
     ap.add_argument("--tree-branch", default="2", metavar="K",
                     help="children at each of the first two tree levels (default 2), or K1,K2,... per level")
+    ap.add_argument("--tree-siblings", choices=["top-k", "sample"], default="top-k",
+                    help="tree children: the drafter's top-K (point masses; default) or, for sampling, "
+                         "i.i.d. draws verified against q")
     args = ap.parse_args(argv)
     if args.tree:
         args.schedule = "static"       # every node of the tree is verified
@@ -138,7 +143,7 @@ def main(argv=None) -> int:
     same = [a.output == s.output for a, s in zip(ar, spec)]
     print("\n=== summary " + "=" * 60)
     shape = spec_options(args, args.gamma)["tree"]
-    mode = (f", tree {shape.branches} ({shape.num_nodes} nodes)" if shape is not None
+    mode = (f", tree {shape.branches} ({shape.num_nodes} nodes, {args.tree_siblings} siblings)" if shape is not None
             else f", method {args.method}")
     print(f"γ = {args.gamma}, schedule = {args.schedule}" + (f" (SPS table profiled in {t_prof:.1f} s)"
                                                              if sps is not None else "") + mode

@@ -45,7 +45,7 @@ import torch
 from .. import (draft_sample_block, kv_commit, kv_release_pages, schedule_verify_lens, verify_block,
                 window_commit)
 from .models import Drafter, Target, op_backend
-from .tree import TreeLayout, tree_step
+from .tree import SIBLINGS, TreeLayout, tree_step
 
 
 @dataclass
@@ -130,13 +130,16 @@ class SpecDecoder:
             branches per level, e.g. ``(2, 2)``, of a tree of depth ``gamma``; every node
             is verified in one target pass and ``verify_tree`` picks the path. Static
             schedule only.
+        tree_siblings: ``"top-k"`` (the drafter's best K children, verified as point
+            masses) or ``"sample"`` (sampling requests draw children i.i.d. from the
+            drafter's q and verify against it; greedy ones keep the top-K).
     """
 
     def __init__(self, target: Target, drafter: Drafter | None = None, *, gamma: int = 5,
                  schedule: str = "static", sps: torch.Tensor | None = None, backend: str | None = None,
                  max_batch: int = 16, page_size: int = 16, max_len: int = 1024, num_pages: int | None = None,
                  timers: OpTimers | None = None, method: str = "token",
-                 tree: TreeLayout | tuple[int, ...] | None = None):
+                 tree: TreeLayout | tuple[int, ...] | None = None, tree_siblings: str = "top-k"):
         if schedule not in ("static", "dspark"):
             raise ValueError(f"schedule must be 'static' or 'dspark', got {schedule!r}")
         if method not in ("token", "block"):
@@ -150,7 +153,9 @@ class SpecDecoder:
                 tree = TreeLayout.build(gamma, tuple(tree))
             if tree.depth != gamma:
                 raise ValueError(f"tree depth ({tree.depth}) must equal gamma ({gamma})")
-        self.method, self.tree = method, tree
+        if tree_siblings not in SIBLINGS:
+            raise ValueError(f"tree_siblings must be one of {SIBLINGS}, got {tree_siblings!r}")
+        self.method, self.tree, self.tree_siblings = method, tree, tree_siblings
         self.gamma = gamma if drafter is not None else 0
         if drafter is not None and gamma > drafter.cfg.max_gamma:
             raise ValueError(f"gamma ({gamma}) exceeds the drafter's max_gamma ({drafter.cfg.max_gamma})")

@@ -17,6 +17,11 @@ token ``x`` takes its children from the Markov-corrected logits ``U_l + W1[x] @ 
 The siblings are chosen deterministically, so ``verify_tree`` checks them as point
 masses (no q): that is SGLang's target-only tree walk, lossless at any temperature
 (verify_tree's docstring, docs/verification.md#verification-of-draft-trees-verify_tree).
+``siblings="sample"`` (``sample_tree``) instead draws the children of every node of a
+sampling request i.i.d. from the drafter's filtered ``q`` given that node
+(``draft_sample_block``, one independent Philox stream per child) and passes ``q`` to
+verify_tree: SpecInfer's multi-round rule, also lossless, and it accepts with
+``min(1, p/q)`` instead of ``p``; greedy requests keep the top-K.
 
 One tree step (``tree_step``): the flattened window ``[root, node 0 … node n−1]`` of
 every request goes through ``Target.forward_paged`` with ``tree_mask`` (each node
@@ -35,7 +40,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from .. import kv_commit, verify_tree
+from .. import draft_sample_block, kv_commit, verify_tree
 from .models import op_backend
 
 if TYPE_CHECKING:
@@ -139,6 +144,44 @@ def draft_tree(layout: TreeLayout, base_logits: torch.Tensor, anchor: torch.Tens
     return torch.cat(levels, 1) if levels else anchor.new_zeros(nb, 0, dtype=torch.long)
 
 
+SIBLINGS = ("top-k", "sample")
+
+
+@torch.no_grad()
+def sample_tree(layout: TreeLayout, base_logits: torch.Tensor, anchor: torch.Tensor, markov_w1: torch.Tensor,
+                markov_w2: torch.Tensor, *, temperature: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor,
+                seed: torch.Tensor, offset: torch.Tensor, backend=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Node tokens ``[B, n]`` and their logits ``[B, n, V]``: children drawn i.i.d. given their parent.
+
+    Node ``j`` at level ``l`` (0-based) is ``draft_sample_block`` of ``U_l`` with its
+    parent's token as the anchor (so its logits are ``U_l + W1[parent] @ W2``), the
+    request's temperature / top-k / top-p, position ``offset + l`` and its own seed
+    ``seed ^ ((j + 1) << 47)``: every child has an independent stream, never the
+    request's own (chains draft on ``seed``), and a request's draws depend on its own
+    seed only. The logits are what verify_tree needs as ``draft_logits``.
+    """
+    nb, _, vocab = base_logits.shape
+    dev = base_logits.device
+    prev = anchor.long()[:, None]
+    tokens, logits, first = [], [], 0
+    for level, size in enumerate(layout.level_sizes):
+        k = size // prev.shape[1]
+        rows = nb * size
+        rep = lambda t: t.repeat_interleave(size)  # noqa: E731 - per request -> per child
+        node = first + torch.arange(size, device=dev).repeat(nb)
+        tok, lg = draft_sample_block(
+            base_logits[:, level, None, :].expand(nb, size, vocab).reshape(rows, 1, vocab),
+            prev.repeat_interleave(k, dim=1).reshape(rows), markov_w1=markov_w1, markov_w2=markov_w2,
+            temperature=rep(temperature), top_k=rep(top_k), top_p=rep(top_p),
+            seed=rep(seed.long()) ^ ((node + 1) << 47), offset=rep(offset.long()) + level,
+            backend=op_backend(backend, "draft_sample_block"))
+        prev = tok.long().reshape(nb, size)
+        tokens.append(prev)
+        logits.append(lg.reshape(nb, size, vocab))
+        first += size
+    return torch.cat(tokens, 1), torch.cat(logits, 1)
+
+
 def tree_step(eng: SpecDecoder) -> None:
     """One draft-tree → verify (one target pass) → commit step over every active request."""
     eng._admit()
@@ -150,15 +193,21 @@ def tree_step(eng: SpecDecoder) -> None:
     anchor = torch.tensor([r.anchor for r in reqs], dtype=torch.int64, device=dev)
     # The tree is cut at depth remaining − 1: a step emits up to depth + 1 tokens.
     counts = [layout.nodes_within(min(layout.depth, r.max_new_tokens - len(r.output) - 1)) for r in reqs]
-    nodes = [[] for _ in reqs]
+    nodes, node_logits = [[] for _ in reqs], None
     if sum(counts) > 0:
         slot = torch.tensor([r.slot for r in reqs], dtype=torch.int64, device=dev)
         with eng.timers("drafter forward", dev):
             base_logits, _ = eng.drafter.forward_block(anchor, offset, layout.depth, eng.windows, slot,
                                                        eng.max_batch, backend=eng.backend)
+        w1, w2 = eng.drafter.markov_w1.detach().float(), eng.drafter.markov_w2.detach().float()
         with eng.timers("draft tree", dev):
-            tokens = draft_tree(layout, base_logits, anchor, eng.drafter.markov_w1.detach().float(),
-                                eng.drafter.markov_w2.detach().float())
+            tokens = draft_tree(layout, base_logits, anchor, w1, w2)
+            if eng.tree_siblings == "sample" and any(r.temperature > 0 for r in reqs):
+                sampled, node_logits = sample_tree(layout, base_logits, anchor, w1, w2, temperature=temperature,
+                                                   top_k=top_k, top_p=top_p, seed=seed, offset=offset,
+                                                   backend=eng.backend)
+                # Greedy requests keep their distinct top-K (verify_tree ignores q on greedy rows).
+                tokens = torch.where((temperature > 0)[:, None], sampled, tokens)
         nodes = [row[:n] for row, n in zip(tokens.tolist(), counts)]
     new_tokens = [[r.anchor] + toks for r, toks in zip(reqs, nodes)]
     # Rows: cache slot L + window index (positions), RoPE position L + depth, ancestors-only attention.
@@ -176,8 +225,14 @@ def tree_step(eng: SpecDecoder) -> None:
     flat_tokens = torch.tensor([t for toks in nodes for t in toks], dtype=torch.int64, device=dev)
     flat_parents = torch.tensor([p for n in counts for p in layout.parents[:n]], dtype=torch.int64, device=dev)
     cu = torch.tensor([0] + [sum(counts[: b + 1]) for b in range(nb)], dtype=torch.int32, device=dev)
+    flat_logits = None
+    if node_logits is not None:
+        keep = torch.tensor([b * layout.num_nodes + j for b, n in enumerate(counts) for j in range(n)],
+                            dtype=torch.int64, device=dev)
+        flat_logits = node_logits.reshape(-1, node_logits.shape[-1])[keep]
     with eng.timers("verify_tree", dev):
-        path, num_accepted, out = verify_tree(logits, flat_tokens, flat_parents, cu, temperature=temperature,
+        path, num_accepted, out = verify_tree(logits, flat_tokens, flat_parents, cu, draft_logits=flat_logits,
+                                              temperature=temperature,
                                               top_k=top_k, top_p=top_p, seed=seed, offset=offset,
                                               max_depth=layout.depth, backend=op_backend(eng.backend, "verify_tree"))
     with eng.timers("kv_commit + release", dev):
