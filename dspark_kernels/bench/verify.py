@@ -26,10 +26,11 @@ same number of verified tokens (γ = the tree's node count) verified with
 verify_block, both in the same run as the chain of the same depth (the case
 itself). The tree uses the same input model: every window row (the root and each
 node) has a target row and a draft row as above; a node's children come from its
-draft row, the top ``K`` tokens best first in the greedy and point-mass modes
-(deterministic siblings, verified as point masses), ``K`` i.i.d. samples with that
-row as each child's q in the draft-logits / draft-probs modes (the lossless
-configurations, docs/verification.md#verification-of-draft-trees-verify_tree). The
+draft row: in the greedy and point-mass modes ``K`` distinct tokens sampled
+without replacement (the Gumbel top-K, so the first child has exactly the chain
+draft's law), verified as point masses; in the draft-logits / draft-probs modes ``K``
+i.i.d. samples with that row as each child's q (the lossless configurations,
+docs/verification.md#verification-of-draft-trees-verify_tree). The
 tree group's notes give the mean accepted length and the time against both chains
 on the same backend.
 
@@ -477,10 +478,13 @@ def make_tree_inputs(group: Group, batch: int, device: torch.device, seed: int, 
         u = torch.rand(N, V, generator=gen, device=device).clamp_(min=1e-20)
         tokens = torch.argmax(q - torch.log(-torch.log(u)), dim=-1)
         del u
-    else:     # deterministic: the parent's top-K, best first
+    else:     # K distinct tokens per parent, sampled without replacement (Gumbel top-K), verified as point masses
         ranks = torch.tensor(_sibling_ranks(layout.parents), device=device).repeat(B)
-        k = int(ranks.max()) + 1 if N else 1
-        tokens = q.topk(min(k, V), dim=-1).indices.gather(1, ranks.clamp(max=V - 1)[:, None])[:, 0]
+        k = min(int(ranks.max()) + 1 if N else 1, V)
+        u = torch.rand(T, V, generator=gen, device=device).clamp_(min=1e-20)
+        top = (d - torch.log(-torch.log(u))).topk(k, dim=-1).indices          # [T, K] per window row
+        del u
+        tokens = top[parent_row, ranks.clamp(max=k - 1)]
     dtype = DTYPES[group.dtype]
     return {
         "batch": B, "gamma": layout.depth, "vocab": V, "num_draft": N, "max_num_draft": layout.depth,
