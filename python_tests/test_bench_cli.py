@@ -172,6 +172,53 @@ def test_loop_tiny_quick(tmp_path, capsys):
         assert not png.exists()
 
 
+def test_verify_tree_quick(tmp_path):
+    """`verify --tree`: the tree (verify_tree), the chain of its node count and the chain of its depth, one run."""
+    js = tmp_path / "tree.json"
+    rc = main(["verify", "--quick", "--tree", "--gamma", "3", "--batch", "4", "--backend", "cpu", "reference",
+               "--mode", "greedy", "sample-pointmass", "sample-draft-logits", "--json", str(js), *FAST])
+    assert rc == 0
+    doc = json.loads(js.read_text())
+    _check_doc(doc)
+    cases = doc["cases"]
+    for mode in ("greedy", "sample-pointmass", "sample-draft-logits"):
+        mine = [c for c in cases if c["mode"] == mode]
+        groups = {c["group"] for c in mine}
+        assert f"quick V=1000 γ=3 fp32 {mode}" in groups
+        assert f"quick V=1000 γ=10 fp32 {mode} (chain of the tree's 10 nodes)" in groups
+        tree = [c for c in mine if c["group"] == f"quick V=1000 γ=3 fp32 {mode} tree 2x2 (10 nodes)"]
+        assert {c["backend"] for c in tree} == {"cpu", "reference"}
+        for c in tree:
+            assert c["status"] == "ok" and c["tree_nodes"] == 10 and c["tree_branches"] == [2, 2]
+            assert "vs chain γ=3" in c["note"] and "chain γ=10" in c["note"], c["note"]
+            assert 0 <= c["mean_accepted"] <= 3
+        assert [c["correct"] for c in tree if c["backend"] == "cpu"] == [True]   # = the reference, bit for bit
+
+
+def test_loop_tree_and_block_quick(tmp_path, capsys):
+    """`loop --tree --method token block` on tiny models: greedy output identical to AR in every mode."""
+    js = tmp_path / "loop.json"
+    rc = main(["loop", "--model", "tiny", "--quick", "--tree", "--method", "token", "block", "--gamma", "3",
+               "--tree-siblings", "top-k", "sample", "--max-new-tokens", "12", "--json", str(js), *FAST])
+    assert rc == 0
+    assert "tree 2x2" in capsys.readouterr().out
+    doc = json.loads(js.read_text())
+    _check_doc(doc)
+    spec = [c for c in doc["cases"] if c["mode"] != "autoregressive"]
+    assert {c["mode"] for c in spec} == {"static", "static block", "dspark", "dspark block", "static γ=10",
+                                        "static γ=10 block", "tree 2x2", "tree 2x2 sample"}
+    for c in spec:
+        assert c["status"] == "ok" and c["identical"] is True and c["correct"] is True, c
+        assert 1.0 <= c["tau"] <= c["gamma"] + 1
+    tree = [c for c in spec if c["mode"] == "tree 2x2"][0]
+    assert tree["tree_nodes"] == 10 and tree["gamma"] == 3 and tree["verify_method"] == "tree"
+    assert tree["tree_siblings"] == "top-k"
+    assert "verify_tree" in tree["op_time_s"] and "draft tree" in tree["op_time_s"]
+    for what in ("chain γ=3 τ", "chain γ=3 block τ", "chain γ=10 τ", "chain γ=10 block τ"):
+        assert what in tree["note"], tree["note"]
+    assert {c["verify_method"] for c in spec} == {"token", "block", "tree"}
+
+
 def test_loop_auto_never_trains(tmp_path, monkeypatch):
     """`all` runs loop with --model auto and --quick: without cached trained models it uses tiny ones."""
     from dspark_kernels.bench import loop

@@ -21,6 +21,18 @@ Models (``--model``):
   always with ``--quick``; the case's ``preset`` / ``model`` and its note say which
   models ran.
 
+``--method block`` adds every chain case again with block verification
+(``verify_block(method="block")``; schedule column ``static block``). ``--tree``
+adds, per γ, the tree mode (loop/tree.py: a tree of depth γ, ``--tree-branch K``
+children per node at each of the first two levels, a chain after; every node
+verified in one target pass, ``verify_tree``; schedule column ``tree 2x2``) and the
+static chain of the same number of verified tokens (γ = the tree's node count,
+schedule column ``static γ=14``, for each ``--method``); the tree's note gives τ
+and tokens/s against that chain and against the static chain of the same depth.
+``--tree-siblings top-k sample`` picks how the tree's children are drafted (the
+drafter's top-K, verified as point masses; or, for sampling, i.i.d. draws verified
+against q: schedule column ``tree 2x2 sample``).
+
 Every request generates exactly ``--max-new-tokens`` tokens (no EOS), so the
 speculative and AR runs do the same work. Timing: the engine is built, one
 ``generate`` warms it up, then ``generate`` is timed (wall clock, CUDA
@@ -38,8 +50,8 @@ Columns and JSON fields (besides the common ones):
   difference is a MISMATCH and exit code 1); None when sampling;
 * ``split``: percent of the run's wall time per region of the engine's
   ``OpTimers`` — ``tgt`` target forward (verify passes and prefill), ``drf``
-  drafter forward, ``smp`` draft_sample_block, ``sch`` schedule_verify_lens,
-  ``ver`` verify_block, ``kv`` kv_commit + kv_release_pages, ``ctx`` drafter
+  drafter forward, ``smp`` draft_sample_block (tree mode: the tree drafting),
+  ``sch`` schedule_verify_lens, ``ver`` verify_block / verify_tree, ``kv`` kv_commit + kv_release_pages, ``ctx`` drafter
   context projection + window_commit, ``host`` the rest (Python bookkeeping,
   host/device copies). JSON: ``op_time_s`` (seconds per run, by the engine's
   region names, plus ``host``) and ``op_pct``. On the CPU the timers run in the
@@ -83,12 +95,13 @@ PROMPT_MIN, PROMPT_MAX = 32, 64
 # JSON fields of every loop case besides report.CASE_KEYS (None where they do not apply)
 LOOP_KEYS = ("model", "temperature", "max_new_tokens", "tokens", "steps", "tau", "drafted", "accepted_drafts",
              "acceptance", "tokens_per_s", "ar_tokens_per_s", "speedup_vs_ar", "identical", "op_time_s", "op_pct",
-             "target_passes", "drafter_passes", "sps_profile_s")
+             "target_passes", "drafter_passes", "sps_profile_s", "verify_method", "tree_branches", "tree_nodes",
+             "tree_siblings")
 
 # engine region (OpTimers name) -> table abbreviation; "host" is the rest of the wall time
 SPLIT = (("target forward", "tgt"), ("drafter forward", "drf"), ("draft_sample_block", "smp"),
          ("schedule_verify_lens", "sch"), ("verify_block", "ver"), ("kv_commit + release", "kv"),
-         ("drafter context", "ctx"), ("window_commit", "ctx"))
+         ("drafter context", "ctx"), ("window_commit", "ctx"), ("draft tree", "smp"), ("verify_tree", "ver"))
 SPLIT_COLS = ("tgt", "drf", "smp", "sch", "ver", "kv", "ctx", "host")
 
 # Tiny untrained models (`--model tiny`): vocab 256, a MoE layer, a 1-layer drafter.
@@ -110,6 +123,14 @@ def add_arguments(p) -> None:
                    help="sampling temperature (default 0: greedy, and outputs are compared with AR)")
     p.add_argument("--backend", nargs="+", choices=BACKENDS,
                    help="ops of the engine: fused (default dispatch; default) and/or reference")
+    p.add_argument("--method", nargs="+", choices=("token", "block"),
+                   help="chain verification: token (default) and/or block (block verification)")
+    p.add_argument("--tree", action="store_true",
+                   help="add the tree mode (a tree of depth γ, verify_tree) and the chain of its node count")
+    p.add_argument("--tree-branch", default="2", metavar="K",
+                   help="tree children per node at each of the first two levels (default 2), or K1,K2,... per level")
+    p.add_argument("--tree-siblings", nargs="+", choices=("top-k", "sample"),
+                   help="tree children: the drafter's top-K (default) and/or i.i.d. samples verified against q")
     p.add_argument("--model", choices=MODELS, default="trained",
                    help="trained: load_or_train (trains once, minutes; default); tiny: small untrained random "
                         "models; auto: trained if cached, else tiny")
@@ -256,6 +277,16 @@ def run(args, ctx) -> list[dict]:
     if args.max_new_tokens is None:
         args.max_new_tokens = QUICK_MAX_NEW if args.quick else DEFAULT_MAX_NEW
     greedy = args.temperature <= 0
+    methods = list(dict.fromkeys(getattr(args, "method", None) or ("token",)))
+    trees = {}
+    if getattr(args, "tree", False):
+        from dspark_kernels.loop.tree import TreeLayout, parse_branches
+
+        try:
+            branches = parse_branches(args.tree_branch)
+        except ValueError as exc:
+            raise SystemExit(f"dspark-bench loop: {exc}") from None
+        trees = {g: TreeLayout.build(g, branches) for g in gammas}
 
     model, why = resolve_model(args.model)
     if model == "trained":
@@ -282,20 +313,48 @@ def run(args, ctx) -> list[dict]:
     note_model = "" if why == model else why
 
     cases: list[dict] = []
-    progress = ctx.progress(len(batches) * len(backends) * (1 + len(gammas) * len(schedules)), NAME)
+    siblings = list(dict.fromkeys(getattr(args, "tree_siblings", None) or ("top-k",)))
+    per_gamma = len(schedules) * len(methods) + (len(methods) + len(siblings) if trees else 0)
+    progress = ctx.progress(len(batches) * len(backends) * (1 + len(gammas) * per_gamma), NAME)
     for backend in backends:
         engine_backend = None if backend == "fused" else backend
         for batch in batches:
             prompts = make_prompts(batch, held_out, vocab, args.seed)
-            max_len = max(map(len, prompts)) + args.max_new_tokens + max(gammas, default=0) + 1
+            window = max([*gammas, *(t.num_nodes for t in trees.values())], default=0)
+            max_len = max(map(len, prompts)) + args.max_new_tokens + window + 1
             base = dict(dict.fromkeys(LOOP_KEYS), op=NAME, preset=model, model=model, vocab=vocab, batch=batch,
                         dtype=dtype, backend=backend, temperature=args.temperature,
                         max_new_tokens=args.max_new_tokens)
 
-            def build(gamma, schedule, sps, ops=engine_backend, batch=batch, max_len=max_len):
+            def build(gamma, schedule, sps, ops=engine_backend, batch=batch, max_len=max_len, method="token",
+                      tree=None, tree_siblings="top-k"):
                 return lambda timers: SpecDecoder(target, drafter if gamma else None, gamma=gamma,
                                                   schedule=schedule, sps=sps, backend=ops,
-                                                  max_batch=batch, max_len=max_len, timers=timers)
+                                                  max_batch=batch, max_len=max_len, timers=timers,
+                                                  method=method, tree=tree, tree_siblings=tree_siblings)
+
+            def measure(case, builder, notes):
+                """Time one speculative configuration into ``case`` and compare it with AR; False on error."""
+                try:
+                    m = _measure(builder, prompts, args, ctx)
+                    _fill(case, m, (target_bytes, drafter_bytes), ctx)
+                except Exception as exc:  # noqa: BLE001
+                    case.update(status="error", note=f"{type(exc).__name__}: {exc}"[:160])
+                    return False
+                if m_ar is not None:
+                    case["ar_tokens_per_s"] = ar["tokens_per_s"]
+                    case["speedup_vs_ar"] = case["tokens_per_s"] / ar["tokens_per_s"]
+                    if greedy:
+                        same = [r.output == q.output for r, q in zip(m["requests"], m_ar["requests"])]
+                        case["identical"] = case["correct"] = all(same)
+                        if not all(same):
+                            notes.append(f"{same.count(False)}/{len(same)} outputs differ from AR")
+                    else:
+                        notes.append(f"T={args.temperature:g}: sampled, not compared")
+                else:
+                    notes.append("no AR baseline (it failed)")
+                case["note"] = "; ".join(notes) or None
+                return True
 
             progress.step(f"{model} AR B={batch} {backend}")
             ar = new_case(**base, group=f"{model} autoregressive", gamma=0, mode="autoregressive",
@@ -309,38 +368,68 @@ def run(args, ctx) -> list[dict]:
                 ar.update(status="error", note=f"{type(exc).__name__}: {exc}"[:160])
                 m_ar = None
             for gamma in gammas:
+                static_chain = {}                  # method -> the static chain case of depth γ
                 for schedule in schedules:
-                    progress.step(f"{model} γ={gamma} {schedule} B={batch} {backend}")
-                    case = new_case(**base, group=f"{model} γ={gamma}", gamma=gamma, mode=schedule)
-                    cases.append(case)
-                    notes = [note_model] if note_model else []
-                    try:
+                    for method in methods:
+                        label = schedule if method == "token" else f"{schedule} {method}"
+                        progress.step(f"{model} γ={gamma} {label} B={batch} {backend}")
+                        case = new_case(**dict(base, group=f"{model} γ={gamma}", gamma=gamma, mode=label,
+                                               verify_method=method))
+                        cases.append(case)
+                        notes = [note_model] if note_model else []
                         sps = None
                         if schedule == "dspark":
-                            t0 = time.perf_counter()
-                            sps = build(gamma, "static", None)(None).profile_sps()
+                            try:
+                                t0 = time.perf_counter()
+                                sps = build(gamma, "static", None)(None).profile_sps()
+                            except Exception as exc:  # noqa: BLE001
+                                case.update(status="error", note=f"{type(exc).__name__}: {exc}"[:160])
+                                continue
                             case["sps_profile_s"] = time.perf_counter() - t0
                             notes.append(f"sps profiled in {case['sps_profile_s']:.1f} s")
-                        m = _measure(build(gamma, schedule, sps), prompts, args, ctx)
-                        _fill(case, m, (target_bytes, drafter_bytes), ctx)
-                    except Exception as exc:  # noqa: BLE001
-                        case.update(status="error", note=f"{type(exc).__name__}: {exc}"[:160])
-                        continue
-                    if m_ar is not None:
-                        case["ar_tokens_per_s"] = ar["tokens_per_s"]
-                        case["speedup_vs_ar"] = case["tokens_per_s"] / ar["tokens_per_s"]
-                        if greedy:
-                            same = [r.output == q.output for r, q in zip(m["requests"], m_ar["requests"])]
-                            case["identical"] = case["correct"] = all(same)
-                            if not all(same):
-                                notes.append(f"{same.count(False)}/{len(same)} outputs differ from AR")
-                        else:
-                            notes.append(f"T={args.temperature:g}: sampled, not compared")
-                    else:
-                        notes.append("no AR baseline (it failed)")
-                    case["note"] = "; ".join(notes) or None
+                        if measure(case, build(gamma, schedule, sps, method=method), notes) and schedule == "static":
+                            static_chain[method] = case
+                if gamma in trees:
+                    _tree_cases(cases, trees[gamma], gamma, base, model, note_model, methods, siblings, static_chain,
+                                drafter.cfg.max_gamma, build, measure, progress, f"B={batch} {backend}")
     progress.close()
     return cases
+
+
+def _tree_cases(cases, layout, gamma, base, model, note_model, methods, siblings, static_chain, max_gamma, build,
+                measure, progress, where) -> None:
+    """The tree mode of depth γ and the static chain of its node count; τ / tok/s notes against both chains."""
+    n = layout.num_nodes
+    shape = "x".join(map(str, layout.branches))
+    same_nodes = {}
+    for method in methods:
+        label = f"static γ={n}" + ("" if method == "token" else f" {method}")
+        progress.step(f"{model} γ={gamma} {label} {where}")
+        case = new_case(**dict(base, group=f"{model} γ={gamma}", gamma=n, mode=label, verify_method=method))
+        cases.append(case)
+        if n > max_gamma:
+            case.update(status="skipped", note=f"a chain of {n} drafts exceeds the drafter's max_gamma {max_gamma}")
+            continue
+        notes = [note_model] if note_model else []
+        notes.append(f"the chain of the tree {shape}'s {n} verified tokens")
+        if measure(case, build(n, "static", None, method=method), notes):
+            same_nodes[method] = case
+    for sib in siblings:
+        label = f"tree {shape}" + ("" if sib == "top-k" else f" {sib}")
+        progress.step(f"{model} γ={gamma} {label} {where}")
+        case = new_case(**dict(base, group=f"{model} γ={gamma}", gamma=gamma, mode=label, verify_method="tree",
+                               tree_branches=list(layout.branches), tree_nodes=n, tree_siblings=sib))
+        cases.append(case)
+        notes = [note_model] if note_model else []
+        if not measure(case, build(gamma, "static", None, tree=layout, tree_siblings=sib), notes):
+            continue
+        parts = []
+        for what, other in [*((f"chain γ={gamma}" + ("" if m == "token" else f" {m}"), c)
+                              for m, c in static_chain.items()),
+                            *((f"chain γ={n}" + ("" if m == "token" else f" {m}"), c) for m, c in same_nodes.items())]:
+            parts.append(f"{what} τ {other['tau']:.2f}, x{case['tokens_per_s'] / other['tokens_per_s']:.2f} tok/s")
+        summary = f"{n} nodes: τ {case['tau']:.2f}" + (" vs " + "; ".join(parts) if parts else "")
+        case["note"] = f"{case['note']}; {summary}" if case["note"] else summary
 
 
 # --------------------------------------------------------------------------- table and plot

@@ -19,6 +19,21 @@ number of accepted drafts per request measured on these inputs.
 our backends, in the same run: its group is labelled ``method=block`` and its note
 gives the mean accepted length and the time against token-wise on the same backend.
 
+``--tree`` adds, for every token-wise case, a draft tree of depth γ
+(``--tree-branch K``: K children per node at each of the first two levels, a chain
+after; ``K1,K2,…`` per level) verified with ``verify_tree``, and the chain of the
+same number of verified tokens (γ = the tree's node count) verified with
+verify_block, both in the same run as the chain of the same depth (the case
+itself). The tree uses the same input model: every window row (the root and each
+node) has a target row and a draft row as above; a node's children come from its
+draft row: in the greedy and point-mass modes ``K`` distinct tokens sampled
+without replacement (the Gumbel top-K, so the first child has exactly the chain
+draft's law), verified as point masses; in the draft-logits / draft-probs modes ``K``
+i.i.d. samples with that row as each child's q (the lossless configurations,
+docs/verification.md#verification-of-draft-trees-verify_tree). The
+tree group's notes give the mean accepted length and the time against both chains
+on the same backend.
+
 Correctness is checked once per case before timing, on integer outputs:
 every backend against the reference on the whole batch when the reference is
 cheap (``B·(γ+1)·V <= --reference-cap``), else against the cpu backend (on CPU
@@ -85,6 +100,11 @@ def add_arguments(p) -> None:
                    help=f"implementations to time: {', '.join(ALL_BACKENDS)} (default: every one that runs here)")
     p.add_argument("--method", nargs="+", choices=VERIFY_METHODS,
                    help="verification method (default token); block also runs token-wise on the same inputs")
+    p.add_argument("--tree", action="store_true",
+                   help="also verify a draft tree of depth γ with verify_tree against the chains of the same "
+                        "depth and of the same number of verified tokens, in the same run")
+    p.add_argument("--tree-branch", default="2", metavar="K",
+                   help="tree children per node at each of the first two levels (default 2), or K1,K2,... per level")
     p.add_argument("--reference-cap", type=float, default=REFERENCE_CAP,
                    help="time the reference only when B*(γ+1)*V is at most this (default %(default).0e)")
 
@@ -310,6 +330,9 @@ def run(args, ctx) -> list[dict]:
                 else:
                     _compare_with_token(got, token_cases.get(key, {}))
                 cases += got
+                if getattr(args, "tree", False) and group.method == "token":
+                    cases += _run_tree_cases(args, ctx, group, batch, names, explicit, cpu_ok, ceiling, seeds[key],
+                                             token_cases[key])
             except torch.cuda.OutOfMemoryError as exc:  # one too-large case must not stop the sweep
                 torch.cuda.empty_cache()
                 cases.append(new_case(op=NAME, group=group.label(), preset=group.preset, vocab=group.vocab,
@@ -414,3 +437,142 @@ def _run_case(args, ctx, group: Group, batch: int, names: list[str], explicit: b
     return cases
 
 
+
+
+# --------------------------------------------------------------------------- trees (--tree)
+
+
+def tree_layout(args, gamma: int):
+    from dspark_kernels.loop.tree import TreeLayout, parse_branches
+
+    return TreeLayout.build(gamma, parse_branches(getattr(args, "tree_branch", "2")))
+
+
+def _sibling_ranks(parents: tuple[int, ...]) -> list[int]:
+    seen: dict[int, int] = {}
+    ranks = []
+    for p in parents:
+        ranks.append(seen.get(p, 0))
+        seen[p] = ranks[-1] + 1
+    return ranks
+
+
+def make_tree_inputs(group: Group, batch: int, device: torch.device, seed: int, layout) -> dict:
+    """Inputs of one tree case (module docstring): B copies of ``layout``, rows in verify_tree's layout."""
+    B, V, n = batch, group.vocab, layout.num_nodes
+    N, T = B * n, B * (n + 1)
+    gen = torch.Generator(device=device).manual_seed(seed + 7)
+    z = torch.randn(T, V, generator=gen, device=device)
+    rows = torch.arange(T, device=device)
+    peak = torch.randint(0, V, (T,), generator=gen, device=device)
+    tail = math.log(V) + 0.5
+    z[rows, peak] = math.log(TARGET_PEAK / (1 - TARGET_PEAK)) + tail
+    d = z + DRAFT_NOISE * torch.randn(T, V, generator=gen, device=device)
+    d[rows, peak] = math.log(DRAFT_PEAK / (1 - DRAFT_PEAK)) + tail + DRAFT_NOISE**2 / 2
+    parents = torch.tensor(layout.parents, dtype=torch.int64, device=device)
+    req = torch.arange(B, device=device).repeat_interleave(n)
+    parent_row = req * (n + 1) + 1 + parents.repeat(B)             # the window row whose children these are
+    q = d[parent_row]                                              # [N, V]
+    iid = group.mode in ("sample-draft-logits", "sample-draft-probs")
+    if iid:   # siblings drawn i.i.d. from their parent's draft row
+        u = torch.rand(N, V, generator=gen, device=device).clamp_(min=1e-20)
+        tokens = torch.argmax(q - torch.log(-torch.log(u)), dim=-1)
+        del u
+    else:     # K distinct tokens per parent, sampled without replacement (Gumbel top-K), verified as point masses
+        ranks = torch.tensor(_sibling_ranks(layout.parents), device=device).repeat(B)
+        k = min(int(ranks.max()) + 1 if N else 1, V)
+        u = torch.rand(T, V, generator=gen, device=device).clamp_(min=1e-20)
+        top = (d - torch.log(-torch.log(u))).topk(k, dim=-1).indices          # [T, K] per window row
+        del u
+        tokens = top[parent_row, ranks.clamp(max=k - 1)]
+    dtype = DTYPES[group.dtype]
+    return {
+        "batch": B, "gamma": layout.depth, "vocab": V, "num_draft": N, "max_num_draft": layout.depth,
+        "target_logits": z.to(dtype), "draft_tokens": tokens.to(torch.int32),
+        "parents": parents.repeat(B).to(torch.int32),
+        "cu_num_draft": (torch.arange(B + 1, device=device) * n).to(torch.int32),
+        "draft_logits": q.to(dtype) if group.mode == "sample-draft-logits" else None,
+        "draft_probs": torch.softmax(q, dim=-1) if group.mode == "sample-draft-probs" else None,
+        "temperature": torch.ones(B, device=device) if group.mode != "greedy" else None,
+        "seed": torch.arange(B, device=device, dtype=torch.int64) + 7919 * seed,
+        "offset": torch.randint(0, 2**20, (B,), generator=gen, device=device, dtype=torch.int64),
+    }
+
+
+def tree_runner(name: str):
+    def run(inp: dict):
+        return dspark_kernels.verify_tree(
+            inp["target_logits"], inp["draft_tokens"], inp["parents"], inp["cu_num_draft"],
+            draft_logits=inp["draft_logits"], draft_probs=inp["draft_probs"], temperature=inp["temperature"],
+            seed=inp["seed"], offset=inp["offset"], max_depth=inp["max_num_draft"], backend=name)
+    return run
+
+
+def _same_all(a: tuple, b: tuple) -> bool:
+    return all(torch.equal(x.cpu(), y.cpu()) for x, y in zip(a, b))
+
+
+def _run_tree_cases(args, ctx, group: Group, batch: int, names: list[str], explicit: bool, cpu_ok: bool,
+                    ceiling: float | None, seed: int, chain_depth: dict) -> list[dict]:
+    """The tree of depth γ and the chain of the tree's node count, on our backends; notes against both chains."""
+    device = ctx.device
+    layout = tree_layout(args, group.gamma)
+    n = layout.num_nodes
+    shape = "x".join(map(str, layout.branches))
+    tree_group = f"{group.label()} tree {shape} ({n} nodes)"
+    chain_group = f"{dataclasses.replace(group, gamma=n).label()} (chain of the tree's {n} nodes)"
+    trees = make_tree_inputs(group, batch, device, seed, layout)
+    chains = make_inputs(dataclasses.replace(group, gamma=n), batch, device, seed)
+    out: list[dict] = []
+    runs = {}
+    for label, gamma, inp, runner in ((chain_group, n, chains, own_runner),
+                                      (tree_group, group.gamma, trees, tree_runner)):
+        cost_group = dataclasses.replace(group, gamma=n)        # both verify n tokens + the root / bonus row
+        base = dict(op=NAME, group=label, preset=group.preset, vocab=group.vocab, batch=batch, gamma=gamma,
+                    dtype=group.dtype, mode=group.mode, bytes=min_bytes(inp) + (4 * inp["num_draft"]
+                                                                               if runner is tree_runner else 0))
+        ref_ok = _availability("reference", device, False, cost_group, batch, args.reference_cap) is None
+        check, check_name = None, None
+        if ref_ok:
+            check, check_name = runner("reference")(inp), "reference"
+        elif cpu_ok:
+            check, check_name = runner("cpu")(to_cpu(inp)), "cpu"
+        inputs = rotate(inp, timing.rotation_copies(input_bytes(inp), device))
+        cases = {}
+        for name in names:
+            case = new_case(**base, backend=name, tree_nodes=n if runner is tree_runner else None,
+                            tree_branches=list(layout.branches) if runner is tree_runner else None)
+            out.append(case)
+            why = _availability(name, device, explicit, cost_group, batch, args.reference_cap)
+            if why is None and name not in OWN:
+                why = "skipped", "trees: our backends only (chains of the same depth: the group above)"
+            if why is not None:
+                case["status"], case["note"] = why
+                continue
+            fn = runner(name)
+            try:
+                got = fn(inp)
+                t = timing.time_backend(ctx, name, fn, inputs)
+            except Exception as exc:  # noqa: BLE001 - reported in the table, the sweep goes on
+                case["status"], case["note"] = "error", _short(exc)
+                continue
+            num_accepted = got[1]
+            case["mean_accepted"] = float(num_accepted.float().mean())
+            case["correct"] = _same_all(got, check) if check is not None and name != check_name else None
+            case.update(status="ok", note=f"= {check_name}" if case["correct"] is not None else "",
+                        median_s=t.median_s, p20_s=t.p20_s, p80_s=t.p80_s, n=t.n, method=t.method, copies=t.copies)
+            case["GBps"] = base["bytes"] / t.median_s / 1e9
+            case["pct_ceiling"] = 100.0 * case["GBps"] / ceiling if ceiling else None
+            cases[name] = case
+        runs[runner] = cases
+        add_speedups([c for c in out if c["group"] == label])
+    for name, c in runs[tree_runner].items():
+        parts = []
+        for what, other in ((f"chain γ={group.gamma}", chain_depth.get(name)),
+                            (f"chain γ={n}", runs[own_runner].get(name))):
+            if other is not None and other.get("status") == "ok":
+                parts.append(f"{what} {other['mean_accepted']:.3f} (time x{c['median_s'] / other['median_s']:.2f})")
+        if parts:
+            summary = f"accepted {c['mean_accepted']:.3f} vs " + ", ".join(parts)
+            c["note"] = f"{c['note']}; {summary}" if c["note"] else summary
+    return out

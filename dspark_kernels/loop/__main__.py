@@ -2,6 +2,7 @@
 
     python -m dspark_kernels.loop [--gamma 5] [--schedule dspark|static] [--prompts 4]
                                   [--max-new-tokens 96] [--temperature 0] [--device cpu|cuda]
+                                  [--method token|block] [--tree [--tree-branch 2] [--tree-siblings top-k|sample]]
 
 Trains the target and the drafter on the Python standard library's source the
 first time (a few minutes on 2 cores; cached after), then generates from
@@ -10,6 +11,12 @@ DSpark speculative decoding (draft → schedule → verify → commit). It print
 text, the acceptance length τ, tokens per second of both, where the speculative
 run's time goes per op, and checks that greedy output is identical in both runs
 and that the reference ops give the same tokens as the fused ones.
+
+``--method block`` verifies the chains with block verification; ``--tree`` drafts
+a tree of depth γ instead (``--tree-branch K``: K children at each of the first two
+levels, a chain after; ``K1,K2,…`` per level), verified in one target pass with
+``verify_tree`` (static schedule; docs/loop.md#tree-mode); ``--tree-siblings sample``
+draws a sampling request's children i.i.d. from the drafter instead of its top-K.
 """
 
 from __future__ import annotations
@@ -22,6 +29,7 @@ import torch
 
 from .engine import OpTimers, Request, SpecDecoder
 from .train import load_or_train
+from .tree import TreeLayout, parse_branches
 
 
 def held_out_prompts(held_out: torch.Tensor, count: int, length: int = 48) -> list[list[int]]:
@@ -41,13 +49,22 @@ def show(tokens: list[int]) -> str:
     return bytes(tokens).decode("utf-8", errors="replace")
 
 
+def spec_options(args, gamma) -> dict:
+    """SpecDecoder's ``method`` / ``tree`` from the flags (``--tree``: a tree of depth γ)."""
+    tree = TreeLayout.build(gamma, parse_branches(args.tree_branch)) if gamma and getattr(args, "tree", False) else None
+    return dict(method=getattr(args, "method", "token"), tree=tree,
+                tree_siblings=getattr(args, "tree_siblings", "top-k"))
+
+
 def run(target, drafter, prompts, args, *, gamma, backend=None, sps=None, max_new=None, timers=None):
     reqs = [Request(p, max_new_tokens=max_new or args.max_new_tokens, temperature=args.temperature, seed=1000 + i,
                     eos_id=0) for i, p in enumerate(prompts)]
+    opts = spec_options(args, gamma)
+    window = (opts["tree"].num_nodes if opts["tree"] is not None else gamma) + 1
     eng = SpecDecoder(target, drafter if gamma else None, gamma=gamma, schedule=args.schedule if gamma else "static",
                       sps=sps, backend=backend, max_batch=args.batch, page_size=16,
-                      max_len=max(len(p) for p in prompts) + (max_new or args.max_new_tokens) + gamma + 1,
-                      timers=timers)
+                      max_len=max(len(p) for p in prompts) + (max_new or args.max_new_tokens) + window,
+                      timers=timers, **opts)
     dev = target.embed.weight.device
     if dev.type == "cuda":
         torch.cuda.synchronize(dev)
@@ -71,7 +88,22 @@ def main(argv=None) -> int:
     ap.add_argument("--retrain", action="store_true", help="train again even if cached")
     ap.add_argument("--no-reference-check", action="store_true",
                     help="skip re-running one prompt through the reference ops")
+    ap.add_argument("--method", choices=["token", "block"], default="token",
+                    help="chain verification: token-wise (default) or block verification")
+    ap.add_argument("--tree", action="store_true",
+                    help="draft a tree of depth γ, verify every node in one pass (verify_tree; static schedule)")
+    ap.add_argument("--tree-branch", default="2", metavar="K",
+                    help="children at each of the first two tree levels (default 2), or K1,K2,... per level")
+    ap.add_argument("--tree-siblings", choices=["top-k", "sample"], default="top-k",
+                    help="tree children: the drafter's top-K (point masses; default) or, for sampling, "
+                         "i.i.d. draws verified against q")
     args = ap.parse_args(argv)
+    if args.tree:
+        args.schedule = "static"       # every node of the tree is verified
+        try:
+            parse_branches(args.tree_branch)
+        except ValueError as exc:
+            ap.error(str(exc))
     if args.threads:
         torch.set_num_threads(args.threads)
 
@@ -110,8 +142,11 @@ def main(argv=None) -> int:
     tau = n_spec / max(1, steps)
     same = [a.output == s.output for a, s in zip(ar, spec)]
     print("\n=== summary " + "=" * 60)
+    shape = spec_options(args, args.gamma)["tree"]
+    mode = (f", tree {shape.branches} ({shape.num_nodes} nodes, {args.tree_siblings} siblings)" if shape is not None
+            else f", method {args.method}")
     print(f"γ = {args.gamma}, schedule = {args.schedule}" + (f" (SPS table profiled in {t_prof:.1f} s)"
-                                                             if sps is not None else "")
+                                                             if sps is not None else "") + mode
           + f", temperature {args.temperature}, {len(prompts)} prompts, batch {args.batch}, device {dev}")
     print(f"acceptance length τ = {tau:.2f} tokens per verify step ({steps} request-steps, "
           f"{sum(r.accepted for r in spec)}/{sum(r.drafted for r in spec)} drafts accepted)")

@@ -45,6 +45,7 @@ import torch
 from .. import (draft_sample_block, kv_commit, kv_release_pages, schedule_verify_lens, verify_block,
                 window_commit)
 from .models import Drafter, Target, op_backend
+from .tree import SIBLINGS, TreeLayout, tree_step
 
 
 @dataclass
@@ -123,14 +124,38 @@ class SpecDecoder:
         page_size, max_len: paged KV cache geometry; ``max_len`` bounds a request's
             prompt + output (+ γ + 1 in flight).
         num_pages: pages in the pool (default: enough for every slot at ``max_len``).
+        method: verify_block's method for chains, ``"token"`` or ``"block"`` (block
+            verification: same law, longer expected accepted length).
+        tree: tree mode (loop/tree.py, docs/loop.md#tree-mode): a ``TreeLayout`` or the
+            branches per level, e.g. ``(2, 2)``, of a tree of depth ``gamma``; every node
+            is verified in one target pass and ``verify_tree`` picks the path. Static
+            schedule only.
+        tree_siblings: ``"top-k"`` (the drafter's best K children, verified as point
+            masses) or ``"sample"`` (sampling requests draw children i.i.d. from the
+            drafter's q and verify against it; greedy ones keep the top-K).
     """
 
     def __init__(self, target: Target, drafter: Drafter | None = None, *, gamma: int = 5,
                  schedule: str = "static", sps: torch.Tensor | None = None, backend: str | None = None,
                  max_batch: int = 16, page_size: int = 16, max_len: int = 1024, num_pages: int | None = None,
-                 timers: OpTimers | None = None):
+                 timers: OpTimers | None = None, method: str = "token",
+                 tree: TreeLayout | tuple[int, ...] | None = None, tree_siblings: str = "top-k"):
         if schedule not in ("static", "dspark"):
             raise ValueError(f"schedule must be 'static' or 'dspark', got {schedule!r}")
+        if method not in ("token", "block"):
+            raise ValueError(f"method must be 'token' or 'block', got {method!r}")
+        if tree is not None:
+            if drafter is None or gamma < 1:
+                raise ValueError("tree mode needs a drafter and gamma (the tree depth) >= 1")
+            if schedule != "static":
+                raise ValueError("tree mode verifies every node: schedule must be 'static'")
+            if not isinstance(tree, TreeLayout):
+                tree = TreeLayout.build(gamma, tuple(tree))
+            if tree.depth != gamma:
+                raise ValueError(f"tree depth ({tree.depth}) must equal gamma ({gamma})")
+        if tree_siblings not in SIBLINGS:
+            raise ValueError(f"tree_siblings must be one of {SIBLINGS}, got {tree_siblings!r}")
+        self.method, self.tree, self.tree_siblings = method, tree, tree_siblings
         self.gamma = gamma if drafter is not None else 0
         if drafter is not None and gamma > drafter.cfg.max_gamma:
             raise ValueError(f"gamma ({gamma}) exceeds the drafter's max_gamma ({drafter.cfg.max_gamma})")
@@ -163,10 +188,11 @@ class SpecDecoder:
     # ------------------------------------------------------------------ public API
 
     def add_request(self, req: Request) -> Request:
-        need = len(req.prompt) + req.max_new_tokens + self.gamma + 1
+        window = (self.tree.num_nodes if self.tree is not None else self.gamma) + 1
+        need = len(req.prompt) + req.max_new_tokens + window
         if need > self.max_len:
-            raise ValueError(f"prompt ({len(req.prompt)}) + max_new_tokens ({req.max_new_tokens}) + gamma + 1 "
-                             f"exceeds max_len ({self.max_len})")
+            raise ValueError(f"prompt ({len(req.prompt)}) + max_new_tokens ({req.max_new_tokens}) + verify window "
+                             f"({window}: gamma or tree nodes, + 1) exceeds max_len ({self.max_len})")
         vocab = self.target.cfg.vocab_size
         if min(req.prompt) < 0 or max(req.prompt) >= vocab:
             raise ValueError(f"Request.prompt holds ids outside [0, {vocab})")
@@ -232,7 +258,7 @@ class SpecDecoder:
         return (as_t(tokens), as_t(positions), as_t(row_req), as_t(row_idx), as_t(seq_lens),
                 max(seq_lens), max(len(t) for t in new_tokens))
 
-    def _target_pass(self, reqs, new_tokens):
+    def _target_pass(self, reqs, new_tokens, **tree):
         for r, toks in zip(reqs, new_tokens):
             self._ensure_pages(r, r.committed + len(toks))
         block_table = self._block_table(reqs)
@@ -240,7 +266,7 @@ class SpecDecoder:
         with self.timers("target forward", self.device):
             logits, hidden = self.target.forward_paged(tokens, positions, row_req, row_idx, seq_lens, self.kv_caches,
                                                        block_table, self.page_size, max_seq, max_rows,
-                                                       backend=self.backend)
+                                                       backend=self.backend, **tree)
         return block_table, positions, row_req, row_idx, logits, hidden
 
     def _slot_offsets(self, reqs: list[Request], counts: list[int]) -> torch.Tensor:
@@ -298,6 +324,9 @@ class SpecDecoder:
 
     def step(self) -> None:
         """One draft → schedule → verify → commit step over every active request."""
+        if self.tree is not None:
+            tree_step(self)
+            return
         self._admit()
         reqs = sorted(self.active, key=lambda r: r.slot)
         if not reqs:
@@ -346,6 +375,7 @@ class SpecDecoder:
             out, num_accepted = verify_block(logits, flat_drafts, cu, draft_logits=flat_logits,
                                              temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
                                              offset=offset, max_num_draft=max(gamma, 1),
+                                             method=self.method if sum(lens) > 0 else "token",
                                              backend=op_backend(self.backend, "verify_block"))
         with self.timers("kv_commit + release", dev):
             path = torch.arange(gamma + 1, dtype=torch.int32, device=dev).expand(nb, -1)
@@ -355,7 +385,10 @@ class SpecDecoder:
             self._release(reqs, block_table, new_len, old_len)
         keep = row_idx <= num_accepted.long()[row_req]
         self._commit_context(reqs, [n + 1 for n in lens], hidden, positions, keep)
+        self._emit(reqs, out, num_accepted, lens)
 
+    def _emit(self, reqs: list[Request], out: torch.Tensor, num_accepted: torch.Tensor, lens: list[int]) -> None:
+        """Append each request's accepted tokens and its emitted one; stop at EOS / max_new_tokens."""
         out, num_accepted = out.tolist(), num_accepted.tolist()
         finished = []
         for r, row, a, n in zip(reqs, out, num_accepted, lens):

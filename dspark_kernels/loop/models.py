@@ -161,8 +161,8 @@ class MoE(nn.Module):
         return out.reshape(shape)
 
 
-LOOP_OPS = ("verify_block", "draft_sample_block", "schedule_verify_lens", "draft_block_attention", "kv_commit",
-            "kv_release_pages", "window_commit", "fused_moe")
+LOOP_OPS = ("verify_block", "verify_tree", "draft_sample_block", "schedule_verify_lens", "draft_block_attention",
+            "kv_commit", "kv_release_pages", "window_commit", "fused_moe")
 
 
 def op_backend(backend: str | dict | None, op: str) -> str | None:
@@ -269,7 +269,8 @@ class Target(nn.Module):
     def forward_paged(self, tokens: torch.Tensor, positions: torch.Tensor, row_req: torch.Tensor,
                       row_idx: torch.Tensor, seq_lens: torch.Tensor, kv_caches: list[torch.Tensor],
                       block_table: torch.Tensor, page_size: int, max_seq_len: int, max_rows: int,
-                      *, backend: str | None = None):
+                      *, backend: str | None = None, tree_mask: torch.Tensor | None = None,
+                      rope_positions: torch.Tensor | None = None):
         """A ragged batch of new tokens against a paged KV cache (the verify / prefill pass).
 
         Row ``t`` is token ``tokens[t]`` of request ``row_req[t]`` at absolute position
@@ -281,6 +282,14 @@ class Target(nn.Module):
         ``≤ positions[t]``. ``max_seq_len`` / ``max_rows`` (≥ every ``seq_lens`` / row
         count) size the padded attention; the engine knows them on the host.
         Returns (logits ``[T, V]`` float32, hidden ``[T, Dh]``).
+
+        Tree verification (loop/tree.py): ``tree_mask [T, max_rows]`` bool replaces the
+        causal order among the new rows: row ``t`` sees its request's cached context
+        (positions before its first new row, ``positions[t] - row_idx[t]``) and new row
+        ``j`` iff ``tree_mask[t, j]`` (its ancestors and itself). ``positions`` stay the
+        cache slots the rows are written to (the flattened nodes); ``rope_positions``
+        (default ``positions``) are the token positions RoPE sees (anchor position +
+        the node's depth), so a node's K/V equal a sequential forward along its path.
         """
         cfg = self.cfg
         nb = block_table.shape[0]
@@ -291,10 +300,12 @@ class Target(nn.Module):
         q_pos = torch.zeros(nb, max_rows, dtype=torch.long, device=tokens.device)
         q_pos[row_req, row_idx] = positions.long()
         mask = (key_pos[None, None, :] <= q_pos[:, :, None]) & (key_pos[None, None, :] < seq_lens[:, None, None])
+        if tree_mask is not None:
+            mask = self._tree_attention_mask(mask, tree_mask, key_pos, q_pos, positions, row_req, row_idx, max_rows)
         w_pages = block_table[row_req, positions // page_size].long()
         w_slots = positions.long() % page_size
         x = self.embed(tokens.long())
-        rot = rotary(positions, cfg.head_dim, cfg.rope_theta, x.dtype)
+        rot = rotary(positions if rope_positions is None else rope_positions, cfg.head_dim, cfg.rope_theta, x.dtype)
         hidden = []
         for i, layer in enumerate(self.layers):
             q, k, v = layer.qkv(layer.attn_norm(x), rot)
@@ -313,6 +324,22 @@ class Target(nn.Module):
             if i in cfg.hidden_layers:
                 hidden.append(x)
         return self.lm_head(self.norm(x)).float(), torch.cat(hidden, -1)
+
+    @staticmethod
+    def _tree_attention_mask(causal, tree_mask, key_pos, q_pos, positions, row_req, row_idx, max_rows):
+        """``[B, max_rows, S]``: the context before each request's window, then the new rows ``tree_mask`` allows."""
+        nb = causal.shape[0]
+        start = torch.zeros(nb, max_rows, dtype=torch.long, device=key_pos.device)
+        start[row_req, row_idx] = positions.long() - row_idx.long()          # the window's first cache slot
+        allowed = torch.zeros(nb, max_rows, max_rows, dtype=torch.bool, device=key_pos.device)
+        allowed[row_req, row_idx] = tree_mask.to(torch.bool)
+        rel = key_pos[None, None, :] - start[:, :, None]                       # key slot within the window
+        in_window = (rel >= 0) & (rel < max_rows)
+        tree_vis = allowed.gather(2, rel.clamp(0, max_rows - 1)) & in_window
+        real = torch.zeros(nb, max_rows, dtype=torch.bool, device=key_pos.device)
+        real[row_req, row_idx] = True
+        # Padding rows keep the causal mask (they see position 0 and are dropped).
+        return torch.where(real[:, :, None], causal & ((rel < 0) | tree_vis), causal)
 
 
 # --------------------------------------------------------------------------- drafter
