@@ -14,6 +14,7 @@
 #pragma once
 
 #include "kv_rules.h"
+#include "launch.h"  // block sizes and launch plans
 
 namespace dspark {
 namespace kv {
@@ -93,8 +94,6 @@ __device__ __forceinline__ void copy_bytes(char* dst, const char* src, int64_t b
 // table_column_at (no signed overflow for any committed_len).
 // ----------------------------------------------------------------------------
 
-constexpr int kCommitThreads = 128;
-constexpr int kMaxCachesPerLaunch = 96;  // keeps CommitParams under the classic 4 KB parameter limit
 
 struct CacheDesc {
   char* base;           // data_ptr of the cache
@@ -252,7 +251,6 @@ static __global__ void __launch_bounds__(kCommitThreads) commit_kernel(const __g
 // returned by whichever decrement reaches zero (exactly once).
 // ----------------------------------------------------------------------------
 
-constexpr int kReleaseWarps = 4;
 
 struct ReleaseParams {
   IntArray block_table;  // [B, P], row stride bt_stride
@@ -327,7 +325,6 @@ static __global__ void __launch_bounds__(kReleaseWarps * 32) release_kernel(cons
 // consistent cu, are skipped.
 // ----------------------------------------------------------------------------
 
-constexpr int kWindowThreads = 128;
 
 struct WindowParams {
   char* window;          // [B, W, *row]
@@ -375,8 +372,6 @@ static __global__ void __launch_bounds__(kWindowThreads) window_commit_kernel(co
 // indices outside [0, S) leave out[b] untouched.
 // ----------------------------------------------------------------------------
 
-constexpr int kStateThreads = 256;
-constexpr int64_t kStateTile = 16384;  // bytes per CTA
 
 struct StateParams {
   const char* states;     // [B, S, *state]

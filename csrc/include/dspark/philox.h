@@ -18,21 +18,7 @@
 // No torch header here: the file also compiles under NVRTC.
 #pragma once
 
-#if defined(__CUDACC_RTC__)
-// NVRTC has no C library headers: the fixed-width types it needs.
-typedef unsigned int uint32_t;
-typedef unsigned long long uint64_t;
-typedef long long int64_t;
-typedef int int32_t;
-#else
-#include <stdint.h>
-#endif
-
-#if defined(__CUDACC__) || defined(__CUDACC_RTC__)
-#define DSPARK_HD __host__ __device__ __forceinline__
-#else
-#define DSPARK_HD inline
-#endif
+#include "types.h"  // uint32_t ..., DSPARK_HD
 
 namespace dspark {
 

@@ -42,23 +42,13 @@
 #pragma once
 
 #include "philox.h"
+#include "launch.h"  // block sizes and launch plans
 #include "sampling.h"
 
 namespace dspark {
 namespace vb {
 
-// ----------------------------------------------------------------------------
-// Sizes
-// ----------------------------------------------------------------------------
-
-constexpr int kStatsThreads = 128;
-constexpr int64_t kStatsSplit = 4096;  // multiple of every vector width below
-constexpr int kFilterThreads = 512;
-constexpr int kWalkThreads = 256;
-constexpr int kRaceThreads = 128;
-constexpr int64_t kRaceSplit = 2048;  // multiple of 4 (one Philox call per 4 entries)
-constexpr int kFinishThreads = 32;
-constexpr int64_t kMaxGridY = 65535;
+// Block sizes and splits: launch.h (kStatsThreads, kStatsSplit, ...).
 
 enum DraftKind : int32_t { kPointMass = 0, kDraftLogits = 1, kDraftProbs = 2 };
 enum RaceMode : int32_t { kRaceNone = 0, kRaceResidual = 1, kRaceTarget = 2 };

@@ -21,13 +21,13 @@
 #pragma once
 
 #include "philox.h"
+#include "launch.h"  // block sizes and launch plans
 #include "sampling.h"
 #include "tree.h"
 
 namespace dspark {
 namespace vt {
 
-constexpr int kThreads = 256;
 
 enum DraftKind : int32_t { kPointMass = 0, kDraftLogits = 1, kDraftProbs = 2 };
 
