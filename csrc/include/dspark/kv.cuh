@@ -342,7 +342,7 @@ struct WindowParams {
   int32_t vec;
 };
 
-static __global__ void __launch_bounds__(kWindowThreads) window_commit_kernel(const __grid_constant__ WindowParams p) {
+static __global__ void __launch_bounds__(kWindowThreads, 1) window_commit_kernel(const __grid_constant__ WindowParams p) {
   const int64_t t = blockIdx.x;
   if (p.B == 0 || t >= p.T || !load_flag(p.keep, t)) return;
   const int64_t slot = window_slot(load_int(p.positions, t), p.W);

@@ -12,8 +12,8 @@
 // constant is `constexpr int|int64_t kName = <integer expression>;` on one line,
 // inside `namespace <short name> {`; no other code changes a constant.
 //
-// Torch-free and host-only (no __device__): a host compiler, nvcc and NVRTC all
-// include it.
+// Torch-free: a host compiler, nvcc and NVRTC all include it (the functions are
+// DSPARK_HD because NVRTC rejects unannotated host functions; no kernel calls them).
 #pragma once
 
 #include "types.h"
@@ -21,10 +21,10 @@
 namespace dspark {
 
 namespace launch {
-inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
-inline int64_t align_up(int64_t a, int64_t b) { return ceil_div(a, b) * b; }
-inline int64_t max64(int64_t a, int64_t b) { return a > b ? a : b; }
-inline int64_t min64(int64_t a, int64_t b) { return a < b ? a : b; }
+DSPARK_HD int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+DSPARK_HD int64_t align_up(int64_t a, int64_t b) { return ceil_div(a, b) * b; }
+DSPARK_HD int64_t max64(int64_t a, int64_t b) { return a > b ? a : b; }
+DSPARK_HD int64_t min64(int64_t a, int64_t b) { return a < b ? a : b; }
 }  // namespace launch
 
 // ---------------------------------------------------------------------------- random_words
@@ -33,7 +33,7 @@ constexpr int kThreads = 256;
 constexpr int64_t kMaxBlocks = 65536;  // grid-stride beyond this
 
 // Blocks of random_words_kernel for n words (n > 0).
-inline int64_t blocks(int64_t n) { return launch::min64(launch::ceil_div(n, kThreads), kMaxBlocks); }
+DSPARK_HD int64_t blocks(int64_t n) { return launch::min64(launch::ceil_div(n, kThreads), kMaxBlocks); }
 }  // namespace rw
 
 // ---------------------------------------------------------------------------- schedule_verify_lens
@@ -47,7 +47,7 @@ constexpr int kFinishThreads = 1024;
 struct Workspace {
   int64_t num_parts, keys, quant, part_count, part_theta, rank, bytes;
 };
-inline Workspace workspace(int64_t R, int64_t gamma) {
+DSPARK_HD Workspace workspace(int64_t R, int64_t gamma) {
   const int64_t n = R * gamma;
   Workspace w;
   w.num_parts = launch::ceil_div(n, kThreads);
@@ -85,7 +85,7 @@ struct Plan {
   int64_t num_splits, num_race_splits, stat_rows;
   int64_t partials, row_filter, desc, race_partials, z, bytes;
 };
-inline Plan plan(int64_t B, int64_t N, int64_t V, bool sampling, bool q_stats, bool with_filters, bool block,
+DSPARK_HD Plan plan(int64_t B, int64_t N, int64_t V, bool sampling, bool q_stats, bool with_filters, bool block,
                  int64_t stat_partial_size, int64_t row_filter_size, int64_t race_desc_size,
                  int64_t race_partial_size) {
   Plan p;
@@ -113,7 +113,7 @@ namespace vt {
 constexpr int kThreads = 256;  // tree_kernel: grid (B)
 
 // fp32 workspace elements: one row of V per request when sampling (at least 1).
-inline int64_t workspace_floats(int64_t B, int64_t V, bool sampling) { return sampling ? B * V : 1; }
+DSPARK_HD int64_t workspace_floats(int64_t B, int64_t V, bool sampling) { return sampling ? B * V : 1; }
 }  // namespace vt
 
 // ---------------------------------------------------------------------------- kv ops
@@ -127,7 +127,7 @@ constexpr int kWindowThreads = 128;
 constexpr int kStateThreads = 256;
 constexpr int64_t kStateTile = 16384;  // bytes per CTA
 
-inline int64_t align16(int64_t x) { return (x + 15) & ~int64_t(15); }
+DSPARK_HD int64_t align16(int64_t x) { return (x + 15) & ~int64_t(15); }
 
 // kv_commit: the byte tile of a row each CTA moves, its dynamic shared memory
 // (W planned moves of move_size bytes, then W staged tiles) and the tiles per row
@@ -137,8 +137,8 @@ inline int64_t align16(int64_t x) { return (x + 15) & ~int64_t(15); }
 struct CommitPlan {
   int64_t tile, smem, tiles;
 };
-inline int64_t commit_smem(int64_t W, int64_t tile, int64_t move_size) { return align16(W * move_size) + W * tile; }
-inline CommitPlan commit_plan(int64_t W, int64_t max_row, int64_t move_size) {
+DSPARK_HD int64_t commit_smem(int64_t W, int64_t tile, int64_t move_size) { return align16(W * move_size) + W * tile; }
+DSPARK_HD CommitPlan commit_plan(int64_t W, int64_t max_row, int64_t move_size) {
   CommitPlan c;
   int64_t tile = launch::max64(16, launch::min64(align16(max_row), kCommitMaxTile));
   while (commit_smem(W, tile, move_size) > kDefaultSmem && tile > 16) tile = launch::max64(16, (tile / 2) & ~int64_t(15));
@@ -149,10 +149,10 @@ inline CommitPlan commit_plan(int64_t W, int64_t max_row, int64_t move_size) {
 }
 
 // kv_release_pages: blocks of kReleaseWarps warps, one warp per request.
-inline int64_t release_blocks(int64_t B) { return launch::ceil_div(B, kReleaseWarps); }
+DSPARK_HD int64_t release_blocks(int64_t B) { return launch::ceil_div(B, kReleaseWarps); }
 
 // state_select: grid (B, tiles of kStateTile bytes).
-inline int64_t state_tiles(int64_t row_bytes) { return launch::ceil_div(row_bytes, kStateTile); }
+DSPARK_HD int64_t state_tiles(int64_t row_bytes) { return launch::ceil_div(row_bytes, kStateTile); }
 }  // namespace kv
 
 }  // namespace dspark

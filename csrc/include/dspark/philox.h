@@ -22,6 +22,9 @@
 
 namespace dspark {
 
+// random_words: an index is a uint32 value, in [0, 2^32).
+constexpr int64_t kRandomWordsIndexEnd = int64_t{1} << 32;
+
 // Purpose salts: independent streams, so the noise that drew a draft is never
 // reused to resample it (vLLM's shared-noise bias).
 constexpr uint32_t kSaltDraft = 0x44524654u;     // "DRFT"

@@ -12,8 +12,6 @@
 namespace dspark {
 namespace rw {
 
-constexpr int64_t kIndexEnd = int64_t{1} << 32;  // index in [0, 2^32)
-
 // An index outside [0, 2^32) (a CPU error) gives -1, never a truncated index's word.
 __global__ void __launch_bounds__(kThreads)
     random_words_kernel(const int64_t* __restrict__ seed, const int64_t* __restrict__ position,
@@ -21,7 +19,7 @@ __global__ void __launch_bounds__(kThreads)
   const int64_t step = static_cast<int64_t>(gridDim.x) * kThreads;
   for (int64_t k = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x; k < n; k += step) {
     const int64_t i = index[k];
-    out[k] = i >= 0 && i < kIndexEnd
+    out[k] = i >= 0 && i < kRandomWordsIndexEnd
                  ? static_cast<int64_t>(random_word(static_cast<uint64_t>(seed[k]), static_cast<uint64_t>(position[k]),
                                                     salt, static_cast<uint32_t>(i)))
                  : int64_t{-1};
