@@ -81,7 +81,7 @@ def _extensions():
             free_gb = 8
         os.environ["MAX_JOBS"] = str(max(1, min(os.cpu_count() or 1, int(free_gb // 4))))
 
-    sources = ["csrc/ops.cpp"] + sorted(glob.glob("csrc/cpu/*.cpp"))
+    sources = ["csrc/ops.cpp", "csrc/launch_plan.cpp"] + sorted(glob.glob("csrc/cpu/*.cpp"))
     include_dirs = [os.path.join(ROOT, "csrc"), os.path.join(ROOT, "csrc", "include")]
     cxx_flags = ["-O3", "-fopenmp"]
     link_flags = ["-fopenmp"]

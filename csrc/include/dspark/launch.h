@@ -20,12 +20,12 @@
 
 namespace dspark {
 
-namespace launch {
+namespace launch_util {
 DSPARK_HD int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 DSPARK_HD int64_t align_up(int64_t a, int64_t b) { return ceil_div(a, b) * b; }
 DSPARK_HD int64_t max64(int64_t a, int64_t b) { return a > b ? a : b; }
 DSPARK_HD int64_t min64(int64_t a, int64_t b) { return a < b ? a : b; }
-}  // namespace launch
+}  // namespace launch_util
 
 // ---------------------------------------------------------------------------- random_words
 namespace rw {
@@ -33,7 +33,7 @@ constexpr int kThreads = 256;
 constexpr int64_t kMaxBlocks = 65536;  // grid-stride beyond this
 
 // Blocks of random_words_kernel for n words (n > 0).
-DSPARK_HD int64_t blocks(int64_t n) { return launch::min64(launch::ceil_div(n, kThreads), kMaxBlocks); }
+DSPARK_HD int64_t blocks(int64_t n) { return launch_util::min64(launch_util::ceil_div(n, kThreads), kMaxBlocks); }
 }  // namespace rw
 
 // ---------------------------------------------------------------------------- schedule_verify_lens
@@ -50,9 +50,9 @@ struct Workspace {
 DSPARK_HD Workspace workspace(int64_t R, int64_t gamma) {
   const int64_t n = R * gamma;
   Workspace w;
-  w.num_parts = launch::ceil_div(n, kThreads);
-  const int64_t slots = launch::max64(n, 1);
-  const int64_t parts = launch::max64(w.num_parts, 1);
+  w.num_parts = launch_util::ceil_div(n, kThreads);
+  const int64_t slots = launch_util::max64(n, 1);
+  const int64_t parts = launch_util::max64(w.num_parts, 1);
   w.keys = 0;
   w.quant = slots * 8;
   w.part_count = 2 * slots * 8;
@@ -90,14 +90,14 @@ DSPARK_HD Plan plan(int64_t B, int64_t N, int64_t V, bool sampling, bool q_stats
                  int64_t race_partial_size) {
   Plan p;
   const int64_t T = N + B;
-  p.num_splits = launch::ceil_div(V, kStatsSplit);
-  p.num_race_splits = launch::ceil_div(V, kRaceSplit);
+  p.num_splits = launch_util::ceil_div(V, kStatsSplit);
+  p.num_race_splits = launch_util::ceil_div(V, kRaceSplit);
   p.stat_rows = T + (q_stats ? N : 0);
-  const int64_t partials_bytes = launch::align_up(p.stat_rows * p.num_splits * stat_partial_size, kWorkspaceAlign);
-  const int64_t filter_bytes = with_filters ? launch::align_up(p.stat_rows * row_filter_size, kWorkspaceAlign) : 0;
-  const int64_t desc_bytes = launch::align_up(B * race_desc_size, kWorkspaceAlign);
-  const int64_t race_bytes = sampling ? launch::align_up(B * p.num_race_splits * race_partial_size, kWorkspaceAlign) : 0;
-  const int64_t z_bytes = block ? launch::align_up(T * 8, kWorkspaceAlign) : 0;
+  const int64_t partials_bytes = launch_util::align_up(p.stat_rows * p.num_splits * stat_partial_size, kWorkspaceAlign);
+  const int64_t filter_bytes = with_filters ? launch_util::align_up(p.stat_rows * row_filter_size, kWorkspaceAlign) : 0;
+  const int64_t desc_bytes = launch_util::align_up(B * race_desc_size, kWorkspaceAlign);
+  const int64_t race_bytes = sampling ? launch_util::align_up(B * p.num_race_splits * race_partial_size, kWorkspaceAlign) : 0;
+  const int64_t z_bytes = block ? launch_util::align_up(T * 8, kWorkspaceAlign) : 0;
   p.partials = 0;
   p.row_filter = partials_bytes;
   p.desc = p.row_filter + filter_bytes;
@@ -140,19 +140,19 @@ struct CommitPlan {
 DSPARK_HD int64_t commit_smem(int64_t W, int64_t tile, int64_t move_size) { return align16(W * move_size) + W * tile; }
 DSPARK_HD CommitPlan commit_plan(int64_t W, int64_t max_row, int64_t move_size) {
   CommitPlan c;
-  int64_t tile = launch::max64(16, launch::min64(align16(max_row), kCommitMaxTile));
-  while (commit_smem(W, tile, move_size) > kDefaultSmem && tile > 16) tile = launch::max64(16, (tile / 2) & ~int64_t(15));
+  int64_t tile = launch_util::max64(16, launch_util::min64(align16(max_row), kCommitMaxTile));
+  while (commit_smem(W, tile, move_size) > kDefaultSmem && tile > 16) tile = launch_util::max64(16, (tile / 2) & ~int64_t(15));
   c.tile = tile;
   c.smem = commit_smem(W, tile, move_size);
-  c.tiles = launch::max64(1, launch::ceil_div(max_row, tile));
+  c.tiles = launch_util::max64(1, launch_util::ceil_div(max_row, tile));
   return c;
 }
 
 // kv_release_pages: blocks of kReleaseWarps warps, one warp per request.
-DSPARK_HD int64_t release_blocks(int64_t B) { return launch::ceil_div(B, kReleaseWarps); }
+DSPARK_HD int64_t release_blocks(int64_t B) { return launch_util::ceil_div(B, kReleaseWarps); }
 
 // state_select: grid (B, tiles of kStateTile bytes).
-DSPARK_HD int64_t state_tiles(int64_t row_bytes) { return launch::ceil_div(row_bytes, kStateTile); }
+DSPARK_HD int64_t state_tiles(int64_t row_bytes) { return launch_util::ceil_div(row_bytes, kStateTile); }
 }  // namespace kv
 
 }  // namespace dspark
