@@ -1,4 +1,4 @@
-"""``python -m dspark_kernels.nvrtc compile --arch sm_90a [--arch sm_100a] [--no-cache]``
+"""``python -m dspark_kernels.nvrtc compile --arch sm_90a [--arch sm_100a] [--no-cache] [--program NAME ...]``
 
 Compiles every NVRTC program for each architecture (no GPU needed: NVRTC emits the
 cubin itself), prints each kernel's registers, stack, spills and shared memory
@@ -22,12 +22,15 @@ def _demangle_short(lowered: dict[str, str], mangled: str) -> str:
     return mangled
 
 
-def compile_all(archs: list[str], use_cache: bool, out=sys.stdout) -> int:
+def compile_all(archs: list[str], use_cache: bool, only: list[str] | None = None, out=sys.stdout) -> int:
     major, minor = _compiler.nvrtc_version()
     print(f"NVRTC {major}.{minor}; cache {_compiler.cache_dir() if use_cache else '(off)'}", file=out)
     failures = 0
     for arch in archs:
-        programs = _programs.all_programs()
+        programs = [p for p in _programs.all_programs() if not only or p.name in only]
+        if only and len(programs) != len(set(only)):
+            known = [p.name for p in _programs.all_programs()]
+            raise SystemExit(f"unknown program in {only}; programs: {known}")
         start = time.perf_counter()
         kernels = 0
         print(f"\n{arch}: {len(programs)} programs", file=out)
@@ -62,9 +65,10 @@ def main(argv=None) -> int:
     comp = sub.add_parser("compile", help="compile every kernel through NVRTC (no GPU needed)")
     comp.add_argument("--arch", action="append", required=True, help="sm_90a, sm_100a, ... (repeatable)")
     comp.add_argument("--no-cache", action="store_true", help="compile even when the cache holds the cubin")
+    comp.add_argument("--program", action="append", help="only this program (repeatable), e.g. kv, verify_tree_F32_F32")
     args = parser.parse_args(argv)
     try:
-        return compile_all(args.arch, use_cache=not args.no_cache)
+        return compile_all(args.arch, use_cache=not args.no_cache, only=args.program)
     except _compiler.NvrtcError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
