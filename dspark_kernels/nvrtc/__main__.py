@@ -1,4 +1,4 @@
-"""``python -m dspark_kernels.nvrtc compile --arch sm_90a [--arch sm_100a] [--no-cache] [--program NAME ...]``
+"""``python -m dspark_kernels.nvrtc compile --arch sm_90a [--arch sm_100a] [--no-cache] [--program NAME ...] [--jobs N]``
 
 Compiles every NVRTC program for each architecture (no GPU needed: NVRTC emits the
 cubin itself), prints each kernel's registers, stack, spills and shared memory
@@ -22,7 +22,16 @@ def _demangle_short(lowered: dict[str, str], mangled: str) -> str:
     return mangled
 
 
-def compile_all(archs: list[str], use_cache: bool, only: list[str] | None = None, out=sys.stdout) -> int:
+def _compile_one(job):
+    program, arch, use_cache = job
+    try:
+        return _compiler.compile_program(program, arch, use_cache=use_cache), None
+    except _compiler.NvrtcError as exc:
+        return None, str(exc)
+
+
+def compile_all(archs: list[str], use_cache: bool, only: list[str] | None = None, jobs: int = 1,
+                out=sys.stdout) -> int:
     major, minor = _compiler.nvrtc_version()
     print(f"NVRTC {major}.{minor}; cache {_compiler.cache_dir() if use_cache else '(off)'}", file=out)
     failures = 0
@@ -35,12 +44,17 @@ def compile_all(archs: list[str], use_cache: bool, only: list[str] | None = None
         kernels = 0
         print(f"\n{arch}: {len(programs)} programs", file=out)
         print(f"  {'kernel':<58} {'regs':>4} {'stack':>5} {'spill st/ld':>11} {'smem':>6}", file=out)
-        for program in programs:
-            try:
-                c = _compiler.compile_program(program, arch, use_cache=use_cache)
-            except _compiler.NvrtcError as exc:
+        work = [(p, arch, use_cache) for p in programs]
+        if jobs > 1:  # NVRTC compiles one program on one core: programs in parallel processes
+            import concurrent.futures
+            with concurrent.futures.ProcessPoolExecutor(jobs) as pool:
+                results = list(pool.map(_compile_one, work))
+        else:
+            results = [_compile_one(w) for w in work]
+        for program, (c, error) in zip(programs, results):
+            if error is not None:
                 failures += 1
-                print(f"  ERROR {program.name}: {exc}", file=out)
+                print(f"  ERROR {program.name}: {error}", file=out)
                 continue
             usage = _compiler.resource_usage(c.log)
             if not usage:
@@ -66,9 +80,10 @@ def main(argv=None) -> int:
     comp.add_argument("--arch", action="append", required=True, help="sm_90a, sm_100a, ... (repeatable)")
     comp.add_argument("--no-cache", action="store_true", help="compile even when the cache holds the cubin")
     comp.add_argument("--program", action="append", help="only this program (repeatable), e.g. kv, verify_tree_F32_F32")
+    comp.add_argument("--jobs", type=int, default=1, help="programs compiled in parallel (processes)")
     args = parser.parse_args(argv)
     try:
-        return compile_all(args.arch, use_cache=not args.no_cache, only=args.program)
+        return compile_all(args.arch, use_cache=not args.no_cache, only=args.program, jobs=max(1, args.jobs))
     except _compiler.NvrtcError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
