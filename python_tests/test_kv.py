@@ -18,7 +18,6 @@ import pytest
 import torch
 
 import dspark_kernels as dk
-from dspark_kernels import _backend
 
 HAS_CPU = dk.backends("kv_commit")["cpu"]
 CPU_BACKENDS = ["reference"] + (["cpu"] if HAS_CPU else [])
