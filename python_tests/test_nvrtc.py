@@ -325,6 +325,34 @@ def test_parameter_blocks_match_the_device_layout():
     assert _device_layout(_LAYOUTS) == want
 
 
+def test_launchers_take_the_schema_arguments():
+    """The registry calls each implementation with the schema's arguments in order: a
+    schema argument added to an op must be added to its NVRTC launcher too."""
+    import inspect
+    for name in _programs.OPS:
+        spec = _registry.REGISTRY[name]
+        params = list(inspect.signature(spec.impl("nvrtc")).parameters)
+        assert params == spec._names, (name, params, spec._names)
+
+
+def test_launchers_set_every_parameter_field():
+    """The ctypes parameter blocks follow the headers by themselves, but a field the
+    launcher never sets would silently stay 0: every data member of each launch's
+    parameter block is assigned in nvrtc/ops.py (as ``p.<field>``, ``d.<field>`` ...)."""
+    with open(os.path.join(ROOT, "dspark_kernels", "nvrtc", "ops.py"), encoding="utf-8") as f:
+        text = f.read()
+    assigned = set(re.findall(r"\.(\w+)\[\w+\]", text))  # array members written element by element
+    for line in text.splitlines():
+        lhs, eq, _ = line.partition(" = ")
+        targets = [t.strip() for t in lhs.split(",")]
+        if eq and all(re.fullmatch(r"\w+\.\w+", t) for t in targets):
+            assigned |= {t.split(".")[1] for t in targets}
+    for name in ("vb.Params", "vb.BlockParams", "vt.Params", "kv.CommitParams", "kv.CacheDesc", "kv.ReleaseParams",
+                 "kv.WindowParams", "kv.StateParams"):
+        missing = [f for f, _ in _source.struct(name)._fields_ if f not in assigned]
+        assert not missing, f"nvrtc/ops.py never sets {name} field(s) {missing}"
+
+
 # ---------------------------------------------------------------------- registry
 
 
@@ -490,3 +518,134 @@ def test_gpu_torch_compile_uses_the_registered_op():
         return dk.random_words(a, a + 1, a, 5)
 
     assert torch.equal(f(x).cpu(), dk.random_words(x.cpu(), x.cpu() + 1, x.cpu(), 5, backend="reference"))
+
+
+# ---------------------------------------------------------------------- the launch sequences (no GPU)
+
+
+@pytest.fixture
+def launches(monkeypatch):
+    """Runs the NVRTC launchers on CPU tensors with the driver replaced by a recorder:
+    ``[(kernel, grid, block, smem, [argument bytes])]`` per call."""
+    import contextlib
+    from dspark_kernels.nvrtc import _driver, ops
+    calls = []
+
+    class Names(dict):
+        def __missing__(self, key):
+            return key
+
+    monkeypatch.setattr(ops, "_on_device", lambda index: contextlib.nullcontext())
+    monkeypatch.setattr(_driver, "functions", lambda program, dev: Names())
+    monkeypatch.setattr(_driver, "allow_dynamic_smem", lambda *a: None)
+
+    def record(fn, grid, block, smem, args, dev):
+        grid = tuple(grid) if isinstance(grid, tuple) else (grid,)
+        calls.append((fn.replace("dspark::", ""), grid, block, smem,
+                      [ctypes.string_at(ctypes.addressof(a), ctypes.sizeof(a)) for a in args]))
+
+    monkeypatch.setattr(_driver, "launch", record)
+    return calls
+
+
+def _params(name, raw):
+    return _source.struct(name).from_buffer_copy(raw)
+
+
+@pytest.mark.parametrize("mode", ["greedy", "sample", "filters", "block", "block_point"])
+def test_verify_block_launch_sequence(launches, mode):
+    """The kernels, grids and block sizes of csrc/cuda/verify_block.cu's launch / launch_block."""
+    from dspark_kernels.nvrtc import ops
+    B, V, N = 3, 5000, 6
+    g = torch.Generator().manual_seed(0)
+    sampling = mode != "greedy"
+    kw = dict(target_logits=torch.randn(N + B, V, generator=g), draft_tokens=torch.randint(0, V, (N,), generator=g),
+              cu_num_draft=torch.tensor([0, 2, 2, 6], dtype=torch.int32),
+              draft_logits=None if mode in ("greedy", "block_point") else torch.randn(N, V, generator=g),
+              temperature=torch.ones(B) if sampling else None, top_k=torch.tensor([5, 0, 7]) if mode == "filters"
+              else None, seed=torch.arange(B), offset=torch.zeros(B, dtype=torch.int64), max_num_draft=4,
+              method="block" if mode.startswith("block") else "token")
+    out, acc = ops.verify_block(**kw)
+    assert out.shape == (B, 5) and bool((out == -1).all()) and acc.shape == (B,)
+    c, T = plans.C(), N + B
+    stat_rows = T + (N if kw["draft_logits"] is not None and sampling else 0)
+    splits, race_splits = plans.ceil_div(V, c["vb.kStatsSplit"]), plans.ceil_div(V, c["vb.kRaceSplit"])
+    want = [("stats_kernel", (stat_rows, splits), c["vb.kStatsThreads"])]
+    if mode == "filters":
+        want.append(("filter_kernel", (stat_rows,), c["vb.kFilterThreads"]))
+    if mode == "block":
+        want.append(("block_z_kernel", (T,), c["vb.kBlockZThreads"]))
+    if mode.startswith("block"):
+        want.append(("block_walk_kernel", (B,), c["vb.kBlockWalkThreads"]))
+    else:
+        want.append(("walk_kernel", (B,), c["vb.kWalkThreads"]))
+    if sampling:
+        want += [("race_kernel", (B, race_splits), c["vb.kRaceThreads"]), ("finish_kernel", (B,), c["vb.kFinishThreads"])]
+    got = [(k.split("<")[0].replace("vb::", ""), grid, block) for k, grid, block, _, _ in launches]
+    assert got == want
+    assert all(k.endswith("<vb::F32, vb::F32>") for k, *_ in launches if "finish" not in k)
+    raw = launches[0][4][0]
+    p = _params("vb.Params", raw)
+    assert (p.B, p.N, p.T, p.V, p.max_num_draft, p.num_splits, p.num_race_splits) == (B, N, T, V, 4, splits,
+                                                                                      race_splits)
+    assert p.draft_kind == (1 if kw["draft_logits"] is not None else 0) and p.target_stride == V
+    assert p.target == kw["target_logits"].data_ptr() and p.output_tokens == out.data_ptr()
+    assert (p.temperature is not None) == sampling and (p.row_filter is not None) == (mode == "filters")
+    assert p.top_k.is_int64 == (1 if mode == "filters" else 0) and p.cu.is_int64 == 0
+    plan = plans.verify_block_plan(B, N, V, sampling, stat_rows > T, mode == "filters", mode.startswith("block"))
+    assert p.desc - p.partials == plan["desc"] and (not sampling or p.race_partials - p.partials ==
+                                                    plan["race_partials"])
+
+
+def test_kv_and_small_op_launch_sequences(launches):
+    from dspark_kernels.nvrtc import ops
+    c = plans.C()
+    # kv_commit: 100 caches (two launches of at most kMaxCachesPerLaunch), rows of 6 fp16.
+    caches = [torch.zeros(4, 2, 6, dtype=torch.float16) for _ in range(100)]
+    table = torch.tensor([[0, 1], [2, 3]], dtype=torch.int32)
+    ops.kv_commit(caches, table, 2, torch.tensor([1, 0]), torch.tensor([[0, 1, 2], [0, -1, -1]]),
+                  torch.tensor([3, 1]))
+    plan = plans.commit_plan(3, 12)
+    assert [(k, g, b, s) for k, g, b, s, _ in launches] == [
+        ("kv::commit_kernel", (2, plan["tiles"], 96), c["kv.kCommitThreads"], plan["smem"]),
+        ("kv::commit_kernel", (2, plan["tiles"], 4), c["kv.kCommitThreads"], plan["smem"])]
+    first, second = (_params("kv.CommitParams", call[4][0]) for call in launches)
+    assert (first.num_caches, first.write_new_len, second.num_caches, second.write_new_len) == (96, 1, 4, 0)
+    assert first.caches[0].row_bytes == 12 and first.caches[0].vec == 4 and first.caches[0].page_stride == 24
+    assert second.caches[3].base == caches[99].data_ptr() and first.tile_bytes == plan["tile"]
+    assert (first.B, first.P, first.W, first.page_size, first.accept_path.is_int64) == (2, 2, 3, 2, 1)
+    launches.clear()
+    ops.kv_release_pages(table, torch.tensor([1, 0]), torch.tensor([4, 3]), 2, torch.ones(4, dtype=torch.int64))
+    ops.window_commit(torch.zeros(2, 3, 5), torch.zeros(4, 5), torch.tensor([0, 1, 4]), torch.tensor([0, 1, 2, 3]),
+                      torch.ones(4, dtype=torch.bool))
+    ops.state_select(torch.zeros(2, 3, 5000), torch.tensor([0, 2]), torch.zeros(2, 5000))
+    ops.random_words(torch.arange(300), torch.arange(300), torch.arange(300), 9)
+    ops.schedule_verify_lens(torch.rand(5, 3), torch.linspace(10.0, 1.0, 12))
+    assert [(k, g, b) for k, g, b, _, _ in launches] == [
+        ("kv::release_kernel", (1,), c["kv.kReleaseWarps"] * 32),
+        ("kv::window_commit_kernel", (4,), c["kv.kWindowThreads"]),
+        ("kv::state_select_kernel", (2, 2), c["kv.kStateThreads"]),
+        ("rw::random_words_kernel", (2,), c["rw.kThreads"]),
+        ("sched::survival_kernel", (1,), c["sched.kThreads"]),
+        ("sched::rank_kernel", (1,), c["sched.kThreads"]),
+        ("sched::finish_kernel", (1,), c["sched.kFinishThreads"])]
+    w = _params("kv.WindowParams", launches[1][4][0])
+    assert (w.B, w.W, w.T, w.row_bytes, w.vec, w.keep.elem_bytes, w.window_stride1) == (2, 3, 4, 20, 4, 1, 20)
+    st = _params("kv.StateParams", launches[2][4][0])
+    assert (st.S, st.row_bytes, st.states_stride1, st.out_stride0) == (3, 20000, 20000, 20000)
+    rw_args = launches[3][4]
+    assert int.from_bytes(rw_args[3], "little") == 9 and int.from_bytes(rw_args[5], "little") == 300
+
+
+def test_verify_tree_launch(launches):
+    from dspark_kernels.nvrtc import ops
+    g = torch.Generator().manual_seed(3)
+    target = torch.randn(6, 11, generator=g).to(torch.bfloat16)
+    acc_path, acc, out = ops.verify_tree(target, torch.tensor([1, 2, 3, 4]), torch.tensor([-1, -1, 1, -1]),
+                                         torch.tensor([0, 3, 4]), None, torch.rand(4, 11, generator=g), None,
+                                         None, None, torch.tensor([1, 2]), torch.tensor([0, 0]), 2)
+    ((k, grid, block, smem, (raw,)),) = launches
+    assert (k, grid, block, smem) == ("vt::tree_kernel<vt::BF16, vt::F32>", (2,), plans.C()["vt.kThreads"], 0)
+    p = _params("vt.Params", raw)
+    assert (p.B, p.N, p.V, p.max_depth, p.draft_kind, p.workspace) == (2, 4, 11, 2, 2, None)
+    assert p.parents.is_int64 == 1 and p.accept_path == acc_path.data_ptr()

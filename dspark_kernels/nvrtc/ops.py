@@ -21,6 +21,11 @@ from ._source import struct
 _TAG = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16"}
 
 
+def _on_device(index: int):
+    """The tensors' device current for the driver calls (its primary context is torch's)."""
+    return torch.cuda.device(index)
+
+
 def _tag(op: str, name: str, t: torch.Tensor) -> str:
     tag = _TAG.get(t.dtype)
     if tag is None:
@@ -70,7 +75,7 @@ def random_words(seed, position, index, salt):
     n = out.numel()
     if n == 0:
         return out
-    with torch.cuda.device(dev):
+    with _on_device(dev):
         fn = _driver.functions(_programs.fixed()["random_words"], dev)["dspark::rw::random_words_kernel"]
         args = [ctypes.c_void_p(s.data_ptr()), ctypes.c_void_p(p.data_ptr()), ctypes.c_void_p(i.data_ptr()),
                 ctypes.c_uint32(salt), ctypes.c_void_p(out.data_ptr()), ctypes.c_int64(n)]
@@ -96,7 +101,7 @@ def schedule_verify_lens(confidence, sps, early_stop=True):
                                                  ("keys", "quant", "part_count", "part_theta", "rank"))
     threads = plans.C()["sched.kThreads"]
     es = ctypes.c_int(1 if early_stop else 0)
-    with torch.cuda.device(dev):
+    with _on_device(dev):
         fns = _driver.functions(_programs.fixed()["schedule_verify_lens"], dev)
         if n > 0:
             _driver.launch(fns["dspark::sched::survival_kernel"], plans.ceil_div(R, threads), threads, 0,
@@ -194,7 +199,7 @@ def verify_block(target_logits, draft_tokens, cu_num_draft, draft_logits=None, d
 
     k = lambda name: f"dspark::vb::{name}<dspark::vb::{tt}, dspark::vb::{dt}>"  # noqa: E731
     stat_rows = plan["stat_rows"]
-    with torch.cuda.device(dev):
+    with _on_device(dev):
         fns = _driver.functions(_programs.verify_block(tt, dt), dev)
         run = lambda name, grid, threads, arg: _driver.launch(fns[name], grid, c[threads], 0, [arg], dev)  # noqa: E731
         run(k("stats_kernel"), (stat_rows, p.num_splits), "vb.kStatsThreads", p)
@@ -264,7 +269,7 @@ def verify_tree(target_logits, draft_tokens, parents, cu_num_draft, draft_logits
     p.accept_path = accept_path.data_ptr()
     p.num_accepted = num_accepted.data_ptr()
     p.output_tokens = output_tokens.data_ptr()
-    with torch.cuda.device(dev):
+    with _on_device(dev):
         name = f"dspark::vt::tree_kernel<dspark::vt::{tt}, dspark::vt::{dt}>"
         fn = _driver.functions(_programs.verify_tree(tt, dt), dev)[name]
         _driver.launch(fn, B, plans.C()["vt.kThreads"], 0, [p], dev)
@@ -305,7 +310,7 @@ def kv_commit(caches, block_table, page_size, committed_len, accept_path, num_ac
     plan = plans.commit_plan(W, max_row)
     c = plans.C()
     name = "dspark::kv::commit_kernel"
-    with torch.cuda.device(dev):
+    with _on_device(dev):
         fn = _kv_functions(dev)[name]
         if plan["smem"] > c["kv.kDefaultSmem"]:
             optin = torch.cuda.get_device_properties(dev).shared_memory_per_block_optin
@@ -355,7 +360,7 @@ def kv_release_pages(block_table, new_len, old_len, page_size, refcount):
     p.freed, p.num_freed = freed.data_ptr(), num_freed.data_ptr()
     p.bt_stride, p.B, p.P = bt.stride(0), B, P
     p.num_pages, p.page_size = refcount.size(0), page_size
-    with torch.cuda.device(dev):
+    with _on_device(dev):
         fn = _kv_functions(dev)["dspark::kv::release_kernel"]
         _driver.launch(fn, plans.release_blocks(B), plans.C()["kv.kReleaseWarps"] * 32, 0, [p], dev)
     return freed, num_freed
@@ -378,13 +383,15 @@ def window_commit(window, rows, cu, positions, keep):
     p.window, p.rows = window.data_ptr(), rows.data_ptr()
     p.cu = _int_array("kv", cu_c)
     p.positions = _int_array("kv", pos_c)
-    p.keep.ptr, p.keep.elem_bytes = keep_c.data_ptr(), keep_c.element_size()
+    keep_flags = struct("kv.FlagArray")()
+    keep_flags.ptr, keep_flags.elem_bytes = keep_c.data_ptr(), keep_c.element_size()
+    p.keep = keep_flags
     p.window_stride0, p.window_stride1 = window.stride(0) * es, window.stride(1) * es
     p.rows_stride0 = rows.stride(0) * es
     p.B, p.W, p.T = B, window.size(1), T
     p.row_bytes = row_bytes
     p.vec = _vector_bytes(p.window | p.rows | p.window_stride0 | p.window_stride1 | p.rows_stride0 | row_bytes)
-    with torch.cuda.device(dev):
+    with _on_device(dev):
         fn = _kv_functions(dev)["dspark::kv::window_commit_kernel"]
         _driver.launch(fn, T, plans.C()["kv.kWindowThreads"], 0, [p], dev)
 
@@ -410,6 +417,6 @@ def state_select(states, index, out):
     p.out_stride0 = out.stride(0) * es
     p.S, p.row_bytes = states.size(1), row_bytes
     p.vec = _vector_bytes(p.states | p.out | p.states_stride0 | p.states_stride1 | p.out_stride0 | row_bytes)
-    with torch.cuda.device(dev):
+    with _on_device(dev):
         fn = _kv_functions(dev)["dspark::kv::state_select_kernel"]
         _driver.launch(fn, (B, tiles), plans.C()["kv.kStateThreads"], 0, [p], dev)
