@@ -511,13 +511,24 @@ def test_gpu_cuda_graph_capture_and_replay(op):
 @pytest.mark.cuda
 @pytest.mark.skipif(not GPU_OK, reason="needs a CUDA GPU and libnvrtc")
 def test_gpu_torch_compile_uses_the_registered_op():
-    x = torch.arange(64, device="cuda")
-
-    @torch.compile(fullgraph=True)
-    def f(a):
-        return dk.random_words(a, a + 1, a, 5)
-
-    assert torch.equal(f(x).cpu(), dk.random_words(x.cpu(), x.cpu() + 1, x.cpu(), 5, backend="reference"))
+    """Without the extension the CUDA key of torch.ops.dspark.<op> is the NVRTC kernel, and
+    torch.compile(fullgraph=True) traces the public function down to that op."""
+    code = """
+import torch, dspark_kernels as dk
+assert not dk.backends("random_words")["cuda"] and dk.backends("random_words")["nvrtc"]
+x = torch.arange(64, device="cuda")
+f = torch.compile(lambda a: dk.random_words(a, a + 1, a, 5), fullgraph=True)
+got = f(x).cpu()
+want = dk.random_words(x.cpu(), x.cpu() + 1, x.cpu(), 5, backend="reference")
+assert torch.equal(got, want)
+lens, cu = torch.compile(lambda c, s: dk.schedule_verify_lens(c, s), fullgraph=True)(
+    torch.rand(5, 3, device="cuda"), torch.linspace(10.0, 1.0, 12, device="cuda"))
+assert int(cu[-1]) == int(lens.sum())
+print("ok")
+"""
+    proc = subprocess.run([sys.executable, "-c", code], env=_env(DSPARK_NO_EXTENSION="1"), capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 0 and proc.stdout.strip().endswith("ok"), proc.stdout + proc.stderr
 
 
 # ---------------------------------------------------------------------- the launch sequences (no GPU)
