@@ -385,7 +385,9 @@ struct StateParams {
   int32_t vec;
 };
 
-static __global__ void __launch_bounds__(kStateThreads) state_select_kernel(const __grid_constant__ StateParams p) {
+// At least 6 CTAs per SM (a register budget of 42): ptxas for sm_100a otherwise chose 32
+// registers and spilled; sm_90a takes 40 either way.
+static __global__ void __launch_bounds__(kStateThreads, 6) state_select_kernel(const __grid_constant__ StateParams p) {
   const int64_t b = blockIdx.x;
   const int64_t i = load_int(p.index, b);
   if (!state_index_valid(i, p.S)) return;

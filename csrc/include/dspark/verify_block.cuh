@@ -648,9 +648,11 @@ __device__ bool accept_position(const Params& p, const Request& rq, int64_t b, i
 }
 
 // grid (B), kWalkThreads. Warp w decides positions w, w + 8, ... (stopping at its own
-// first rejection); the block takes the smallest rejected position.
+// first rejection); the block takes the smallest rejected position. Launch bounds with a
+// minimum of 1 CTA per SM: one CTA per request, occupancy does not matter, and without
+// it ptxas for sm_100a chose 40 registers and spilled.
 template <class TT, class DT>
-__global__ void __launch_bounds__(kWalkThreads) walk_kernel(const Params p) {
+__global__ void __launch_bounds__(kWalkThreads, 1) walk_kernel(const Params p) {
   const int64_t b = blockIdx.x;
   const Request rq = load_request(p, b);
   const int warp = threadIdx.x >> 5;
