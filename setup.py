@@ -18,6 +18,7 @@ import shutil
 import sys
 
 from setuptools import find_packages, setup
+from setuptools.command.build_py import build_py
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 
@@ -81,7 +82,7 @@ def _extensions():
             free_gb = 8
         os.environ["MAX_JOBS"] = str(max(1, min(os.cpu_count() or 1, int(free_gb // 4))))
 
-    sources = ["csrc/ops.cpp"] + sorted(glob.glob("csrc/cpu/*.cpp"))
+    sources = ["csrc/ops.cpp", "csrc/launch_plan.cpp"] + sorted(glob.glob("csrc/cpu/*.cpp"))
     include_dirs = [os.path.join(ROOT, "csrc"), os.path.join(ROOT, "csrc", "include")]
     cxx_flags = ["-O3", "-fopenmp"]
     link_flags = ["-fopenmp"]
@@ -113,7 +114,22 @@ def _extensions():
     return [ext], {"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)}
 
 
+class BuildPyWithDeviceSources(build_py):
+    """Ships csrc/include/dspark/*.h, *.cuh as dspark_kernels/nvrtc/include/dspark: the
+    sources the NVRTC backend compiles at run time (an editable install reads
+    csrc/include directly)."""
+
+    def run(self):
+        super().run()
+        dst = os.path.join(self.build_lib, "dspark_kernels", "nvrtc", "include", "dspark")
+        os.makedirs(dst, exist_ok=True)
+        for path in sorted(glob.glob(os.path.join(ROOT, "csrc", "include", "dspark", "*"))):
+            if path.endswith((".h", ".cuh")):
+                shutil.copy2(path, dst)
+
+
 ext_modules, cmdclass = _extensions()
+cmdclass = dict(cmdclass, build_py=BuildPyWithDeviceSources)
 
 setup(
     packages=find_packages(include=["dspark_kernels", "dspark_kernels.*"]),

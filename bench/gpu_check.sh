@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
 # GPU check for dspark_kernels (docs/correctness.md, docs/performance.md): build with CUDA, run the CUDA tests,
-# the benchmark suite, compute-sanitizer on a small subset; everything under 8 minutes.
+# the NVRTC backend's checks, the benchmark suite, compute-sanitizer on a small subset; everything under 8 minutes.
 #
 #   OUT=/some/dir bash bench/gpu_check.sh        # from the repository root
 #
 # Writes to $OUT (at most 8 files): gpu_check.log (everything, with the build's tail),
-# tests.log, sanitizer.log, bench.log, bench.json (verify), bench_all.json (the other
+# tests.log (CUDA tests, then the NVRTC stage, then the CPU suite), sanitizer.log, bench.log, bench.json (verify), bench_all.json (the other
 # subcommands), bench.png, summary.txt (printed last).
 # Exit code: nonzero if the build or the CUDA tests fail (or the benchmark finds a
 # mismatch); the later stages run anyway where they make sense.
@@ -32,7 +32,7 @@ stage_timeout() {
 banner() { echo; echo "===== [$(elapsed)s] $* ====="; }
 
 RC=0
-BUILD="not run"; BACKENDS="?"; CUDA_TESTS="not run"; SANITIZER="not run"; BENCH="not run"; CPU_TESTS="not run"
+BUILD="not run"; BACKENDS="?"; CUDA_TESTS="not run"; NVRTC="not run"; SANITIZER="not run"; BENCH="not run"; CPU_TESTS="not run"
 
 # Counts from pytest's closing line, e.g. "3 failed, 40 passed, 2 skipped in 12.3s".
 pytest_counts() { grep -Eo '[0-9]+ (passed|failed|skipped|errors?|xfailed|xpassed|deselected)' "$1" | tr '\n' ' '; }
@@ -72,7 +72,8 @@ echo "backends: $BACKENDS"
 # ---------------------------------------------------------------- CUDA tests
 banner "CUDA tests (pytest -m cuda)"
 T=$(stage_timeout 150 190)
-timeout -k 10 "$T" $PY -m pytest python_tests -m "cuda and not slow" -q -p no:cacheprovider > "$OUT/tests.log" 2>&1
+timeout -k 10 "$T" $PY -m pytest python_tests -m "cuda and not slow" -q -p no:cacheprovider \
+  --ignore=python_tests/test_nvrtc.py > "$OUT/tests.log" 2>&1  # test_nvrtc.py: the NVRTC stage
 TRC=$?
 tail -30 "$OUT/tests.log"
 case $TRC in
@@ -82,6 +83,37 @@ case $TRC in
   *) CUDA_TESTS="FAILED rc=$TRC: $(pytest_counts "$OUT/tests.log")"; RC=1 ;;
 esac
 echo "CUDA tests: $CUDA_TESTS"
+
+# ---------------------------------------------------------------- NVRTC
+banner "NVRTC: the same kernels compiled at run time (compile report, then the CUDA tests on backend=nvrtc)"
+# 1. every program for this GPU's architecture, in parallel (warms the cache the tests use; registers / spills);
+# 2. test_nvrtc.py's GPU tests (nvrtc == extension == reference, cold / warm compile times, CUDA graphs,
+#    torch.compile) and the CUDA tests of verify_block / kv / schedule rerun with DSPARK_TEST_GPU_BACKEND=nvrtc.
+ARCH=$($PY -c 'import torch; M, m = torch.cuda.get_device_capability(); print(f"sm_{M}{m}")' 2>/dev/null || echo sm_90)
+T=$(stage_timeout 60 260)
+{ echo; echo "===== NVRTC compile ($ARCH) ====="; } >> "$OUT/tests.log"
+timeout -k 10 "$T" $PY -m dspark_kernels.nvrtc compile --arch "$ARCH" --jobs "$(nproc)" >> "$OUT/tests.log" 2>&1
+NRC=$?
+grep -E "programs|kernels in|OK:|FAILED|ERROR|SPILL" "$OUT/tests.log" | tail -8
+T=$(stage_timeout 120 200)
+{ echo; echo "===== NVRTC tests ====="; } >> "$OUT/tests.log"
+NVRTC_LOG=$(mktemp /tmp/nvrtc_tests.XXXXXX)
+DSPARK_TEST_GPU_BACKEND=nvrtc timeout -k 10 "$T" $PY -m pytest python_tests/test_nvrtc.py python_tests/test_verify_block_cuda.py \
+  python_tests/test_kv.py python_tests/test_schedule_verify_lens.py -m "cuda and not slow" -q -s -p no:cacheprovider \
+  > "$NVRTC_LOG" 2>&1
+NTRC=$?
+cat "$NVRTC_LOG" >> "$OUT/tests.log"
+grep -E "^nvrtc " "$NVRTC_LOG"
+tail -15 "$NVRTC_LOG"
+case $NTRC in
+  0) NVRTC="ok: $(pytest_counts "$NVRTC_LOG")" ;;
+  124|137) NVRTC="TIMEOUT after ${T}s: $(pytest_counts "$NVRTC_LOG")"; RC=1 ;;
+  *) NVRTC="FAILED rc=$NTRC: $(pytest_counts "$NVRTC_LOG")"; RC=1 ;;
+esac
+(( NRC != 0 )) && { NVRTC="compile report rc=$NRC (errors or spills, see tests.log); tests $NVRTC"; RC=1; }
+NVRTC="$NVRTC; $(grep -E '^nvrtc ' "$NVRTC_LOG" | tr '\n' ' ')"
+rm -f "$NVRTC_LOG"
+echo "NVRTC: $NVRTC"
 
 # ---------------------------------------------------------------- benchmark
 banner "benchmark (dspark_kernels.bench all)"
@@ -158,6 +190,7 @@ echo "CPU tests: $CPU_TESTS"
   echo "build:      $BUILD"
   echo "backends:   $BACKENDS"
   echo "CUDA tests: $CUDA_TESTS"
+  echo "NVRTC:      $NVRTC"
   echo "sanitizer:  $SANITIZER"
   echo "bench:      $BENCH"
   echo "CPU tests:  $CPU_TESTS"

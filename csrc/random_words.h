@@ -9,11 +9,10 @@
 
 #include <ATen/core/Tensor.h>
 
+#include "dspark/philox.h"  // kRandomWordsIndexEnd
 #include "torch_checks.h"
 
 namespace dspark {
-
-constexpr int64_t kRandomWordsIndexEnd = int64_t{1} << 32;  // index in [0, 2^32)
 
 at::Tensor random_words_cpu(const at::Tensor& seed, const at::Tensor& position, const at::Tensor& index,
                             int64_t salt);

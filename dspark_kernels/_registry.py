@@ -14,8 +14,10 @@ specs into ``torch.ops.dspark.*`` the same way for every op:
   spec's PyTorch CPU implementation, else its reference (with a one-time warning
   when a C++ kernel was expected);
 * the ``CUDA`` key runs the CUDA C++ kernel where the extension has one, else the
-  spec's Triton kernel, else raises an error naming the op (never the
-  host-syncing reference).
+  same device code compiled at run time through NVRTC (``dspark_kernels.nvrtc``,
+  where cuda-bindings and libnvrtc are installed and ``DSPARK_NO_NVRTC`` is not 1),
+  else the spec's Triton kernel, else the reference with a one-time warning (it
+  reads the data on the host: slow, never silent).
 
 Validation: each Python implementation registered here runs the spec's checks
 first (shape / dtype / device, then the data-dependent ones on CPU tensors and,
@@ -42,7 +44,7 @@ import torch
 
 from . import _backend
 
-BACKENDS = ("reference", "cpu", "triton", "cuda")
+BACKENDS = ("reference", "cpu", "triton", "cuda", "nvrtc")
 
 Impl = Callable | str | None
 
@@ -65,6 +67,8 @@ class OpSpec:
             always and on CUDA tensors under ``DSPARK_DEBUG=1``.
         cpu: the PyTorch CPU implementation, for ops without a C++ CPU kernel.
         triton: the Triton implementation.
+        nvrtc: the NVRTC implementation (``dspark_kernels.nvrtc.ops``): the CUDA C++
+            device code compiled at run time, for installs without the CUDA build.
         cpp: the dispatch keys the compiled extension provides for this op
             ({"CPU", "CUDA"}); a build without them falls back, with a warning.
         device_arg: the argument whose device decides the backend (default:
@@ -78,6 +82,7 @@ class OpSpec:
     check_data: Callable | None = None
     cpu: Impl = None
     triton: Impl = None
+    nvrtc: Impl = None
     cpp: frozenset = frozenset()
     device_arg: str | None = None
 
@@ -137,7 +142,7 @@ class OpSpec:
     # ------------------------------------------------------------------ implementations
 
     def impl(self, which: str) -> Callable:
-        """The implementation ``which`` ("reference" | "cpu" | "triton"), imported on first use."""
+        """The implementation ``which`` ("reference" | "cpu" | "triton" | "nvrtc"), imported on first use."""
         fn = self._resolved.get(which)
         if fn is None:
             target = getattr(self, which)
@@ -233,15 +238,6 @@ def _kernel(spec: OpSpec, which: str, warning: str | None = None) -> Callable:
     return kernel
 
 
-def _no_gpu_kernel(spec: OpSpec, why: str) -> Callable:
-    def kernel(*args, **kwargs):
-        raise RuntimeError(f"dspark_kernels.{spec.name}: no GPU kernel for CUDA tensors here ({why}); "
-                           "build the extension with a CUDA toolkit, or call it with backend='reference' "
-                           "(slow: it reads the data on the host)")
-
-    return kernel
-
-
 def _fake(spec: OpSpec) -> Callable:
     def fake(*args, **kwargs):
         return spec.fake(*spec.ordered(args, kwargs))
@@ -265,22 +261,40 @@ def finalize() -> None:
                            "running the reference") if "CPU" in spec.cpp else None
                 _LIB.impl(name, _kernel(spec, "reference", warning), "CPU")
         if "CUDA" not in compiled:
-            if spec.triton is not None and _backend.TRITON_IMPORTABLE:
-                warning = (f"dspark_kernels.{name}: the CUDA C++ kernel is not available ({why_no_cpp}); "
-                           "running the Triton kernel") if "CUDA" in spec.cpp else None
-                _LIB.impl(name, _kernel(spec, "triton", warning), "CUDA")
-            else:
-                why = "the op has no Triton kernel" if spec.triton is None else "triton is not installed"
-                if "CUDA" in spec.cpp:
-                    why = f"{why}, and the CUDA C++ kernel is not available: {why_no_cpp}"
-                _LIB.impl(name, _no_gpu_kernel(spec, why), "CUDA")
+            _LIB.impl(name, _cuda_fallback(spec, why_no_cpp), "CUDA")
+
+
+def _nvrtc_importable() -> bool:
+    """cuda-bindings and libnvrtc are there and DSPARK_NO_NVRTC is not 1 (no GPU needed)."""
+    from . import nvrtc
+    return nvrtc.importable()
+
+
+def _cuda_fallback(spec: OpSpec, why_no_cpp: str) -> Callable:
+    """The CUDA kernel of an op the extension has no CUDA kernel for: NVRTC > Triton >
+    the reference with a warning (chosen here, once, so that it traces under torch.compile)."""
+    if spec.nvrtc is not None and _nvrtc_importable():
+        return _kernel(spec, "nvrtc")
+    if spec.triton is not None and _backend.TRITON_IMPORTABLE:
+        warning = (f"dspark_kernels.{spec.name}: the CUDA C++ kernel is not available ({why_no_cpp}); "
+                   "running the Triton kernel") if "CUDA" in spec.cpp else None
+        return _kernel(spec, "triton", warning)
+    why = "the op has no Triton kernel" if spec.triton is None else "triton is not installed"
+    if spec.nvrtc is not None:
+        from . import nvrtc
+        why = f"{why}, NVRTC is not available ({nvrtc.unavailable_reason()})"
+    if "CUDA" in spec.cpp:
+        why = f"{why}, and the CUDA C++ kernel is not available: {why_no_cpp}"
+    return _kernel(spec, "reference", f"dspark_kernels.{spec.name}: no GPU kernel for CUDA tensors here ({why}); "
+                                      "running the reference, which reads the data on the host (slow); build the "
+                                      "extension with a CUDA toolkit or pip install 'dspark_kernels[nvrtc]'")
 
 
 # ---------------------------------------------------------------------- backends and dispatch
 
 
 def backends(op: str | None = None):
-    """Which implementations of ``op`` run here: ``{"reference", "cpu", "triton", "cuda"} -> bool``,
+    """Which implementations of ``op`` run here: ``{"reference", "cpu", "triton", "cuda", "nvrtc"} -> bool``,
     True iff ``dspark_kernels.<op>(..., backend=name)`` works. Without ``op``: ``{op: {...}}``
     for every op."""
     if op is None:
@@ -294,7 +308,13 @@ def backends(op: str | None = None):
         "cpu": "CPU" in compiled or spec.cpu is not None,
         "triton": spec.triton is not None and _backend.TRITON_AVAILABLE,
         "cuda": "CUDA" in compiled and torch.cuda.is_available(),
+        "nvrtc": spec.nvrtc is not None and torch.cuda.is_available() and _nvrtc_importable(),
     }
+
+
+def _nvrtc_reason() -> str:
+    from . import nvrtc
+    return nvrtc.unavailable_reason() or "?"
 
 
 def _unavailable(spec: OpSpec, backend: str) -> str:
@@ -306,6 +326,8 @@ def _unavailable(spec: OpSpec, backend: str) -> str:
         "cuda": ("the op has no CUDA C++ kernel" if "CUDA" not in spec.cpp else
                  "no CUDA GPU" if not torch.cuda.is_available() else
                  f"the CUDA kernels are not built ({_backend.load_error() or 'built without CUDA'})"),
+        "nvrtc": ("the op has no CUDA C++ device code" if spec.nvrtc is None else
+                  "no CUDA GPU" if not torch.cuda.is_available() else _nvrtc_reason()),
     }
     ok = [b for b, yes in backends(spec.name).items() if yes]
     return f"dspark_kernels.{spec.name}: backend {backend!r} is not available here: {reasons[backend]}; available: {ok}"
@@ -325,13 +347,13 @@ def dispatch(spec: OpSpec, backend: str | None, *ordered):
     if device.type == "meta":
         raise ValueError(f"{spec.name}: backend {backend!r} needs real tensors, got {spec.device_arg} on meta "
                          "(meta tensors go through backend=None, which runs the fake kernel)")
-    if backend in ("cpu", "cuda") and device.type != backend:
-        raise ValueError(f"{spec.name}: backend {backend!r} needs {backend.upper()} tensors, got "
-                         f"{spec.device_arg} on {device}")
+    if backend in ("cpu", "cuda", "nvrtc") and device.type != ("cpu" if backend == "cpu" else "cuda"):
+        raise ValueError(f"{spec.name}: backend {backend!r} needs {'CPU' if backend == 'cpu' else 'CUDA'} tensors, "
+                         f"got {spec.device_arg} on {device}")
     if backend == "triton" and not (device.type == "cuda" or
                                     (device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1")):
         raise ValueError(f"{spec.name}: backend 'triton' needs CUDA tensors (or CPU tensors under "
                          f"TRITON_INTERPRET=1), got {spec.device_arg} on {device}")
-    if backend in ("reference", "triton") or (backend == "cpu" and "CPU" not in _backend.COMPILED.get(spec.name, ())):
+    if backend in ("reference", "triton", "nvrtc") or (backend == "cpu" and "CPU" not in _backend.COMPILED.get(spec.name, ())):
         return spec.run_checked(backend, ordered)
     return spec.call_op(ordered)  # the C++ kernel under the tensors' own key

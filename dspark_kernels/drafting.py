@@ -69,7 +69,7 @@ def schedule_verify_lens(
             verify batch of ``B`` tokens (profiled). Needs ``Bmax >= R``; entries below
             ``R`` are not read. A NaN entry never improves Theta.
         early_stop: lossless (True) or async (False) search.
-        backend: "reference" | "cpu" | "triton" | "cuda" | None.
+        backend: "reference" | "cpu" | "triton" | "cuda" | "nvrtc" | None.
 
     Returns:
         ``verify_lens [R]`` int32 (in ``[0, gamma]``) and ``cu_verify [R + 1]`` int32
@@ -171,7 +171,7 @@ def draft_sample_block(
         seed, offset: ``[B]`` int64 tensors or Python ints (``seed=None``: from torch's
             generator of the device; ``offset=None``: 0).
         return_logits: return the sampled-from logits (else an empty ``[0]`` tensor).
-        backend: "reference" | "cpu" | "triton" | "cuda" | None.
+        backend: "reference" | "cpu" | "triton" | "cuda" | "nvrtc" | None.
 
     Returns:
         ``draft_tokens [B, gamma]`` int32 and ``draft_logits [B, gamma, V]`` float32
@@ -259,6 +259,7 @@ SCHEDULE_VERIFY_LENS = _registry.declare(_registry.OpSpec(
     fake=_schedule_verify_lens_fake,
     reference=".reference.schedule_verify_lens:schedule_verify_lens",
     triton=".triton.schedule_verify_lens:schedule_verify_lens",
+    nvrtc=".nvrtc.ops:schedule_verify_lens",
     check=_check_schedule_verify_lens,
     cpp=frozenset({"CPU", "CUDA"}),
 ))

@@ -12,7 +12,7 @@ tokens' KV stays:
 * ``state_select`` takes the recurrent (SSM / linear-attention) state of the
   accepted step.
 
-Every function takes ``backend=`` ("reference", "cpu", "cuda" or None: through
+Every function takes ``backend=`` ("reference", "cpu", "cuda", "nvrtc" or None: through
 ``torch.ops.dspark.<op>``). Data-dependent checks (path entries, page ids, offsets,
 refcounts) run on the CPU always and on CUDA under ``DSPARK_DEBUG=1``; without them
 the CUDA kernels skip out-of-range entries and never touch memory outside the
@@ -88,7 +88,7 @@ def kv_commit(
         committed_len: ``[B]`` int32/int64, the length before the verify window.
         accept_path: ``[B, W]`` int32/int64 window indices of the accepted tokens, in order.
         num_accept: ``[B]`` int32/int64 in ``[0, W]``.
-        backend: "reference" | "cpu" | "cuda" | None.
+        backend: "reference" | "cpu" | "cuda" | "nvrtc" | None.
 
     Returns:
         ``new_len [B]`` int32.
@@ -265,7 +265,7 @@ def kv_release_pages(
         new_len, old_len: ``[B]`` int32/int64, ``0 <= len <= P * page_size``.
         page_size: slots per page.
         refcount: ``[num_pages]`` int32/int64, modified in place.
-        backend: "reference" | "cpu" | "cuda" | None.
+        backend: "reference" | "cpu" | "cuda" | "nvrtc" | None.
 
     Returns:
         ``freed [B, P]`` int32 (page ids in block-table order, then -1) and
@@ -358,7 +358,7 @@ def window_commit(
         cu: ``[B + 1]`` int32/int64 offsets, ``cu[0] = 0``, ``cu[B] = T``, non-decreasing.
         positions: ``[T]`` int32/int64 absolute token positions (``>= 0`` for kept rows).
         keep: ``[T]`` bool (or integer, nonzero = kept); None keeps every row.
-        backend: "reference" | "cpu" | "cuda" | None.
+        backend: "reference" | "cpu" | "cuda" | "nvrtc" | None.
 
     Returns:
         ``window`` (the same tensor).
@@ -434,7 +434,7 @@ def state_select(
         states: ``[B, S, *state]`` any dtype, dense state (dims 2.. contiguous).
         index: ``[B]`` int32/int64.
         out: ``[B, *state]`` same dtype, dense state; modified in place.
-        backend: "reference" | "cpu" | "cuda" | None.
+        backend: "reference" | "cpu" | "cuda" | "nvrtc" | None.
 
     Returns:
         ``out`` (the same tensor).
@@ -496,21 +496,21 @@ KV_COMMIT = _registry.declare(_registry.OpSpec(
     schema="kv_commit(Tensor(a!)[] caches, Tensor block_table, int page_size, Tensor committed_len, "
            "Tensor accept_path, Tensor num_accept) -> Tensor",
     fake=_kv_commit_fake, reference=".reference.kv:kv_commit", check=_check_kv_commit,
-    check_data=_check_kv_commit_data, cpp=_KV_CPP, device_arg="block_table",
+    check_data=_check_kv_commit_data, cpp=_KV_CPP, device_arg="block_table", nvrtc=".nvrtc.ops:kv_commit",
 ))
 KV_RELEASE_PAGES = _registry.declare(_registry.OpSpec(
     schema="kv_release_pages(Tensor block_table, Tensor new_len, Tensor old_len, int page_size, "
            "Tensor(a!) refcount) -> (Tensor freed, Tensor num_freed)",
     fake=_kv_release_pages_fake, reference=".reference.kv:kv_release_pages", check=_check_kv_release_pages,
-    check_data=_check_kv_release_pages_data, cpp=_KV_CPP,
+    check_data=_check_kv_release_pages_data, cpp=_KV_CPP, nvrtc=".nvrtc.ops:kv_release_pages",
 ))
 WINDOW_COMMIT = _registry.declare(_registry.OpSpec(
     schema="window_commit(Tensor(a!) window, Tensor rows, Tensor cu, Tensor positions, Tensor keep) -> ()",
     fake=_no_output_fake, reference=".reference.kv:window_commit", check=_check_window_commit,
-    check_data=_check_window_commit_data, cpp=_KV_CPP,
+    check_data=_check_window_commit_data, cpp=_KV_CPP, nvrtc=".nvrtc.ops:window_commit",
 ))
 STATE_SELECT = _registry.declare(_registry.OpSpec(
     schema="state_select(Tensor states, Tensor index, Tensor(a!) out) -> ()",
     fake=_no_output_fake, reference=".reference.kv:state_select", check=_check_state_select,
-    check_data=_check_state_select_data, cpp=_KV_CPP,
+    check_data=_check_state_select_data, cpp=_KV_CPP, nvrtc=".nvrtc.ops:state_select",
 ))

@@ -39,7 +39,7 @@ def random_words(seed: torch.Tensor, position: torch.Tensor, index: torch.Tensor
             and position any int64 (their bits), index in ``[0, 2^32)`` (an error on
             CPU tensors and under ``DSPARK_DEBUG=1``; otherwise the word is ``-1``).
         salt: an int in ``[0, 2^32)``.
-        backend: "reference" | "cpu" | "triton" | "cuda" | None.
+        backend: "reference" | "cpu" | "triton" | "cuda" | "nvrtc" | None.
 
     Returns:
         int64 tensor of ``seed``'s shape, values in ``[0, 2^32)``.
@@ -81,6 +81,7 @@ RANDOM_WORDS = _registry.declare(_registry.OpSpec(
     fake=lambda seed, position, index, salt: seed.new_empty(seed.shape, dtype=torch.int64),
     reference=".reference.random_words:random_words",
     triton=".triton.random_words:random_words",
+    nvrtc=".nvrtc.ops:random_words",
     check=_check_random_words,
     check_data=_check_random_words_data,
     cpp=frozenset({"CPU", "CUDA"}),

@@ -83,7 +83,7 @@ def verify_block(
         seed, offset: ``[B]`` int64 tensors or Python ints.
         max_num_draft: output width - 1, ``>= max n_b``; None reads it from
             ``cu_num_draft`` (one host read: pass it under CUDA graphs / torch.compile).
-        backend: "reference" | "cpu" | "triton" | "cuda" | None.
+        backend: "reference" | "cpu" | "triton" | "cuda" | "nvrtc" | None.
         method: ``"token"`` (the rule above, token by token) or ``"block"`` (block
             verification, Sun et al. 2024: the same sampling law, a longer expected
             accepted length; greedy rows unchanged). See docs/verification.md.
@@ -199,6 +199,7 @@ VERIFY_BLOCK = _registry.declare(_registry.OpSpec(
     fake=_verify_block_fake,
     reference=".reference.verify_block:verify_block",
     triton=".triton.verify_block:verify_block",
+    nvrtc=".nvrtc.ops:verify_block",
     check=_check_verify_block,
     check_data=_check_verify_block_data,
     cpp=frozenset({"CPU", "CUDA"}),
@@ -270,7 +271,7 @@ def verify_tree(
             from ``parents`` (one host read: pass it under CUDA graphs / torch.compile).
             Nodes deeper than ``max_depth`` are an error on the CPU (and under
             ``DSPARK_DEBUG=1`` on CUDA), and never visited otherwise.
-        backend: "reference" | "cpu" | "triton" | "cuda" | None.
+        backend: "reference" | "cpu" | "triton" | "cuda" | "nvrtc" | None.
 
     Returns:
         ``accept_path [B, max_depth + 1]`` int32 (window indices for kv_commit:
@@ -369,6 +370,7 @@ VERIFY_TREE = _registry.declare(_registry.OpSpec(
     fake=_verify_tree_fake,
     reference=".reference.verify_tree:verify_tree",
     triton=".triton.verify_tree:verify_tree",
+    nvrtc=".nvrtc.ops:verify_tree",
     check=_check_verify_tree,
     check_data=_check_verify_tree_data,
     cpp=frozenset({"CPU", "CUDA"}),

@@ -22,7 +22,7 @@ def available_backends(include_reference: bool = False) -> list[str]:
 
 
 def backend_device(backend: str) -> str:
-    if backend == "cuda" or (backend == "triton" and torch.cuda.is_available()):
+    if backend in ("cuda", "nvrtc") or (backend == "triton" and torch.cuda.is_available()):
         return "cuda"
     return "cpu"
 

@@ -309,7 +309,7 @@ def _run(op, backend, case):
     """(outputs or exception, guards checked, inputs checked)."""
     spec = REGISTRY[op]
     ordered, guards = case.build()
-    if backend == "cuda" or (backend == "triton" and torch.cuda.is_available()):
+    if backend in ("cuda", "nvrtc") or (backend == "triton" and torch.cuda.is_available()):
         ordered, guards = _on_gpu(ordered, guards)
     for g in guards:
         g.arm()

@@ -11,13 +11,13 @@
 
 from __future__ import annotations
 
+import os
 import random
 
 import pytest
 import torch
 
 import dspark_kernels as dk
-from dspark_kernels import _backend
 
 HAS_CPU = dk.backends("kv_commit")["cpu"]
 CPU_BACKENDS = ["reference"] + (["cpu"] if HAS_CPU else [])
@@ -662,17 +662,20 @@ def test_backends_and_unknown_backend():
 
 # --------------------------------------------------------------------------- CUDA
 
-CUDA_OK = torch.cuda.is_available() and "CUDA" in _backend.COMPILED.get("kv_commit", set())
+# The GPU backend under test: the compiled extension, or (bench/gpu_check.sh's NVRTC
+# stage) DSPARK_TEST_GPU_BACKEND=nvrtc, the same kernels compiled at run time.
+GPU = os.environ.get("DSPARK_TEST_GPU_BACKEND", "cuda")
+CUDA_OK = torch.cuda.is_available() and dk.backends("kv_commit")[GPU]
 
 
 @pytest.mark.cuda
-@pytest.mark.skipif(not CUDA_OK, reason="needs a CUDA GPU and the compiled CUDA kernels")
+@pytest.mark.skipif(not CUDA_OK, reason=f"needs a CUDA GPU and the {GPU} backend")
 class TestCuda:
     def _compare(self, case):
         ref = clone_case(case)
         gpu = clone_case(case, "cuda")
         new_ref = run_commit(ref, "reference")
-        new_gpu = run_commit(gpu, "cuda")
+        new_gpu = run_commit(gpu, GPU)
         assert torch.equal(new_ref, new_gpu.cpu())
         for r, g in zip(ref["caches"], gpu["caches"]):
             assert torch.equal(as_bytes(r), as_bytes(g.cpu()))
@@ -694,7 +697,7 @@ class TestCuda:
     def test_chain_is_a_noop(self):
         case = make_commit_case(B=16, page_size=16, W=8, rows=ROW_SETS["mixed"], seed=3, kinds=["chain"])
         gpu = clone_case(case, "cuda")
-        run_commit(gpu, "cuda")
+        run_commit(gpu, GPU)
         for before, after in zip(case["caches"], gpu["caches"]):
             assert torch.equal(as_bytes(before), as_bytes(after.cpu()))
 
@@ -714,14 +717,14 @@ class TestCuda:
         case = clone_case(_good_commit(), "cuda")
         case["num_accept"] = torch.full_like(case["num_accept"], 9)
         with pytest.raises(ValueError, match="num_accept"):
-            run_commit(case, "cuda")
+            run_commit(case, GPU)
         table, new, old, ps, rc = make_release_case(3, shared=2)
         with pytest.raises(ValueError, match="refcount"):
             dk.kv_release_pages(table.cuda(), torch.zeros_like(new).cuda(), torch.full_like(old, 32).cuda(), ps,
-                                torch.zeros_like(rc).cuda(), backend="cuda")
+                                torch.zeros_like(rc).cuda(), backend=GPU)
         with pytest.raises(ValueError, match="index"):
             dk.state_select(torch.zeros(2, 3, 4).cuda(), torch.tensor([0, 3]).cuda(), torch.zeros(2, 4).cuda(),
-                            backend="cuda")
+                            backend=GPU)
 
     def test_opcheck(self):
         case = clone_case(make_commit_case(B=3, page_size=4, W=5, rows=[((6,), torch.bfloat16)], seed=9,
@@ -748,7 +751,7 @@ class TestCuda:
         kv_gpu = kv.cuda()
         gpu = clone_case(dict(case, caches=[]), "cuda")
         gpu["caches"] = [kv_gpu[:, 0], kv_gpu[:, 1]]
-        run_commit(gpu, "cuda")
+        run_commit(gpu, GPU)
         for e, g in zip(expect, gpu["caches"]):
             assert torch.equal(e, as_bytes(g.cpu()))
 
@@ -797,7 +800,7 @@ class TestCuda:
             table, new, old, ps, rc = make_release_case(seed, B=9, P=20, shared=seed % 5, dtype=dtype)
             before = rc.clone()
             rc_gpu = rc.cuda()
-            freed, num = dk.kv_release_pages(table.cuda(), new.cuda(), old.cuda(), ps, rc_gpu, backend="cuda")
+            freed, num = dk.kv_release_pages(table.cuda(), new.cuda(), old.cuda(), ps, rc_gpu, backend=GPU)
             expect, rc_expect = oracle_release(table, new.tolist(), old.tolist(), ps, before)
             assert rc_gpu.cpu().tolist() == rc_expect
             # a shared page may be returned by any of its releasers: compare per request
@@ -828,7 +831,7 @@ class TestCuda:
             expect = window.clone()
             dk.window_commit(expect, rows, cu, pos, keep, backend="reference")
             got = window.cuda()
-            dk.window_commit(got, rows.cuda(), cu.cuda(), pos.cuda(), keep.cuda(), backend="cuda")
+            dk.window_commit(got, rows.cuda(), cu.cuda(), pos.cuda(), keep.cuda(), backend=GPU)
             assert torch.equal(as_bytes(expect), as_bytes(got.cpu())), seed
 
     def test_state_select(self):

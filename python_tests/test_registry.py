@@ -33,7 +33,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 
 
 def _device(backend: str) -> str:
-    return "cuda" if backend == "cuda" or (backend == "triton" and torch.cuda.is_available()) else "cpu"
+    return "cuda" if backend in ("cuda", "nvrtc") or (backend == "triton" and torch.cuda.is_available()) else "cpu"
 
 
 def test_every_op_has_samples():

@@ -319,7 +319,7 @@ def test_bench_schedule_quick(tmp_path):
 # --------------------------------------------------------------------------
 # On a GPU (bench/gpu_check.sh runs `-m cuda`)
 
-GPU_BACKENDS = [b for b in ("cuda", "triton") if b in BACKENDS]
+GPU_BACKENDS = [b for b in ("cuda", "nvrtc", "triton") if b in BACKENDS]
 
 
 @pytest.mark.cuda

@@ -7,6 +7,8 @@ failure reproduces from its test id alone.
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
@@ -14,11 +16,14 @@ import dspark_kernels
 from dspark_kernels import _backend
 from dspark_kernels.reference import philox
 
-CUDA_OK = torch.cuda.is_available() and _backend.CUDA_COMPILED
+# The GPU backend under test: the compiled extension, or (bench/gpu_check.sh's NVRTC
+# stage) DSPARK_TEST_GPU_BACKEND=nvrtc, the same kernels compiled at run time.
+GPU = os.environ.get("DSPARK_TEST_GPU_BACKEND", "cuda")
+CUDA_OK = torch.cuda.is_available() and dspark_kernels.backends("verify_block")[GPU]
 
 pytestmark = [
     pytest.mark.cuda,
-    pytest.mark.skipif(not CUDA_OK, reason="needs a CUDA GPU and the compiled CUDA kernels"),
+    pytest.mark.skipif(not CUDA_OK, reason=f"needs a CUDA GPU and the {GPU} backend"),
 ]
 
 MODES = (
@@ -127,7 +132,7 @@ SHAPES = [(B, V) for B in (1, 7, 64) for V in (1, 7, 129, 32000) if (B, V) != (6
 
 def check_against_reference(B, V, mode, dtype):
     kw = make_case(B, V, mode, dtype=dtype, seed=1000 * B + V)
-    got = run(kw, "cuda")
+    got = run(kw, GPU)
     assert_same(got, run(kw, "reference"), kw)
     # The CPU kernel sums exp in fp32 sequentially (about 1e-5 off in log-sum-exp at
     # V = 32000, enough to flip a rare accept test), so compare with it on small rows only.
@@ -159,7 +164,7 @@ def test_matches_reference_large_batch(mode, dtype):
 @pytest.mark.parametrize("mode", ["logits", "probs", "topk", "topp"])
 def test_mixed_dtypes(mode, dtype, draft_dtype):
     kw = make_case(7, 1000, mode, dtype=dtype, draft_dtype=draft_dtype, seed=7)
-    assert_same(run(kw, "cuda"), run(kw, "reference"), kw)
+    assert_same(run(kw, GPU), run(kw, "reference"), kw)
 
 
 @pytest.mark.parametrize("max_n", [0, 1, 15, 40])
@@ -167,13 +172,13 @@ def test_draft_lengths(max_n):
     """Wider blocks than there are warps in the walk kernel, and max_num_draft = 0."""
     for mode in ("greedy", "logits", "topk"):
         kw = make_case(9, 257, mode, max_n=max_n, seed=max_n)
-        assert_same(run(kw, "cuda"), run(kw, "reference"), kw)
+        assert_same(run(kw, GPU), run(kw, "reference"), kw)
 
 
 def test_max_num_draft_wider_than_blocks():
     kw = make_case(5, 129, "logits", max_n=4, seed=3)
     kw["max_num_draft"] = 11
-    out, _ = run(kw, "cuda")
+    out, _ = run(kw, GPU)
     assert out.shape == (5, 12)
     assert_same((out, _), run(kw, "reference"), kw)
 
@@ -185,7 +190,7 @@ def test_int64_and_invalid_ids(mode, monkeypatch):
     kw = make_case(16, 129, mode, seed=11, ids_int64=True, invalid_ids=True)
     kw["cu_num_draft"] = kw["cu_num_draft"].long()
     kw["top_k"] = kw["top_k"].long() if "top_k" in kw else None
-    assert_same(run(kw, "cuda"), run(kw, "reference"), kw)
+    assert_same(run(kw, GPU), run(kw, "reference"), kw)
 
 
 def test_residual_without_mass_and_masked_rows():
@@ -202,11 +207,11 @@ def test_residual_without_mass_and_masked_rows():
     rows = torch.arange(len(request), device=target.device) + request  # target row of each draft
     p = torch.softmax(target[rows] / kw["temperature"][request, None], dim=-1)
     kw["draft_probs"] = 2 * p
-    assert_same(run(kw, "cuda"), run(kw, "reference"), kw)
+    assert_same(run(kw, GPU), run(kw, "reference"), kw)
     kw.pop("draft_probs")
     for temperature in (None, kw["temperature"]):
         kw["temperature"] = temperature
-        assert_same(run(kw, "cuda"), run(kw, "reference"), kw)
+        assert_same(run(kw, GPU), run(kw, "reference"), kw)
 
 
 def test_ties_greedy_lowest_index():
@@ -217,7 +222,7 @@ def test_ties_greedy_lowest_index():
     target[:, V - 1] = 1.0
     target[:, 4097] = 1.0
     kw["target_logits"] = target
-    out, acc = run(kw, "cuda")
+    out, acc = run(kw, GPU)
     assert_same((out, acc), run(kw, "reference"), kw)
     rows = out.cpu()
     for b in range(B):
@@ -243,7 +248,7 @@ def test_strided_rows(pad, shift, dtype):
             wide[:, shift:shift + V] = t
             kw[name] = wide[:, shift:shift + V]
             assert kw[name].stride(0) == V + pad + shift
-        assert_same(run(kw, "cuda"), run(kw, "reference"), kw)
+        assert_same(run(kw, GPU), run(kw, "reference"), kw)
 
 
 def test_vocabulary_stride_must_be_one():
@@ -273,7 +278,7 @@ def test_garbage_offsets_do_not_fault(monkeypatch):
     N = kw["draft_tokens"].shape[0]
     kw["cu_num_draft"] = torch.tensor([0, 50, -7, N + 100, 3, 2, N, 10**6, N], dtype=torch.int32, device="cuda")
     kw["max_num_draft"] = 3
-    out, acc = run(kw, "cuda")
+    out, acc = run(kw, GPU)
     torch.cuda.synchronize()
     assert out.shape == (8, 4)
     assert bool(((acc >= 0) & (acc <= 3)).all())
@@ -281,8 +286,8 @@ def test_garbage_offsets_do_not_fault(monkeypatch):
 
 def test_deterministic_and_batch_invariant():
     kw = make_case(12, 5000, "mixed", seed=4)
-    first = run(kw, "cuda")
-    second = run(kw, "cuda")
+    first = run(kw, GPU)
+    second = run(kw, GPU)
     assert_same(first, second, kw, "run to run")
     cu = kw["cu_num_draft"].cpu().tolist()
     for b in range(12):
@@ -298,7 +303,7 @@ def test_deterministic_and_batch_invariant():
             offset=kw["offset"][b:b + 1],
             max_num_draft=kw["max_num_draft"],
         )
-        out, acc = run(one, "cuda")
+        out, acc = run(one, GPU)
         assert torch.equal(out[0].cpu(), first[0][b].cpu()) and int(acc[0]) == int(first[1][b]), f"request {b}"
 
 
@@ -315,11 +320,11 @@ def test_cuda_graph_capture_and_replay(mode):
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):
         for _ in range(2):
-            run(static, "cuda")
+            run(static, GPU)
     torch.cuda.current_stream().wait_stream(side)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        out, acc = run(static, "cuda")
+        out, acc = run(static, GPU)
     graph.replay()
     torch.cuda.synchronize()
     assert_same((out, acc), run(kw, "reference"), kw, "graph replay vs reference")
@@ -334,7 +339,7 @@ def test_cuda_graph_capture_and_replay(mode):
     static["offset"].add_(17)
     graph.replay()
     torch.cuda.synchronize()
-    assert_same((out, acc), run(static, "cuda"), static, "graph replay vs eager")
+    assert_same((out, acc), run(static, GPU), static, "graph replay vs eager")
     assert_same((out, acc), run(static, "reference"), static, "graph replay vs reference")
 
 
@@ -369,7 +374,7 @@ def test_large_rows_beyond_2_31_elements():
         offset=torch.zeros(B, dtype=torch.int64, device="cuda"),
         max_num_draft=8192,
     )
-    got = run(kw, "cuda")
+    got = run(kw, GPU)
     assert int(got[1][1]) == 3 and got[0][1, :4].tolist() == [V - 1, V - 2, V - 3, V - 4]
     assert_same(got, run(kw, "reference"), kw)
 

@@ -20,14 +20,8 @@ namespace dspark {
 namespace {
 
 constexpr const char* kOp = "kv_commit";
-constexpr int64_t kMaxTile = 4096;           // bytes of a row per CTA
-constexpr int64_t kDefaultSmem = 48 * 1024;  // without the opt-in attribute
 
 kv::IntArray int_array(const at::Tensor& t) { return {t.const_data_ptr(), t.scalar_type() == at::kLong ? 1 : 0}; }
-
-int64_t align16(int64_t x) { return (x + 15) & ~int64_t(15); }
-
-int64_t smem_bytes(int64_t W, int64_t tile) { return align16(W * static_cast<int64_t>(sizeof(kv::Move))) + W * tile; }
 
 // Raise commit_kernel's dynamic shared-memory limit to `bytes` (once per size and device).
 void allow_smem(int64_t bytes, int device, int64_t W) {
@@ -79,16 +73,15 @@ at::Tensor kv_commit_cuda(at::TensorList caches, const at::Tensor& block_table, 
   p.page_size = page_size;
   p.B = B;
 
-  // Tile: a whole row when it fits, so one CTA per (request, cache) in the usual case;
-  // smaller when the staging of W rows would not fit in shared memory.
+  // Tile, shared memory and tiles per row: dspark/launch.h (kv::commit_plan).
   int64_t max_row = 0;
   for (const at::Tensor& c : caches) max_row = std::max(max_row, kvcheck::row_bytes(c, 2));
   TORCH_CHECK(max_row <= 0x7fffffffLL, kOp, ": a cache row of ", max_row, " bytes is too large");
-  int64_t tile = std::max<int64_t>(16, std::min(align16(max_row), kMaxTile));
-  while (smem_bytes(W, tile) > kDefaultSmem && tile > 16) tile = std::max<int64_t>(16, (tile / 2) & ~int64_t(15));
-  const int64_t smem = smem_bytes(W, tile);
-  if (smem > kDefaultSmem) allow_smem(smem, block_table.get_device(), W);
-  const int64_t tiles = std::max<int64_t>(1, (max_row + tile - 1) / tile);
+  const kv::CommitPlan plan = kv::commit_plan(W, max_row, static_cast<int64_t>(sizeof(kv::Move)));
+  const int64_t tile = plan.tile;
+  const int64_t smem = plan.smem;
+  if (smem > kv::kDefaultSmem) allow_smem(smem, block_table.get_device(), W);
+  const int64_t tiles = plan.tiles;
   TORCH_CHECK(tiles <= 65535, kOp, ": a cache row of ", max_row, " bytes needs ", tiles,
               " tiles of ", tile, " bytes, more than one grid allows (accept_path width W = ", W, ")");
   p.tile_bytes = static_cast<int32_t>(tile);

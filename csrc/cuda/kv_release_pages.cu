@@ -50,7 +50,7 @@ std::tuple<at::Tensor, at::Tensor> kv_release_pages_cuda(const at::Tensor& block
   p.P = P;
   p.num_pages = refcount.size(0);
   p.page_size = page_size;
-  const int64_t blocks = (B + kv::kReleaseWarps - 1) / kv::kReleaseWarps;
+  const int64_t blocks = kv::release_blocks(B);
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   kv::release_kernel<<<static_cast<unsigned>(blocks), kv::kReleaseWarps * 32, 0, stream>>>(p);
   C10_CUDA_KERNEL_LAUNCH_CHECK();

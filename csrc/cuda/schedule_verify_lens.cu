@@ -7,7 +7,6 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 
-#include <algorithm>
 #include <cstdint>
 
 #include "drafting.h"
@@ -34,17 +33,16 @@ std::tuple<at::Tensor, at::Tensor> schedule_verify_lens_cuda(const at::Tensor& c
   at::Tensor verify_lens = at::empty({R}, int_opts);
   at::Tensor cu_verify = at::empty({R + 1}, int_opts);
 
-  const int64_t num_parts = (n + sched::kThreads - 1) / sched::kThreads;
-  const int64_t slots = std::max<int64_t>(n, 1);
-  const int64_t parts = std::max<int64_t>(num_parts, 1);
-  // One workspace: keys, survivals (8 bytes each), block results, ranks (4 bytes).
-  at::Tensor ws = at::empty({(2 * slots + 2 * parts) * 8 + slots * 4}, confidence.options().dtype(at::kByte));
+  // One workspace: keys, survivals, block results, ranks (dspark/launch.h).
+  const sched::Workspace w = sched::workspace(R, gamma);
+  const int64_t num_parts = w.num_parts;
+  at::Tensor ws = at::empty({w.bytes}, confidence.options().dtype(at::kByte));
   char* base = static_cast<char*>(ws.mutable_data_ptr());
-  auto* keys = reinterpret_cast<unsigned long long*>(base);
-  auto* quant = reinterpret_cast<long long*>(base + slots * 8);
-  auto* part_count = reinterpret_cast<long long*>(base + 2 * slots * 8);
-  auto* part_theta = reinterpret_cast<double*>(base + (2 * slots + parts) * 8);
-  auto* rank = reinterpret_cast<int32_t*>(base + (2 * slots + 2 * parts) * 8);
+  auto* keys = reinterpret_cast<unsigned long long*>(base + w.keys);
+  auto* quant = reinterpret_cast<long long*>(base + w.quant);
+  auto* part_count = reinterpret_cast<long long*>(base + w.part_count);
+  auto* part_theta = reinterpret_cast<double*>(base + w.part_theta);
+  auto* rank = reinterpret_cast<int32_t*>(base + w.rank);
 
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   if (n > 0) {

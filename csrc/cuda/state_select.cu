@@ -19,7 +19,7 @@ void state_select_cuda(const at::Tensor& states, const at::Tensor& index, const 
   const int64_t row_bytes = kvcheck::row_bytes(out, 1);
   if (B == 0 || row_bytes == 0) return;
   TORCH_CHECK(B <= 0x7fffffffLL, op, ": batch of ", B, " requests is too large for one grid");
-  const int64_t tiles = (row_bytes + kv::kStateTile - 1) / kv::kStateTile;
+  const int64_t tiles = kv::state_tiles(row_bytes);
   TORCH_CHECK(tiles <= 65535, op, ": a state of ", row_bytes, " bytes is too large for one grid");
   const at::Tensor idx = index.contiguous();
   const int64_t es = static_cast<int64_t>(states.element_size());

@@ -52,9 +52,6 @@ void check_vocab_stride(const at::Tensor& t, const char* name) {
               " for shape ", t.sizes(), "; pass ", name, ".contiguous()");
 }
 
-int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
-int64_t align_up(int64_t a, int64_t b) { return ceil_div(a, b) * b; }
-
 template <class TT, class DT>
 void launch(const vb::Params& p, int64_t stat_rows, bool with_filters, bool sampling, cudaStream_t stream) {
   vb::stats_kernel<TT, DT><<<dim3(static_cast<unsigned>(stat_rows), static_cast<unsigned>(p.num_splits)),
@@ -123,16 +120,21 @@ std::tuple<at::Tensor, at::Tensor> verify_block_cuda(
   check_vocab_stride(target_logits, "target_logits");
   if (draft_dist) check_vocab_stride(*draft_dist, draft_name);
 
-  const int64_t num_splits = ceil_div(V, vb::kStatsSplit);
-  const int64_t num_race_splits = ceil_div(V, vb::kRaceSplit);
-  TORCH_CHECK(num_splits <= vb::kMaxGridY && num_race_splits <= vb::kMaxGridY, kOp,
-              ": vocabulary too large for the CUDA kernel, V = ", V, " > ", vb::kMaxGridY * vb::kRaceSplit);
   const bool sampling = temperature.has_value();  // without temperature every row is greedy
   const bool q_stats = sampling && draft_logits.has_value();
-  const int64_t stat_rows = T + (q_stats ? N : 0);
+  const bool with_filters = sampling && (top_k.has_value() || top_p.has_value());
+  const bool block = block_method && sampling;  // without temperature every row is greedy: the token walk
+  // Grid sizes and the workspace layout (dspark/launch.h): split partials, filtered-row
+  // thresholds, race descriptors, race partials, Z_j per target row.
+  const vb::Plan plan = vb::plan(B, N, V, sampling, q_stats, with_filters, block, sizeof(vb::StatPartial),
+                                 sizeof(vb::RowFilter), sizeof(vb::RaceDesc), sizeof(vb::RacePartial));
+  const int64_t num_splits = plan.num_splits;
+  const int64_t num_race_splits = plan.num_race_splits;
+  TORCH_CHECK(num_splits <= vb::kMaxGridY && num_race_splits <= vb::kMaxGridY, kOp,
+              ": vocabulary too large for the CUDA kernel, V = ", V, " > ", vb::kMaxGridY * vb::kRaceSplit);
+  const int64_t stat_rows = plan.stat_rows;
   TORCH_CHECK(stat_rows <= std::numeric_limits<int32_t>::max() && B <= std::numeric_limits<int32_t>::max(), kOp,
               ": too many rows for the CUDA kernel (", stat_rows, ")");
-  const bool with_filters = sampling && (top_k.has_value() || top_p.has_value());
 
   c10::cuda::CUDAGuard guard(target_logits.device());
   const auto int_opts = target_logits.options().dtype(at::kInt);
@@ -151,16 +153,7 @@ std::tuple<at::Tensor, at::Tensor> verify_block_cuda(
   if (top_k) top_k_c = top_k->contiguous();
   if (top_p) top_p_c = top_p->to(at::kFloat).contiguous();
 
-  // One workspace: split partials, filtered-row thresholds, race descriptors and
-  // race partials (sizes from shapes only).
-  const int64_t partials_bytes = align_up(stat_rows * num_splits * int64_t(sizeof(vb::StatPartial)), 256);
-  const int64_t filter_bytes = with_filters ? align_up(stat_rows * int64_t(sizeof(vb::RowFilter)), 256) : 0;
-  const int64_t desc_bytes = align_up(B * int64_t(sizeof(vb::RaceDesc)), 256);
-  const int64_t race_bytes = sampling ? align_up(B * num_race_splits * int64_t(sizeof(vb::RacePartial)), 256) : 0;
-  const bool block = block_method && sampling;  // without temperature every row is greedy: the token walk
-  const int64_t z_bytes = block ? align_up(T * int64_t(sizeof(double)), 256) : 0;  // Z_j per target row
-  at::Tensor workspace = at::empty({partials_bytes + filter_bytes + desc_bytes + race_bytes + z_bytes},
-                                   target_logits.options().dtype(at::kByte));
+  at::Tensor workspace = at::empty({plan.bytes}, target_logits.options().dtype(at::kByte));
   char* ws = static_cast<char*>(workspace.mutable_data_ptr());
 
   vb::Params p;
@@ -185,11 +178,10 @@ std::tuple<at::Tensor, at::Tensor> verify_block_cuda(
   p.max_num_draft = max_num_draft;
   p.num_splits = num_splits;
   p.num_race_splits = num_race_splits;
-  p.partials = reinterpret_cast<vb::StatPartial*>(ws);
-  p.row_filter = with_filters ? reinterpret_cast<vb::RowFilter*>(ws + partials_bytes) : nullptr;
-  p.desc = reinterpret_cast<vb::RaceDesc*>(ws + partials_bytes + filter_bytes);
-  p.race_partials = sampling ? reinterpret_cast<vb::RacePartial*>(ws + partials_bytes + filter_bytes + desc_bytes)
-                             : nullptr;
+  p.partials = reinterpret_cast<vb::StatPartial*>(ws + plan.partials);
+  p.row_filter = with_filters ? reinterpret_cast<vb::RowFilter*>(ws + plan.row_filter) : nullptr;
+  p.desc = reinterpret_cast<vb::RaceDesc*>(ws + plan.desc);
+  p.race_partials = sampling ? reinterpret_cast<vb::RacePartial*>(ws + plan.race_partials) : nullptr;
   p.output_tokens = output_tokens.mutable_data_ptr<int32_t>();
   p.num_accepted = num_accepted.mutable_data_ptr<int32_t>();
 
@@ -203,7 +195,7 @@ std::tuple<at::Tensor, at::Tensor> verify_block_cuda(
       if (block) {
         vb::BlockParams bp;
         bp.p = p;
-        bp.z = reinterpret_cast<double*>(ws + partials_bytes + filter_bytes + desc_bytes + race_bytes);
+        bp.z = reinterpret_cast<double*>(ws + plan.z);
         launch_block<TT, DT>(bp, stat_rows, with_filters, stream);
       } else {
         launch<TT, DT>(p, stat_rows, with_filters, sampling, stream);

@@ -83,7 +83,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> verify_tree_cuda(
   if (top_k) top_k_c = top_k->contiguous();
   if (top_p) top_p_c = top_p->to(at::kFloat).contiguous();
   const bool sampling = temperature.has_value();
-  at::Tensor workspace = at::empty({sampling ? B * V : 1}, target_logits.options().dtype(at::kFloat));
+  at::Tensor workspace = at::empty({vt::workspace_floats(B, V, sampling)}, target_logits.options().dtype(at::kFloat));
 
   const at::Tensor* draft_dist = draft_logits ? &draft_logits.value() : (draft_probs ? &draft_probs.value() : nullptr);
   const char* draft_name = draft_logits ? "draft_logits" : "draft_probs";

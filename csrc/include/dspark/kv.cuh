@@ -14,6 +14,7 @@
 #pragma once
 
 #include "kv_rules.h"
+#include "launch.h"  // block sizes and launch plans
 
 namespace dspark {
 namespace kv {
@@ -93,8 +94,6 @@ __device__ __forceinline__ void copy_bytes(char* dst, const char* src, int64_t b
 // table_column_at (no signed overflow for any committed_len).
 // ----------------------------------------------------------------------------
 
-constexpr int kCommitThreads = 128;
-constexpr int kMaxCachesPerLaunch = 96;  // keeps CommitParams under the classic 4 KB parameter limit
 
 struct CacheDesc {
   char* base;           // data_ptr of the cache
@@ -252,7 +251,6 @@ static __global__ void __launch_bounds__(kCommitThreads) commit_kernel(const __g
 // returned by whichever decrement reaches zero (exactly once).
 // ----------------------------------------------------------------------------
 
-constexpr int kReleaseWarps = 4;
 
 struct ReleaseParams {
   IntArray block_table;  // [B, P], row stride bt_stride
@@ -327,7 +325,6 @@ static __global__ void __launch_bounds__(kReleaseWarps * 32) release_kernel(cons
 // consistent cu, are skipped.
 // ----------------------------------------------------------------------------
 
-constexpr int kWindowThreads = 128;
 
 struct WindowParams {
   char* window;          // [B, W, *row]
@@ -345,7 +342,7 @@ struct WindowParams {
   int32_t vec;
 };
 
-static __global__ void __launch_bounds__(kWindowThreads) window_commit_kernel(const __grid_constant__ WindowParams p) {
+static __global__ void __launch_bounds__(kWindowThreads, 1) window_commit_kernel(const __grid_constant__ WindowParams p) {
   const int64_t t = blockIdx.x;
   if (p.B == 0 || t >= p.T || !load_flag(p.keep, t)) return;
   const int64_t slot = window_slot(load_int(p.positions, t), p.W);
@@ -375,8 +372,6 @@ static __global__ void __launch_bounds__(kWindowThreads) window_commit_kernel(co
 // indices outside [0, S) leave out[b] untouched.
 // ----------------------------------------------------------------------------
 
-constexpr int kStateThreads = 256;
-constexpr int64_t kStateTile = 16384;  // bytes per CTA
 
 struct StateParams {
   const char* states;     // [B, S, *state]
@@ -390,7 +385,9 @@ struct StateParams {
   int32_t vec;
 };
 
-static __global__ void __launch_bounds__(kStateThreads) state_select_kernel(const __grid_constant__ StateParams p) {
+// At least 6 CTAs per SM (a register budget of 42): ptxas for sm_100a otherwise chose 32
+// registers and spilled; sm_90a takes 40 either way.
+static __global__ void __launch_bounds__(kStateThreads, 6) state_select_kernel(const __grid_constant__ StateParams p) {
   const int64_t b = blockIdx.x;
   const int64_t i = load_int(p.index, b);
   if (!state_index_valid(i, p.S)) return;

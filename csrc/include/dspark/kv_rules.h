@@ -17,15 +17,7 @@
 // No torch header: also compiles under NVRTC.
 #pragma once
 
-#include <stdint.h>
-
-#ifndef DSPARK_HD
-#if defined(__CUDACC__) || defined(__CUDACC_RTC__)
-#define DSPARK_HD __host__ __device__ __forceinline__
-#else
-#define DSPARK_HD inline
-#endif
-#endif
+#include "types.h"  // uint32_t ..., DSPARK_HD
 
 namespace dspark {
 namespace kv {

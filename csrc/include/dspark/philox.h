@@ -18,23 +18,12 @@
 // No torch header here: the file also compiles under NVRTC.
 #pragma once
 
-#if defined(__CUDACC_RTC__)
-// NVRTC has no C library headers: the fixed-width types it needs.
-typedef unsigned int uint32_t;
-typedef unsigned long long uint64_t;
-typedef long long int64_t;
-typedef int int32_t;
-#else
-#include <stdint.h>
-#endif
-
-#if defined(__CUDACC__) || defined(__CUDACC_RTC__)
-#define DSPARK_HD __host__ __device__ __forceinline__
-#else
-#define DSPARK_HD inline
-#endif
+#include "types.h"  // uint32_t ..., DSPARK_HD
 
 namespace dspark {
+
+// random_words: an index is a uint32 value, in [0, 2^32).
+constexpr int64_t kRandomWordsIndexEnd = int64_t{1} << 32;
 
 // Purpose salts: independent streams, so the noise that drew a draft is never
 // reused to resample it (vLLM's shared-noise bias).

@@ -23,9 +23,7 @@
 // No torch header: also compiles under NVRTC.
 #pragma once
 
-#include <stdint.h>
-
-#include "philox.h"  // DSPARK_HD
+#include "types.h"  // uint32_t ..., DSPARK_HD
 
 namespace dspark {
 

@@ -27,6 +27,7 @@
 #pragma once
 
 #include "philox.h"
+#include "launch.h"  // block sizes and launch plans
 #include "schedule.h"
 
 namespace dspark {
@@ -34,8 +35,6 @@ namespace sched {
 
 #define DSPARK_NEG_INF_D (-__longlong_as_double(0x7ff0000000000000LL))
 
-constexpr int kThreads = 256;
-constexpr int kFinishThreads = 1024;
 constexpr int64_t kNoCount = 0x7fffffffLL;
 
 __global__ void __launch_bounds__(kThreads)

@@ -42,23 +42,13 @@
 #pragma once
 
 #include "philox.h"
+#include "launch.h"  // block sizes and launch plans
 #include "sampling.h"
 
 namespace dspark {
 namespace vb {
 
-// ----------------------------------------------------------------------------
-// Sizes
-// ----------------------------------------------------------------------------
-
-constexpr int kStatsThreads = 128;
-constexpr int64_t kStatsSplit = 4096;  // multiple of every vector width below
-constexpr int kFilterThreads = 512;
-constexpr int kWalkThreads = 256;
-constexpr int kRaceThreads = 128;
-constexpr int64_t kRaceSplit = 2048;  // multiple of 4 (one Philox call per 4 entries)
-constexpr int kFinishThreads = 32;
-constexpr int64_t kMaxGridY = 65535;
+// Block sizes and splits: launch.h (kStatsThreads, kStatsSplit, ...).
 
 enum DraftKind : int32_t { kPointMass = 0, kDraftLogits = 1, kDraftProbs = 2 };
 enum RaceMode : int32_t { kRaceNone = 0, kRaceResidual = 1, kRaceTarget = 2 };
@@ -658,9 +648,11 @@ __device__ bool accept_position(const Params& p, const Request& rq, int64_t b, i
 }
 
 // grid (B), kWalkThreads. Warp w decides positions w, w + 8, ... (stopping at its own
-// first rejection); the block takes the smallest rejected position.
+// first rejection); the block takes the smallest rejected position. Launch bounds with a
+// minimum of 1 CTA per SM: one CTA per request, occupancy does not matter, and without
+// it ptxas for sm_100a chose 40 registers and spilled.
 template <class TT, class DT>
-__global__ void __launch_bounds__(kWalkThreads) walk_kernel(const Params p) {
+__global__ void __launch_bounds__(kWalkThreads, 1) walk_kernel(const Params p) {
   const int64_t b = blockIdx.x;
   const Request rq = load_request(p, b);
   const int warp = threadIdx.x >> 5;

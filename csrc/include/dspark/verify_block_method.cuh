@@ -22,13 +22,12 @@
 #pragma once
 
 #include "block_verify.h"
+#include "launch.h"  // block sizes and launch plans
 #include "verify_block.cuh"
 
 namespace dspark {
 namespace vb {
 
-constexpr int kBlockZThreads = 256;
-constexpr int kBlockWalkThreads = 32;
 
 struct BlockParams {
   Params p;

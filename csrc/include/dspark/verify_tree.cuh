@@ -21,13 +21,13 @@
 #pragma once
 
 #include "philox.h"
+#include "launch.h"  // block sizes and launch plans
 #include "sampling.h"
 #include "tree.h"
 
 namespace dspark {
 namespace vt {
 
-constexpr int kThreads = 256;
 
 enum DraftKind : int32_t { kPointMass = 0, kDraftLogits = 1, kDraftProbs = 2 };
 
@@ -228,7 +228,7 @@ __device__ RowStat row_stats(DevRow<Tag> row, int64_t V, float t, int64_t k, flo
 // ---------------------------------------------------------------------------- the walk
 
 template <class TT, class DT>
-__global__ void __launch_bounds__(kThreads) tree_kernel(Params p) {
+__global__ void __launch_bounds__(kThreads, 1) tree_kernel(Params p) {
   __shared__ Smem sm;
   const int64_t b = blockIdx.x;
   const int64_t V = p.V;
