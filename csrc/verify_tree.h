@@ -70,12 +70,13 @@ inline void check_verify_tree_args(
     const at::Tensor& d = named->value();
     const char* name = named == &draft_logits ? "draft_logits" : "draft_probs";
     // With draft_index, q rows are gathered: any number of rows.
-    if (draft_index.has_value())
+    if (draft_index.has_value()) {
       DSPARK_CHECK(d.dim() == 2 && d.size(1) == V, op, name, " must have shape [R, V] with V = ", V, ", got ",
                    d.sizes());
-    else
+    } else {
       DSPARK_CHECK(d.dim() == 2 && d.size(0) == N && d.size(1) == V, op, name, " must have shape [N, V] = [",
                    N, ", ", V, "], got ", d.sizes());
+    }
     DSPARK_CHECK(d.scalar_type() == at::kFloat || d.scalar_type() == at::kHalf ||
                      d.scalar_type() == at::kBFloat16,
                  op, name, " must be float32, float16 or bfloat16, got ", d.scalar_type());
