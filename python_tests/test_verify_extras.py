@@ -75,7 +75,8 @@ def _inputs(num_draft, vocab, draft, seed, **kw):
 @pytest.mark.parametrize("method", ["token", "block"])
 def test_min_p_verify_block_matches_reference(backend, case, draft, method):
     num_draft = [3, 0, 5, 1, 2, 4, 1]
-    for seed, vocab in ((1, 7), (2, 129)):
+    # the edge cases on a small vocabulary, the mixed case also on an odd larger one (kept short for Triton's interpreter)
+    for seed, vocab in ((1, 7), (2, 129))[: 2 if case == "mixed" else 1]:
         args, kwargs = _inputs(num_draft, vocab, draft, seed)
         kwargs["min_p"] = MIN_P_CASES[case](len(num_draft))
         want = _block("reference", args, kwargs, method=method)
@@ -107,7 +108,7 @@ def _tree_inputs(vocab, draft, seed):
 @pytest.mark.parametrize("case", sorted(MIN_P_CASES))
 @pytest.mark.parametrize("draft", ["point", "probs", "logits"])
 def test_min_p_verify_tree_matches_reference(backend, case, draft):
-    for seed, vocab in ((3, 7), (4, 129)):
+    for seed, vocab in ((3, 7), (4, 129))[: 2 if case == "mixed" else 1]:
         args, kwargs = _tree_inputs(vocab, draft, seed)
         kwargs["min_p"] = MIN_P_CASES[case](4)
         _assert_same(_tree(backend, args, kwargs), _tree("reference", args, kwargs), f"{backend} {case} {draft}")
@@ -169,8 +170,7 @@ def _gathered(args, kwargs, name, index_dtype, pattern, extra_rows=5):
 
 @pytest.mark.parametrize("backend", ["reference"] + BACKENDS)
 @pytest.mark.parametrize("name", ["draft_logits", "draft_probs"])
-@pytest.mark.parametrize("pattern", ["permuted", "repeated"])
-@pytest.mark.parametrize("index_dtype", [torch.int32, torch.int64])
+@pytest.mark.parametrize("pattern,index_dtype", [("permuted", torch.int32), ("repeated", torch.int64)])
 def test_draft_index_equals_gathered_rows(backend, name, pattern, index_dtype):
     draft = "logits" if name == "draft_logits" else "probs"
     args, kwargs = _inputs([3, 0, 4, 1], 23, draft, 21)
@@ -254,7 +254,7 @@ def softmax64_min_p(logits, temperature, top_k=0, top_p=1.0, min_p=0.0):
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("draft", ["point", "logits"])
 def test_logprobs_match_reference(backend, draft):
-    for vocab, seed in ((7, 1), (129, 2)):
+    for vocab, seed in ((7, 1), (129, 2))[: 2 if draft == "logits" else 1]:
         args, kwargs = _inputs([3, 0, 5, 1, 2], vocab, draft, seed, top_k=torch.tensor([0, 3, 0, 50, 2]))
         kwargs["min_p"] = torch.tensor([0.0, 0.05, 0.2, 0.0, 0.5])
         kwargs["temperature"][1] = 0.0  # one greedy request
