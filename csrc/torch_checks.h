@@ -82,7 +82,8 @@ inline const float* min_p_ptr(const at::Tensor& min_p_c) {
 // [0, rows) is a data check (CPU always; CUDA reads treat an entry out of range as an
 // unusable q, never an out-of-bounds read).
 inline void check_draft_index_arg(const char* op, const at::Tensor& ref, int64_t N,
-                                  const std::optional<at::Tensor>& draft_index, bool has_draft_dist) {
+                                  const std::optional<at::Tensor>& draft_index, bool has_draft_dist,
+                                  int64_t draft_rows) {
   if (!draft_index.has_value()) return;
   const at::Tensor& t = *draft_index;
   DSPARK_CHECK(t.dim() == 1 && t.size(0) == N, op, "draft_index must have shape [N] = [", N, "], got ", t.sizes());
@@ -90,6 +91,9 @@ inline void check_draft_index_arg(const char* op, const at::Tensor& ref, int64_t
                "draft_index must be int32 or int64, got ", t.scalar_type());
   DSPARK_CHECK(t.device() == ref.device(), op, "draft_index must be on ", ref.device(), ", got ", t.device());
   DSPARK_CHECK(has_draft_dist, op, "draft_index needs draft_logits or draft_probs (it selects their rows)");
+  // A shape check (no sync): the kernels clamp entries into [0, rows), which needs a row.
+  DSPARK_CHECK(N == 0 || draft_rows >= 1, op, "draft_index needs at least one row of draft_logits / draft_probs for N = ",
+               N, " drafts");
 }
 
 // The host range check of draft_index (contiguous int64 values): every entry a row.

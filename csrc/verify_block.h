@@ -92,7 +92,8 @@ inline void check_verify_block_args(
   }
   check_sampling_args(op, target_logits, B, temperature, top_k, top_p, seed, offset);
   check_min_p_arg(op, target_logits, B, min_p);
-  check_draft_index_arg(op, target_logits, N, draft_index, draft_logits.has_value() || draft_probs.has_value());
+  check_draft_index_arg(op, target_logits, N, draft_index, draft_logits.has_value() || draft_probs.has_value(),
+                        draft_logits ? draft_logits->size(0) : (draft_probs ? draft_probs->size(0) : 0));
 }
 
 }  // namespace dspark

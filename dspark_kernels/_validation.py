@@ -130,6 +130,10 @@ def _check_draft_index(op, draft_index, num_draft, draft_logits, draft_probs, de
     _check_tensor(op, "draft_index", draft_index, dim=1, shape=(num_draft,), dtypes=_INT_DTYPES, device=device)
     if draft_logits is None and draft_probs is None:
         _fail(op, "draft_index needs draft_logits or draft_probs (it selects their rows)")
+    q = draft_logits if draft_logits is not None else draft_probs
+    if num_draft > 0 and q.dim() == 2 and q.shape[0] < 1:
+        _fail(op, f"draft_index needs at least one row of {'draft_logits' if draft_logits is not None else 'draft_probs'}"
+                  f" (got shape {tuple(q.shape)}) for N = {num_draft} drafts")
 
 
 def _check_draft_index_data(op, draft_index, draft_logits, draft_probs):
