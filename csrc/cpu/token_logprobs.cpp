@@ -79,7 +79,9 @@ at::Tensor token_logprobs_cpu(const at::Tensor& target_logits, const at::Tensor&
         const Row<scalar_t> trow{tptr + r * ts0, ts1};
         const RowStats st = row_stats(trow, V, T, top_k_p ? top_k_p[b] : 0, top_p_p ? top_p_p[b] : 1.f,
                                       log_min_p_at(mp_p, b), scratch);
-        out_p[i] = st.log_prob(scale_logit(trow[x], T));
+        // A -inf (or NaN) logit has p = 0, also in a row with no finite entry (lse = -inf).
+        const float sx = scale_logit(trow[x], T);
+        out_p[i] = sx > kRowNegInf ? st.log_prob(sx) : kRowNegInf;
       }
     });
   });

@@ -31,7 +31,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._filters import _min_p_log_at, _min_p_threshold, min_p_log_tensor, top_k_threshold, top_p_threshold
+from ._filters import _min_p_log_at, _min_p_threshold, min_p_log_tensor, scale_logit, top_k_threshold, top_p_threshold
 from .philox import gumbel_from_word, random_word, random_words4, select_word, split_u64, uniform_from_word
 from .verify_block import _log1p_neg, _log_prob, _q_row
 
@@ -55,7 +55,7 @@ def _row_max(row_ptr, stride, V, t, BLOCK: tl.constexpr):
         cols = c0 + offs
         mask = cols < V
         x = tl.load(row_ptr + cols.to(tl.int64) * stride, mask=mask, other=0.0).to(tl.float32)
-        s = tl.where(mask, tl.math.div_rn(x, t), _NEG_INF)
+        s = tl.where(mask, scale_logit(x, t), _NEG_INF)
         m_vec = tl.maximum(m_vec, s)
     return tl.max(m_vec, axis=0)
 
@@ -82,7 +82,7 @@ def _row_stats(row_ptr, stride, V, t, k, k_on, p, p_on, lmp,
         cols = c0 + offs
         mask = cols < V
         x = tl.load(row_ptr + cols.to(tl.int64) * stride, mask=mask, other=0.0).to(tl.float32)
-        s = tl.math.div_rn(x, t)
+        s = scale_logit(x, t)
         kept = mask & (s >= thr) & (s > _NEG_INF)
         e = tl.where(kept, tl.exp(tl.where(kept, s, 0.0) - tl.where(inf_row, 0.0, safe_m)), 0.0)
         # A row whose max is +inf: its +inf entries share the mass (count them; sampling.h row_filter_final).
@@ -116,7 +116,7 @@ def _current_log_p(t_row_ptr, t_stride_col, ws_row_ptr, cols, mask, t, thr_p, ls
     """log p'(cols): the node's filtered target log-probs, or the normalised residual."""
     tk = (tl.zeros(cols.shape, tl.int32) + taken) != 0
     x = tl.load(t_row_ptr + cols.to(tl.int64) * t_stride_col, mask=mask & (~tk), other=0.0).to(tl.float32)
-    lp_target = tl.where(mask, _log_prob(tl.math.div_rn(x, t), thr_p, lse_p), _NEG_INF)
+    lp_target = tl.where(mask, _log_prob(scale_logit(x, t), thr_p, lse_p), _NEG_INF)
     w = tl.load(ws_row_ptr + cols.to(tl.int64), mask=mask & tk, other=_NEG_INF)
     return tl.where(tk, tl.where(mask, _normalised(w, lse_last), _NEG_INF), lp_target)
 
@@ -126,7 +126,7 @@ def _draft_log_q(d_row_ptr, d_stride_col, cols, mask, x, t, thr_q, lse_q, KIND: 
     """log q_c(cols) of the child's draft distribution (point mass at x without one)."""
     if KIND == 1:
         raw = tl.load(d_row_ptr + cols.to(tl.int64) * d_stride_col, mask=mask, other=0.0).to(tl.float32)
-        lq = tl.where(mask, _log_prob(tl.math.div_rn(raw, t), thr_q, lse_q), _NEG_INF)
+        lq = tl.where(mask, _log_prob(scale_logit(raw, t), thr_q, lse_q), _NEG_INF)
     elif KIND == 2:
         q = tl.load(d_row_ptr + cols.to(tl.int64) * d_stride_col, mask=mask, other=0.0).to(tl.float32)
         lq = tl.where(q == 0.0, _NEG_INF, tl.log(tl.where(q == 0.0, 1.0, q)))
@@ -292,7 +292,7 @@ def _tree_kernel(
                 rmask = rcols < V
                 rtk = (tl.zeros(rcols.shape, tl.int32) + taken) != 0
                 rx = tl.load(t_row + rcols.to(tl.int64) * t_stride_col, mask=rmask & (~rtk), other=0.0).to(tl.float32)
-                rlp = tl.where(rmask, _log_prob(tl.math.div_rn(rx, t), thr_p, lse_p), _NEG_INF)
+                rlp = tl.where(rmask, _log_prob(scale_logit(rx, t), thr_p, lse_p), _NEG_INF)
                 rw = tl.load(ws_row + rcols.to(tl.int64), mask=rmask & rtk, other=_NEG_INF)
                 rwt = tl.where(rtk, tl.where(rmask, rw, _NEG_INF), rlp)
                 sc = tl.where(rwt > _NEG_INF, rwt + g, _NEG_INF)
