@@ -64,7 +64,8 @@ files="python_tests/test_triton_masks.py python_tests/test_triton_verify_block.p
   python_tests/test_draft_sample_block.py python_tests/test_schedule_verify_lens.py
   python_tests/test_moe.py python_tests/test_moe_fp8.py python_tests/test_moe_masked.py
   python_tests/test_draft_block_attention.py python_tests/test_philox.py
-  python_tests/test_verify_tree.py python_tests/test_verify_block_method.py python_tests/test_nonfinite.py"
+  python_tests/test_verify_tree.py python_tests/test_verify_block_method.py python_tests/test_nonfinite.py
+  python_tests/test_verify_extras.py"
 named="test_public_api_and_empty_batch test_persistent_schedule_any_number_of_programs
   test_tuner_writes_the_file_the_heuristic_reads"
 select="triton or $(echo $named | sed 's/ / or /g')"

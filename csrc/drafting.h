@@ -45,7 +45,8 @@ inline void check_schedule_verify_lens_args(const at::Tensor& confidence, const 
 
 // ---------------------------------------------------------------------------
 // draft_sample_block(base_logits [B, gamma, V], anchor [B], markov_w1 [V, r]?, markov_w2 [r, V]?,
-//                    temperature [B]?, top_k [B]?, top_p [B]?, seed [B], offset [B], return_logits)
+//                    temperature [B]?, top_k [B]?, top_p [B]?, seed [B], offset [B], return_logits,
+//                    min_p [B]?)
 //   -> draft_tokens [B, gamma] int32, draft_logits [B, gamma, V] fp32 (or [0])
 // ---------------------------------------------------------------------------
 
@@ -53,7 +54,7 @@ std::tuple<at::Tensor, at::Tensor> draft_sample_block_cpu(
     const at::Tensor& base_logits, const at::Tensor& anchor, const std::optional<at::Tensor>& markov_w1,
     const std::optional<at::Tensor>& markov_w2, const std::optional<at::Tensor>& temperature,
     const std::optional<at::Tensor>& top_k, const std::optional<at::Tensor>& top_p, const at::Tensor& seed,
-    const at::Tensor& offset, bool return_logits);
+    const at::Tensor& offset, bool return_logits, const std::optional<at::Tensor>& min_p);
 
 inline void check_draft_sample_block_args(
     const at::Tensor& base_logits, const at::Tensor& anchor, const std::optional<at::Tensor>& markov_w1,

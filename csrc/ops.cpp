@@ -8,6 +8,7 @@
 #include "drafting.h"
 #include "kv.h"
 #include "random_words.h"
+#include "token_logprobs.h"
 #include "verify_block.h"
 #include "verify_tree.h"
 
@@ -21,6 +22,7 @@ TORCH_LIBRARY_IMPL(dspark, CPU, m) {
   m.impl("schedule_verify_lens", &dspark::schedule_verify_lens_cpu);
   m.impl("draft_sample_block", &dspark::draft_sample_block_cpu);
   m.impl("verify_tree", &dspark::verify_tree_cpu);
+  m.impl("token_logprobs", &dspark::token_logprobs_cpu);
 }
 
 #ifdef DSPARK_WITH_CUDA

@@ -18,14 +18,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> verify_tree_cpu(
     const at::Tensor& cu_num_draft, const std::optional<at::Tensor>& draft_logits,
     const std::optional<at::Tensor>& draft_probs, const std::optional<at::Tensor>& temperature,
     const std::optional<at::Tensor>& top_k, const std::optional<at::Tensor>& top_p, const at::Tensor& seed,
-    const at::Tensor& offset, int64_t max_depth);
+    const at::Tensor& offset, int64_t max_depth, const std::optional<at::Tensor>& min_p,
+    const std::optional<at::Tensor>& draft_index);
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> verify_tree_cuda(
     const at::Tensor& target_logits, const at::Tensor& draft_tokens, const at::Tensor& parents,
     const at::Tensor& cu_num_draft, const std::optional<at::Tensor>& draft_logits,
     const std::optional<at::Tensor>& draft_probs, const std::optional<at::Tensor>& temperature,
     const std::optional<at::Tensor>& top_k, const std::optional<at::Tensor>& top_p, const at::Tensor& seed,
-    const at::Tensor& offset, int64_t max_depth);
+    const at::Tensor& offset, int64_t max_depth, const std::optional<at::Tensor>& min_p,
+    const std::optional<at::Tensor>& draft_index);
 
 // Shape / dtype / device checks (no data reads, so no host sync on CUDA).
 inline void check_verify_tree_args(
@@ -33,7 +35,8 @@ inline void check_verify_tree_args(
     const at::Tensor& cu_num_draft, const std::optional<at::Tensor>& draft_logits,
     const std::optional<at::Tensor>& draft_probs, const std::optional<at::Tensor>& temperature,
     const std::optional<at::Tensor>& top_k, const std::optional<at::Tensor>& top_p, const at::Tensor& seed,
-    const at::Tensor& offset, int64_t max_depth) {
+    const at::Tensor& offset, int64_t max_depth, const std::optional<at::Tensor>& min_p,
+    const std::optional<at::Tensor>& draft_index) {
   constexpr const char* op = "verify_tree";
   DSPARK_CHECK_DIM(op, target_logits, 2);
   DSPARK_CHECK_FLOAT(op, target_logits);
@@ -66,8 +69,14 @@ inline void check_verify_tree_args(
     if (!named->has_value()) continue;
     const at::Tensor& d = named->value();
     const char* name = named == &draft_logits ? "draft_logits" : "draft_probs";
-    DSPARK_CHECK(d.dim() == 2 && d.size(0) == N && d.size(1) == V, op, name, " must have shape [N, V] = [",
-                 N, ", ", V, "], got ", d.sizes());
+    // With draft_index, q rows are gathered: any number of rows.
+    if (draft_index.has_value()) {
+      DSPARK_CHECK(d.dim() == 2 && d.size(1) == V, op, name, " must have shape [R, V] with V = ", V, ", got ",
+                   d.sizes());
+    } else {
+      DSPARK_CHECK(d.dim() == 2 && d.size(0) == N && d.size(1) == V, op, name, " must have shape [N, V] = [",
+                   N, ", ", V, "], got ", d.sizes());
+    }
     DSPARK_CHECK(d.scalar_type() == at::kFloat || d.scalar_type() == at::kHalf ||
                      d.scalar_type() == at::kBFloat16,
                  op, name, " must be float32, float16 or bfloat16, got ", d.scalar_type());
@@ -75,6 +84,9 @@ inline void check_verify_tree_args(
                  ", got ", d.device());
   }
   check_sampling_args(op, target_logits, B, temperature, top_k, top_p, seed, offset);
+  check_min_p_arg(op, target_logits, B, min_p);
+  check_draft_index_arg(op, target_logits, N, draft_index, draft_logits.has_value() || draft_probs.has_value(),
+                        draft_logits ? draft_logits->size(0) : (draft_probs ? draft_probs->size(0) : 0));
 }
 
 // The data-dependent checks (host reads of contiguous int64 copies): on the CPU always,

@@ -9,7 +9,7 @@ compiled extension, ``DSPARK_KERNELS_LIBRARY=path`` loads that library instead,
 
 from . import _registry
 from ._registry import backends
-from .verification import verify_block, verify_tree
+from .verification import token_logprobs, verify_block, verify_tree
 from .randomness import SALT_ACCEPT, SALT_DRAFT, SALT_RESAMPLE, random_words
 from .drafting import draft_sample_block, schedule_verify_lens
 from .kv import kv_commit, kv_release_pages, state_select, window_commit
@@ -19,7 +19,7 @@ from .attention import draft_block_attention
 # Every op above is declared; now load the compiled kernels and register the rest.
 _registry.finalize()
 
-__all__ = ["backends", "verify_block", "verify_tree", "random_words", "SALT_DRAFT", "SALT_ACCEPT", "SALT_RESAMPLE",
+__all__ = ["backends", "verify_block", "verify_tree", "token_logprobs", "random_words", "SALT_DRAFT", "SALT_ACCEPT", "SALT_RESAMPLE",
            "draft_sample_block", "schedule_verify_lens", "kv_commit", "kv_release_pages", "window_commit",
            "state_select", "moe_align", "grouped_gemm", "grouped_gemm_masked", "fused_moe", "draft_block_attention"]
 __version__ = "0.1.0"

@@ -112,3 +112,38 @@ def _check_offsets(op, name, cu, total, total_name) -> torch.Tensor:
         b = int(torch.nonzero(dec)[0])
         _fail(op, f"{name} must be non-decreasing, got {name}[{b}] = {int(c[b])} > {name}[{b + 1}] = {int(c[b + 1])}")
     return c[1:] - c[:-1]
+
+
+def _check_min_p(op, min_p, batch, device):
+    """``min_p [B]`` (optional): a floating tensor, like top_p."""
+    if min_p is not None:
+        _check_tensor(op, "min_p", min_p, dim=1, shape=(batch,), device=device)
+        if not min_p.dtype.is_floating_point:
+            _fail(op, f"min_p must be a floating tensor, got {min_p.dtype}")
+
+
+def _check_draft_index(op, draft_index, num_draft, draft_logits, draft_probs, device):
+    """``draft_index [N]`` (optional, int32 / int64): q of draft i is row draft_index[i] of
+    draft_logits / draft_probs, so one of them must be given."""
+    if draft_index is None:
+        return
+    _check_tensor(op, "draft_index", draft_index, dim=1, shape=(num_draft,), dtypes=_INT_DTYPES, device=device)
+    if draft_logits is None and draft_probs is None:
+        _fail(op, "draft_index needs draft_logits or draft_probs (it selects their rows)")
+    q = draft_logits if draft_logits is not None else draft_probs
+    if num_draft > 0 and q.dim() == 2 and q.shape[0] < 1:
+        _fail(op, f"draft_index needs at least one row of {'draft_logits' if draft_logits is not None else 'draft_probs'}"
+                  f" (got shape {tuple(q.shape)}) for N = {num_draft} drafts")
+
+
+def _check_draft_index_data(op, draft_index, draft_logits, draft_probs):
+    """Every draft_index entry names a row of draft_logits / draft_probs (host read)."""
+    if draft_index is None:
+        return
+    rows = (draft_logits if draft_logits is not None else draft_probs).shape[0]
+    name = "draft_logits" if draft_logits is not None else "draft_probs"
+    d = draft_index.detach().cpu().to(torch.int64)
+    bad = (d < 0) | (d >= rows)
+    if bad.any():
+        i = int(torch.nonzero(bad)[0])
+        _fail(op, f"draft_index[{i}] = {int(d[i])} is outside [0, {name}.size(0)) = [0, {rows})")

@@ -13,6 +13,7 @@ from . import _registry
 from ._validation import (
     _FLOAT_DTYPES,
     _INT_DTYPES,
+    _check_min_p,
     _check_sampling_tensors,
     _check_tensor,
     _default_seed_offset,
@@ -130,6 +131,7 @@ def draft_sample_block(
     seed: torch.Tensor | int | None = None,
     offset: torch.Tensor | int | None = None,
     return_logits: bool = True,
+    min_p: torch.Tensor | float | None = None,
     backend: str | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     r"""Sample a block of ``gamma`` draft tokens per request (DFlash / DSpark drafting).
@@ -142,8 +144,8 @@ def draft_sample_block(
     so without the Markov weights all positions are independent and sampled at
     once; with them they are sampled left to right, one step per position.
     Sampling rows (``T_b = temperature[b] > 0``) draw ``x_k`` from
-    ``F(softmax(l_k / T_b))`` where F is the top-k / top-p filter of verify_block
-    (same rules: top-k keeps ``s >= `` the k-th largest scaled logit, top-p then keeps
+    ``F(softmax(l_k / T_b))`` where F is the min-p / top-k / top-p filter of verify_block
+    (same rules and order: min-p keeps ``s >= max s + log(min_p)``, top-k keeps ``s >= `` the k-th largest scaled logit, top-p then keeps
     the tokens whose strictly-larger kept mass is ``< top_p``). The draw is the Gumbel
     race ``argmax_v (s_v + G_v)`` over the kept tokens, ``s = l_k / T_b`` (an IEEE
     division), ``G_v`` from the *draft* Philox stream at position ``offset[b] + k``
@@ -155,7 +157,7 @@ def draft_sample_block(
 
     The returned ``draft_logits`` are the fp32 ``l_k`` that were sampled from (before
     temperature), exactly what ``verify_block(draft_logits=...)`` needs with the same
-    ``temperature`` / ``top_k`` / ``top_p`` for draft -> verify to be lossless.
+    ``temperature`` / ``top_k`` / ``top_p`` / ``min_p`` for draft -> verify to be lossless.
 
     The Markov correction is an fp32 dot product over ``r`` (the weights may be
     fp16 / bf16: products are exact in fp32). The reference and the CPU kernel sum
@@ -168,6 +170,7 @@ def draft_sample_block(
         anchor: ``[B]`` int32 / int64, the token before the block (``x_{-1}``), in ``[0, V)``.
         markov_w1: ``[V, r]`` and markov_w2: ``[r, V]``, both or neither, same float dtype.
         temperature, top_k, top_p: ``[B]`` tensors or scalars for every request.
+        min_p: ``[B]`` tensor or scalar, optional (``<= 0``: off).
         seed, offset: ``[B]`` int64 tensors or Python ints (``seed=None``: from torch's
             generator of the device; ``offset=None``: 0).
         return_logits: return the sampled-from logits (else an empty ``[0]`` tensor).
@@ -189,6 +192,9 @@ def draft_sample_block(
     >>> torch.equal(dk.draft_sample_block(base, torch.tensor([0]), temperature=t, seed=7)[0],
     ...             dk.draft_sample_block(base, torch.tensor([0]), temperature=t, seed=7, backend="reference")[0])
     True
+    >>> base[0, :, 2] = 4.0   # p(2) / p(1) = e^-1 < 0.5: min_p = 0.5 leaves token 1 alone
+    >>> dk.draft_sample_block(base, torch.tensor([0]), temperature=t, min_p=0.5, seed=3)[0].tolist()
+    [[1, 1, 1]]
     """
     op = "draft_sample_block"
     _check_tensor(op, "base_logits", base_logits, dim=3, dtypes=_FLOAT_DTYPES)
@@ -197,13 +203,14 @@ def draft_sample_block(
     temperature = _per_request(op, "temperature", temperature, batch, device, torch.float32)
     top_k = _per_request(op, "top_k", top_k, batch, device, torch.int32)
     top_p = _per_request(op, "top_p", top_p, batch, device, torch.float32)
+    min_p = _per_request(op, "min_p", min_p, batch, device, torch.float32)
     seed, offset = _default_seed_offset(op, seed, offset, batch, device)
     return _registry.dispatch(DRAFT_SAMPLE_BLOCK, backend, base_logits, anchor, markov_w1, markov_w2, temperature,
-                              top_k, top_p, seed, offset, bool(return_logits))
+                              top_k, top_p, seed, offset, bool(return_logits), min_p)
 
 
 def _check_draft_sample_block(base_logits, anchor, markov_w1, markov_w2, temperature, top_k, top_p, seed, offset,
-                              return_logits):
+                              return_logits, min_p=None):
     """Shape / dtype / device checks (the C++ CPU kernel runs the same ones itself)."""
     op = "draft_sample_block"
     _check_tensor(op, "base_logits", base_logits, dim=3, dtypes=_FLOAT_DTYPES)
@@ -227,6 +234,7 @@ def _check_draft_sample_block(base_logits, anchor, markov_w1, markov_w2, tempera
         if markov_w2.dtype != markov_w1.dtype:
             _fail(op, f"markov_w2 must have markov_w1's dtype {markov_w1.dtype}, got {markov_w2.dtype}")
     _check_sampling_tensors(op, batch, device, temperature, top_k, top_p, seed, offset)
+    _check_min_p(op, min_p, batch, device)
     if not isinstance(return_logits, bool):
         _fail(op, f"return_logits must be a bool, got {type(return_logits).__name__}")
 
@@ -246,7 +254,7 @@ def _check_anchor(anchor: torch.Tensor, vocab: int) -> None:
 
 
 def _draft_sample_block_fake(base_logits, anchor, markov_w1, markov_w2, temperature, top_k, top_p, seed, offset,
-                             return_logits):
+                             return_logits, min_p=None):
     batch, gamma, vocab = base_logits.shape
     tokens = base_logits.new_empty((batch, gamma), dtype=torch.int32)
     logits = base_logits.new_empty((batch, gamma, vocab) if return_logits else (0,), dtype=torch.float32)
@@ -267,7 +275,8 @@ SCHEDULE_VERIFY_LENS = _registry.declare(_registry.OpSpec(
 DRAFT_SAMPLE_BLOCK = _registry.declare(_registry.OpSpec(
     schema="draft_sample_block(Tensor base_logits, Tensor anchor, *, Tensor? markov_w1=None, "
            "Tensor? markov_w2=None, Tensor? temperature=None, Tensor? top_k=None, Tensor? top_p=None, "
-           "Tensor seed, Tensor offset, bool return_logits=True) -> (Tensor draft_tokens, Tensor draft_logits)",
+           "Tensor seed, Tensor offset, bool return_logits=True, Tensor? min_p=None) "
+           "-> (Tensor draft_tokens, Tensor draft_logits)",
     fake=_draft_sample_block_fake,
     reference=".reference.draft_sample_block:draft_sample_block",
     triton=".triton.draft_sample_block:draft_sample_block",

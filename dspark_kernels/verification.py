@@ -14,6 +14,9 @@ from ._validation import (
     _FLOAT_DTYPES,
     _INT_DTYPES,
     _check_offsets,
+    _check_draft_index,
+    _check_draft_index_data,
+    _check_min_p,
     _check_sampling_tensors,
     _check_tensor,
     _default_seed_offset,
@@ -35,8 +38,11 @@ def verify_block(
     offset: torch.Tensor | int | None = None,
     max_num_draft: int | None = None,
     method: str = "token",
+    min_p: torch.Tensor | float | None = None,
+    draft_index: torch.Tensor | None = None,
+    return_logprobs: bool = False,
     backend: str | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
+) -> tuple[torch.Tensor, ...]:
     r"""Lossless batched verification of ragged draft blocks (speculative sampling).
 
     Request ``b`` proposed ``n_b = cu_num_draft[b+1] - cu_num_draft[b]`` tokens
@@ -61,9 +67,12 @@ def verify_block(
     (``T_b <= 0`` or ``temperature=None``): accept while ``x_i == argmax target_i``,
     then emit the argmax (ties: lowest index).
 
-    Top-k keeps tokens with scaled logit ``>=`` the k-th largest (``k <= 0`` or
-    ``>= V``: off); top-p then keeps token v iff the mass of kept tokens with a
-    strictly larger logit is ``< top_p`` (``top_p >= 1``: off).
+    Filters, in vLLM's order (temperature, min-p, top-k, top-p): min-p keeps tokens with
+    ``p >= min_p * max p``, i.e. scaled logit ``s >= max s + log(min_p)`` (``min_p <= 0``:
+    off; ``>= 1``: only the maximal tokens); top-k keeps tokens with ``s >=`` the k-th
+    largest (``k <= 0`` or ``>= V``: off); top-p then keeps token v iff the mass of kept
+    tokens with a strictly larger logit is ``< top_p`` (``top_p >= 1``: off). The same
+    filters make q from ``draft_logits``.
 
     Non-finite input (docs/verification.md): NaN logits count as -inf; an infinite
     logit stays infinite when scaled (an overflowing ``l / T`` is infinite); a row whose
@@ -78,9 +87,16 @@ def verify_block(
         target_logits: ``[N + B, V]`` float32 / float16 / bfloat16; rows may be strided.
         draft_tokens: ``[N]`` int32 / int64, ``-1`` = padding (always rejected).
         cu_num_draft: ``[B + 1]`` int32 / int64 offsets, ``cu[0] = 0``, ``cu[B] = N``.
-        draft_logits / draft_probs: ``[N, V]`` (at most one of them).
-        temperature, top_k, top_p: ``[B]`` tensors or scalars for every request.
+        draft_logits / draft_probs: ``[N, V]`` (at most one of them); ``[R, V]`` for any R
+            with ``draft_index``.
+        temperature, top_k, top_p, min_p: ``[B]`` tensors or scalars for every request.
         seed, offset: ``[B]`` int64 tensors or Python ints.
+        draft_index: ``[N]`` int32 / int64, optional: q of draft i is row ``draft_index[i]``
+            of draft_logits / draft_probs (e.g. Model Runner V2's per-slot draft logits,
+            read in place); entries in ``[0, R)``.
+        return_logprobs: also return ``logprobs [B, max_num_draft + 1]`` float32: for each
+            output token, ``log p(token)`` under the filtered target distribution of its
+            row (:func:`token_logprobs`), ``-inf`` on the padding.
         max_num_draft: output width - 1, ``>= max n_b``; None reads it from
             ``cu_num_draft`` (one host read: pass it under CUDA graphs / torch.compile).
         backend: "reference" | "cpu" | "triton" | "cuda" | "nvrtc" | None.
@@ -90,7 +106,8 @@ def verify_block(
 
     Returns:
         ``output_tokens [B, max_num_draft + 1]`` int32 (accepted drafts, then the
-        emitted token, then -1) and ``num_accepted [B]`` int32.
+        emitted token, then -1) and ``num_accepted [B]`` int32; with
+        ``return_logprobs=True`` also ``logprobs``.
 
     Example:
 
@@ -101,6 +118,10 @@ def verify_block(
     >>> out, n = dk.verify_block(logits, torch.tensor([2, 3]), torch.tensor([0, 2]), max_num_draft=2)
     >>> out.tolist(), n.tolist()
     ([[2, 4, -1]], [1])
+    >>> out, n, lp = dk.verify_block(logits, torch.tensor([2, 3]), torch.tensor([0, 2]), max_num_draft=2,
+    ...                              return_logprobs=True)
+    >>> lp.tolist()   # log p of 2 (row 0) and 4 (row 1): -log(1 + 4 e^-20), 0 in fp32; then padding
+    [[0.0, 0.0, -inf]]
     """
     op = "verify_block"
     _check_method(method)
@@ -111,13 +132,30 @@ def verify_block(
     temperature = _per_request(op, "temperature", temperature, batch, device, torch.float32)
     top_k = _per_request(op, "top_k", top_k, batch, device, torch.int32)
     top_p = _per_request(op, "top_p", top_p, batch, device, torch.float32)
+    min_p = _per_request(op, "min_p", min_p, batch, device, torch.float32)
     seed, offset = _default_seed_offset(op, seed, offset, batch, device)
+    _check_return_logprobs(op, return_logprobs)
     if max_num_draft is None:  # one host read; valid offsets first (a wild one must not size the output)
         _check_tensor(op, "draft_tokens", draft_tokens, dim=1, dtypes=_INT_DTYPES)
         n = _check_offsets(op, "cu_num_draft", cu_num_draft, draft_tokens.shape[0], "draft_tokens.size(0)")
         max_num_draft = int(n.max()) if batch > 0 else 0
-    return _registry.dispatch(VERIFY_BLOCK, backend, target_logits, draft_tokens, cu_num_draft, draft_logits,
-                              draft_probs, temperature, top_k, top_p, seed, offset, max_num_draft, method)
+    out, num_accepted = _registry.dispatch(VERIFY_BLOCK, backend, target_logits, draft_tokens, cu_num_draft,
+                                           draft_logits, draft_probs, temperature, top_k, top_p, seed, offset,
+                                           max_num_draft, method, min_p, draft_index)
+    if not return_logprobs:
+        return out, num_accepted
+    # Output column j of request b came from target row cu[b] + b + j (j <= num_accepted).
+    cols = torch.arange(max_num_draft + 1, device=device)
+    first = (cu_num_draft[:-1].to(torch.int64) + torch.arange(batch, device=device)).unsqueeze(1)
+    rows = torch.where(cols.unsqueeze(0) <= num_accepted.unsqueeze(1), first + cols, -1)
+    lp = token_logprobs(target_logits, out, rows, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
+                        backend=backend)
+    return out, num_accepted, lp
+
+
+def _check_return_logprobs(op, return_logprobs) -> None:
+    if not isinstance(return_logprobs, bool):
+        _fail(op, f"return_logprobs must be a bool, got {type(return_logprobs).__name__}")
 
 
 VERIFY_METHODS = ("token", "block")
@@ -129,7 +167,7 @@ def _check_method(method) -> None:
 
 
 def _check_verify_layout(op, target_logits, draft_tokens, cu_num_draft, draft_logits, draft_probs, temperature,
-                         top_k, top_p, seed, offset, width, width_name):
+                         top_k, top_p, seed, offset, width, width_name, min_p=None, draft_index=None):
     """The checks verify_block and verify_tree share: the ragged layout (T = N + B target
     rows), q, the sampling tensors, and the output width ``width + 1`` (int32 columns)."""
     _check_tensor(op, "target_logits", target_logits, dim=2, dtypes=_FLOAT_DTYPES)
@@ -150,8 +188,14 @@ def _check_verify_layout(op, target_logits, draft_tokens, cu_num_draft, draft_lo
         _fail(op, "give draft_logits or draft_probs, not both")
     for name, t in (("draft_logits", draft_logits), ("draft_probs", draft_probs)):
         if t is not None:
-            _check_tensor(op, name, t, dim=2, shape=(num_draft, vocab), dtypes=_FLOAT_DTYPES, device=device)
+            _check_tensor(op, name, t, dim=2, dtypes=_FLOAT_DTYPES, device=device)
+            if draft_index is None and tuple(t.shape) != (num_draft, vocab):
+                _fail(op, f"{name} must have shape [N, V] = [{num_draft}, {vocab}], got {tuple(t.shape)}")
+            if t.shape[1] != vocab:
+                _fail(op, f"{name} must have V = {vocab} columns, got shape {tuple(t.shape)}")
+    _check_draft_index(op, draft_index, num_draft, draft_logits, draft_probs, device)
     _check_sampling_tensors(op, batch, device, temperature, top_k, top_p, seed, offset)
+    _check_min_p(op, min_p, batch, device)
     if isinstance(width, bool) or not isinstance(width, (int, torch.SymInt)):
         _fail(op, f"{width_name} must be an int, got {type(width).__name__}")
     if not 0 <= width <= 2**31 - 2:
@@ -160,15 +204,15 @@ def _check_verify_layout(op, target_logits, draft_tokens, cu_num_draft, draft_lo
 
 
 def _check_verify_block(target_logits, draft_tokens, cu_num_draft, draft_logits, draft_probs, temperature, top_k,
-                        top_p, seed, offset, max_num_draft, method="token"):
+                        top_p, seed, offset, max_num_draft, method="token", min_p=None, draft_index=None):
     """Shape / dtype / device checks (the C++ kernels run the same ones themselves)."""
     _check_method(method)
     _check_verify_layout("verify_block", target_logits, draft_tokens, cu_num_draft, draft_logits, draft_probs,
-                         temperature, top_k, top_p, seed, offset, max_num_draft, "max_num_draft")
+                         temperature, top_k, top_p, seed, offset, max_num_draft, "max_num_draft", min_p, draft_index)
 
 
 def _check_verify_block_data(target_logits, draft_tokens, cu_num_draft, draft_logits, draft_probs, temperature,
-                             top_k, top_p, seed, offset, max_num_draft, method="token"):
+                             top_k, top_p, seed, offset, max_num_draft, method="token", min_p=None, draft_index=None):
     """Data-dependent checks (host reads): CPU always, CUDA under DSPARK_DEBUG=1."""
     op = "verify_block"
     vocab = target_logits.shape[1]
@@ -181,10 +225,11 @@ def _check_verify_block_data(target_logits, draft_tokens, cu_num_draft, draft_lo
     if bad.any():
         i = int(torch.nonzero(bad)[0])
         _fail(op, f"draft_tokens[{i}] = {int(d[i])} is outside [-1, V) with V = {vocab}")
+    _check_draft_index_data(op, draft_index, draft_logits, draft_probs)
 
 
 def _verify_block_fake(target_logits, draft_tokens, cu_num_draft, draft_logits, draft_probs, temperature, top_k, top_p,
-                       seed, offset, max_num_draft, method="token"):
+                       seed, offset, max_num_draft, method="token", min_p=None, draft_index=None):
     batch = cu_num_draft.shape[0] - 1
     out = target_logits.new_empty((batch, max_num_draft + 1), dtype=torch.int32)
     return out, target_logits.new_empty((batch,), dtype=torch.int32)
@@ -194,7 +239,7 @@ VERIFY_BLOCK = _registry.declare(_registry.OpSpec(
     schema="verify_block(Tensor target_logits, Tensor draft_tokens, Tensor cu_num_draft, *, "
            "Tensor? draft_logits=None, Tensor? draft_probs=None, Tensor? temperature=None, "
            "Tensor? top_k=None, Tensor? top_p=None, Tensor seed, Tensor offset, SymInt max_num_draft, "
-           "str method=\"token\") "
+           "str method=\"token\", Tensor? min_p=None, Tensor? draft_index=None) "
            "-> (Tensor output_tokens, Tensor num_accepted)",
     fake=_verify_block_fake,
     reference=".reference.verify_block:verify_block",
@@ -224,8 +269,11 @@ def verify_tree(
     seed: torch.Tensor | int | None = None,
     offset: torch.Tensor | int | None = None,
     max_depth: int | None = None,
+    min_p: torch.Tensor | float | None = None,
+    draft_index: torch.Tensor | None = None,
+    return_logprobs: bool = False,
     backend: str | None = None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+) -> tuple[torch.Tensor, ...]:
     r"""Verification of ragged draft trees (SpecInfer multi-round speculative sampling).
 
     Request ``b`` owns nodes ``j = 0 .. n_b - 1`` (global ``cu[b] + j``) in topological
@@ -266,7 +314,14 @@ def verify_tree(
         parents: ``[N]`` int32 / int64 local parent indices, ``-1 <= parents[j] < j``.
         cu_num_draft: ``[B + 1]`` int32 / int64 offsets.
         draft_logits / draft_probs: ``[N, V]`` (at most one of them).
-        temperature, top_k, top_p, seed, offset: as in verify_block.
+        temperature, top_k, top_p, min_p, seed, offset: as in verify_block (min-p too:
+            temperature, min-p, top-k, top-p, for p and for q from draft_logits).
+        draft_index: ``[N]`` int, optional: q of node j is row ``draft_index[j]`` of
+            draft_logits / draft_probs (which may then have any number of rows).
+        return_logprobs: also return ``logprobs [B, max_depth + 1]`` float32: for each
+            output token, ``log p(token)`` under the filtered target distribution of the
+            node it was drawn at (its parent's row; the root's for the first), ``-inf``
+            on the padding (see verify_block).
         max_depth: output width - 1, ``>=`` the depth of every tree; None reads it
             from ``parents`` (one host read: pass it under CUDA graphs / torch.compile).
             Nodes deeper than ``max_depth`` are an error on the CPU (and under
@@ -277,7 +332,8 @@ def verify_tree(
         ``accept_path [B, max_depth + 1]`` int32 (window indices for kv_commit:
         0 = the root, ``1 + j`` = node j; ``num_accepted + 1`` of them, then -1),
         ``num_accepted [B]`` int32, and ``output_tokens [B, max_depth + 1]`` int32
-        (the accepted tokens, then the emitted one, then -1).
+        (the accepted tokens, then the emitted one, then -1); with
+        ``return_logprobs=True`` also ``logprobs``.
 
     Example:
 
@@ -298,13 +354,26 @@ def verify_tree(
     temperature = _per_request(op, "temperature", temperature, batch, device, torch.float32)
     top_k = _per_request(op, "top_k", top_k, batch, device, torch.int32)
     top_p = _per_request(op, "top_p", top_p, batch, device, torch.float32)
+    min_p = _per_request(op, "min_p", min_p, batch, device, torch.float32)
     seed, offset = _default_seed_offset(op, seed, offset, batch, device)
+    _check_return_logprobs(op, return_logprobs)
     if max_depth is None:  # one host read; valid offsets and parents first
         _check_tensor(op, "draft_tokens", draft_tokens, dim=1, dtypes=_INT_DTYPES)
         _check_tensor(op, "parents", parents, dim=1, shape=tuple(draft_tokens.shape), dtypes=_INT_DTYPES)
         max_depth = _tree_max_depth(op, parents, cu_num_draft, draft_tokens.shape[0])[0]
-    return _registry.dispatch(VERIFY_TREE, backend, target_logits, draft_tokens, parents, cu_num_draft,
-                              draft_logits, draft_probs, temperature, top_k, top_p, seed, offset, max_depth)
+    path, num_accepted, out = _registry.dispatch(VERIFY_TREE, backend, target_logits, draft_tokens, parents,
+                                                 cu_num_draft, draft_logits, draft_probs, temperature, top_k, top_p,
+                                                 seed, offset, max_depth, min_p, draft_index)
+    if not return_logprobs:
+        return path, num_accepted, out
+    # Output column j was drawn at path node j (window index accept_path[b, j]: 0 = the
+    # root), whose target row is cu[b] + b + accept_path[b, j]; the last path entry is
+    # the node the emitted token was drawn at.
+    first = (cu_num_draft[:-1].to(torch.int64) + torch.arange(batch, device=device)).unsqueeze(1)
+    rows = torch.where(path >= 0, first + path.to(torch.int64), -1)
+    lp = token_logprobs(target_logits, out, rows, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
+                        backend=backend)
+    return path, num_accepted, out, lp
 
 
 def _tree_max_depth(op, parents, cu_num_draft, num_draft) -> tuple[int, int]:
@@ -331,16 +400,16 @@ def _tree_max_depth(op, parents, cu_num_draft, num_draft) -> tuple[int, int]:
 
 
 def _check_verify_tree(target_logits, draft_tokens, parents, cu_num_draft, draft_logits, draft_probs,
-                       temperature, top_k, top_p, seed, offset, max_depth):
+                       temperature, top_k, top_p, seed, offset, max_depth, min_p=None, draft_index=None):
     """Shape / dtype / device checks (the C++ kernels run the same ones themselves)."""
     _check_verify_layout("verify_tree", target_logits, draft_tokens, cu_num_draft, draft_logits, draft_probs,
-                         temperature, top_k, top_p, seed, offset, max_depth, "max_depth")
+                         temperature, top_k, top_p, seed, offset, max_depth, "max_depth", min_p, draft_index)
     _check_tensor("verify_tree", "parents", parents, dim=1, shape=tuple(draft_tokens.shape), dtypes=_INT_DTYPES,
                   device=target_logits.device)
 
 
 def _check_verify_tree_data(target_logits, draft_tokens, parents, cu_num_draft, draft_logits, draft_probs,
-                            temperature, top_k, top_p, seed, offset, max_depth):
+                            temperature, top_k, top_p, seed, offset, max_depth, min_p=None, draft_index=None):
     """Data-dependent checks (host reads): CPU always, CUDA under DSPARK_DEBUG=1."""
     op = "verify_tree"
     deepest, b = _tree_max_depth(op, parents, cu_num_draft, draft_tokens.shape[0])
@@ -352,10 +421,11 @@ def _check_verify_tree_data(target_logits, draft_tokens, parents, cu_num_draft, 
     if bad.any():
         i = int(torch.nonzero(bad)[0])
         _fail(op, f"draft_tokens[{i}] = {int(d[i])} is outside [-1, V) with V = {vocab}")
+    _check_draft_index_data(op, draft_index, draft_logits, draft_probs)
 
 
 def _verify_tree_fake(target_logits, draft_tokens, parents, cu_num_draft, draft_logits, draft_probs, temperature,
-                      top_k, top_p, seed, offset, max_depth):
+                      top_k, top_p, seed, offset, max_depth, min_p=None, draft_index=None):
     batch = cu_num_draft.shape[0] - 1
     path = target_logits.new_empty((batch, max_depth + 1), dtype=torch.int32)
     out = target_logits.new_empty((batch, max_depth + 1), dtype=torch.int32)
@@ -365,7 +435,8 @@ def _verify_tree_fake(target_logits, draft_tokens, parents, cu_num_draft, draft_
 VERIFY_TREE = _registry.declare(_registry.OpSpec(
     schema="verify_tree(Tensor target_logits, Tensor draft_tokens, Tensor parents, Tensor cu_num_draft, *, "
            "Tensor? draft_logits=None, Tensor? draft_probs=None, Tensor? temperature=None, "
-           "Tensor? top_k=None, Tensor? top_p=None, Tensor seed, Tensor offset, SymInt max_depth) "
+           "Tensor? top_k=None, Tensor? top_p=None, Tensor seed, Tensor offset, SymInt max_depth, "
+           "Tensor? min_p=None, Tensor? draft_index=None) "
            "-> (Tensor accept_path, Tensor num_accepted, Tensor output_tokens)",
     fake=_verify_tree_fake,
     reference=".reference.verify_tree:verify_tree",
@@ -374,4 +445,107 @@ VERIFY_TREE = _registry.declare(_registry.OpSpec(
     check=_check_verify_tree,
     check_data=_check_verify_tree_data,
     cpp=frozenset({"CPU", "CUDA"}),
+))
+
+
+# ----------------------------------------------------------------------------------------
+# token_logprobs: the target log-probabilities of chosen tokens (verify_block /
+# verify_tree with return_logprobs=True).
+
+
+def token_logprobs(
+    target_logits: torch.Tensor,
+    tokens: torch.Tensor,
+    rows: torch.Tensor,
+    *,
+    temperature: torch.Tensor | float | None = None,
+    top_k: torch.Tensor | int | None = None,
+    top_p: torch.Tensor | float | None = None,
+    min_p: torch.Tensor | float | None = None,
+    backend: str | None = None,
+) -> torch.Tensor:
+    r"""Log-probabilities of chosen tokens under the filtered target distribution.
+
+    For request ``b`` and column ``j`` with ``r = rows[b, j] >= 0`` and
+    ``x = tokens[b, j]`` in ``[0, V)``::
+
+        logprobs[b, j] = log p_r(x),   p_r = F(softmax(target_logits[r] / T_b))
+
+    with F verify_block's filters (min-p, top-k, top-p, in that order) and
+    ``T_b = temperature[b]`` when it is ``> 0``, else 1 (greedy requests: the log-softmax
+    of the raw logits, filtered). ``-inf`` where ``rows < 0``, the token is outside
+    ``[0, V)`` or the filters drop it. This is vLLM's "processed" log-probability of a
+    sampled token (after temperature and filters) and the law the verified token
+    follows: a token emitted from a residual ``norm(max(p - q, 0))`` still reports
+    ``log p(x)``, since the output of lossless verification is distributed as ``p``.
+    One pass over the vocabulary per non-padding entry, nothing else is read.
+
+    Args:
+        target_logits: ``[T, V]`` float32 / float16 / bfloat16.
+        tokens: ``[B, W]`` int32 / int64.
+        rows: ``[B, W]`` int32 / int64 rows of target_logits, ``-1`` = padding.
+        temperature, top_k, top_p, min_p: ``[B]`` tensors or scalars, as in verify_block.
+        backend: "reference" | "cpu" | "triton" | "cuda" | None.
+
+    Returns:
+        ``logprobs [B, W]`` float32.
+
+    Example:
+
+    >>> import torch, dspark_kernels as dk
+    >>> logits = torch.log(torch.tensor([[0.5, 0.25, 0.25]]))
+    >>> dk.token_logprobs(logits, torch.tensor([[0, 2, 1]]), torch.tensor([[0, 0, -1]]),
+    ...                   temperature=1.0).exp().tolist()
+    [[0.5, 0.25, 0.0]]
+    """
+    op = "token_logprobs"
+    _check_tensor(op, "tokens", tokens, dim=2, dtypes=_INT_DTYPES)
+    device = tokens.device
+    batch = tokens.shape[0]
+    temperature = _per_request(op, "temperature", temperature, batch, device, torch.float32)
+    top_k = _per_request(op, "top_k", top_k, batch, device, torch.int32)
+    top_p = _per_request(op, "top_p", top_p, batch, device, torch.float32)
+    min_p = _per_request(op, "min_p", min_p, batch, device, torch.float32)
+    return _registry.dispatch(TOKEN_LOGPROBS, backend, target_logits, tokens, rows, temperature, top_k, top_p, min_p)
+
+
+def _check_token_logprobs(target_logits, tokens, rows, temperature, top_k, top_p, min_p):
+    op = "token_logprobs"
+    _check_tensor(op, "target_logits", target_logits, dim=2, dtypes=_FLOAT_DTYPES)
+    device = target_logits.device
+    if target_logits.shape[1] < 1:
+        _fail(op, f"target_logits must have a vocabulary of at least 1, got shape {tuple(target_logits.shape)}")
+    _check_tensor(op, "tokens", tokens, dim=2, dtypes=_INT_DTYPES, device=device)
+    _check_tensor(op, "rows", rows, dim=2, shape=tuple(tokens.shape), dtypes=_INT_DTYPES, device=device)
+    batch = tokens.shape[0]
+    for name, t, floating in (("temperature", temperature, True), ("top_k", top_k, False), ("top_p", top_p, True),
+                              ("min_p", min_p, True)):
+        if t is not None:
+            _check_tensor(op, name, t, dim=1, shape=(batch,), device=device)
+            if t.dtype.is_floating_point != floating:
+                _fail(op, f"{name} must be a {'floating' if floating else 'integer'} tensor, got {t.dtype}")
+
+
+def _check_token_logprobs_data(target_logits, tokens, rows, *rest):
+    r = rows.detach().cpu().to(torch.int64)
+    bad = r >= target_logits.shape[0]
+    if bad.any():
+        b, j = (int(v) for v in torch.nonzero(bad)[0])
+        _fail("token_logprobs", f"rows[{b}, {j}] = {int(r[b, j])} is not a row of target_logits "
+                                f"(it has {target_logits.shape[0]}; -1 = padding)")
+
+
+def _token_logprobs_fake(target_logits, tokens, rows, temperature, top_k, top_p, min_p):
+    return target_logits.new_empty(tuple(tokens.shape), dtype=torch.float32)
+
+
+TOKEN_LOGPROBS = _registry.declare(_registry.OpSpec(
+    schema="token_logprobs(Tensor target_logits, Tensor tokens, Tensor rows, *, Tensor? temperature=None, "
+           "Tensor? top_k=None, Tensor? top_p=None, Tensor? min_p=None) -> Tensor logprobs",
+    fake=_token_logprobs_fake,
+    reference=".reference.token_logprobs:token_logprobs",
+    triton=".triton.token_logprobs:token_logprobs",
+    check=_check_token_logprobs,
+    check_data=_check_token_logprobs_data,
+    cpp=frozenset({"CPU"}),
 ))

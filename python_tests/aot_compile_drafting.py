@@ -67,11 +67,14 @@ def jobs():
                         dict(EARLY_STOP=early, BLOCK_P=128, BLOCK_R=256, BLOCK_G=16, **c), 4))
     # ---- draft_sample_block
     for dt in ("bf16", "fp32"):
-        for has_topk, has_topp in ((True, True), (True, False)):
+        for has_topk, has_topp, has_minp in ((True, True, True), (True, False, False), (False, False, True)):
             t, c = _ints(("sx0", "sx1", "sx2", "V", "ROWS_PER_B"), ("sx2",))
-            out.append((f"draft threshold {dt} topk={has_topk} topp={has_topp}", dsb._threshold_kernel,
+            out.append((f"draft threshold {dt} topk={has_topk} topp={has_topp} minp={has_minp}",
+                        dsb._threshold_kernel,
                         dict(x_ptr="*" + dt, temp_ptr="*fp32", topk_ptr="*i32", topp_ptr="*fp32", thr_ptr="*fp32",
-                             **t), dict(HAS_TOPK=has_topk, HAS_TOPP=has_topp, BLOCK=256, RADIX_BITS=4, **c), 8))
+                             lmp_ptr="*fp32", **t),
+                        dict(HAS_TOPK=has_topk, HAS_TOPP=has_topp, HAS_MINP=has_minp, BLOCK=256, RADIX_BITS=4, **c),
+                        8))
         for split in (True, False):
             for ones in (("sx2",), ("sx2", "ROWS_PER_B", "k0", "GAMMA")):
                 t, c = _ints(("sx0", "sx1", "sx2", "NUM_ROWS", "V", "GAMMA", "ROWS_PER_B", "k0", "S",

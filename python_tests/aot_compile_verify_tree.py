@@ -19,10 +19,11 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from aot_triton import compile_and_measure, main as aot_main  # noqa: E402
 from dspark_kernels.triton import verify_tree as vt  # noqa: E402
 
-_INTS = ("t_stride_row", "t_stride_col", "d_stride_row", "d_stride_col", "num_drafts", "V", "W", "max_depth")
+_INTS = ("t_stride_row", "t_stride_col", "d_stride_row", "d_stride_col", "num_drafts", "V", "W", "max_depth",
+         "num_q_rows")
 _PTRS = dict(t_ptr="*{dt}", d_ptr="*{dt}", drafts_ptr="*i32", parents_ptr="*i32", cu_ptr="*i32", temp_ptr="*fp32",
              topk_ptr="*i32", topp_ptr="*fp32", seed_ptr="*i64", offset_ptr="*i64", ws_ptr="*fp32",
-             path_ptr="*i32", num_acc_ptr="*i32", out_ptr="*i32")
+             path_ptr="*i32", num_acc_ptr="*i32", out_ptr="*i32", lmp_ptr="*fp32", didx_ptr="*i64")
 
 
 def compile_one(target, fn, types: dict, consts: dict, warps: int, stages: int = 2) -> tuple[bool, str]:
@@ -47,8 +48,10 @@ def jobs():
                             types.pop(n)
                             consts[n] = 1
                     types.update({k: v.format(dt=dt) for k, v in _PTRS.items()})
+                    # min_p and draft_index ride with the filtered variants
                     consts.update(KIND=kind, HAS_TEMP=has_temp, HAS_TOPK=has_topk, HAS_TOPP=has_topp, BLOCK=256,
-                                  BLOCK4=64, BLOCK_W=16, RADIX_BITS=4)
+                                  BLOCK4=64, BLOCK_W=16, RADIX_BITS=4, HAS_MINP=has_topp,
+                                  HAS_DIDX=has_topp and kind != 0)
                     out.append((f"tree {dt} kind={kind} temp={has_temp} filters={has_topk} unit={unit}",
                                 vt._tree_kernel, types, consts, 8))
     return out

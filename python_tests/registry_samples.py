@@ -24,9 +24,11 @@ def _i32(x):
 
 def verify_block():
     g = _g(1)
+    # q of the 3 drafts read in place from 4 stored rows (draft_index), min-p on request 0
     return (torch.randn(5, 11, generator=g), _i32([1, 2, 3]), _i32([0, 2, 3])), dict(
-        temperature=torch.tensor([1.0, 0.0]), seed=torch.tensor([11, 12]), offset=torch.tensor([0, 5]),
-        max_num_draft=2)
+        draft_logits=torch.randn(4, 11, generator=g), temperature=torch.tensor([1.0, 0.0]),
+        seed=torch.tensor([11, 12]), offset=torch.tensor([0, 5]), max_num_draft=2,
+        min_p=torch.tensor([0.1, 0.0]), draft_index=_i32([3, 0, 0]))
 
 
 def random_words():
@@ -102,7 +104,13 @@ def verify_tree():
     # request 0: root -> {0, 1}, 1 -> {2}; request 1: a single node
     return (torch.randn(6, 11, generator=g), _i32([1, 2, 3, 4]), _i32([-1, -1, 1, -1]), _i32([0, 3, 4])), dict(
         temperature=torch.tensor([1.0, 0.0]), seed=torch.tensor([11, 12]), offset=torch.tensor([0, 5]),
-        max_depth=2)
+        max_depth=2, min_p=torch.tensor([0.05, 0.0]))
+
+
+def token_logprobs():
+    g = _g(12)
+    return (torch.randn(4, 11, generator=g), _i32([[1, 2, -1], [3, 0, 4]]), _i32([[0, 1, -1], [3, 2, -1]])), dict(
+        temperature=torch.tensor([0.8, 0.0]), top_k=_i32([3, 0]), min_p=torch.tensor([0.0, 0.2]))
 
 
 SAMPLES = {name: fn for name, fn in list(globals().items())

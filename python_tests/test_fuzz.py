@@ -73,6 +73,7 @@ EXAMPLES: dict = collections.defaultdict(lambda: 40)
 EXAMPLES.update({
     "verify_block": 30,
     "verify_tree": 20,
+    "token_logprobs": 30,
     "draft_sample_block": 30,
     "draft_block_attention": 20,
     "fused_moe": 20,
@@ -1198,6 +1199,39 @@ def draft_block_attention_cases(draw, mode):
                        tol=MOE_TOL)
 
 
+@st.composite
+def token_logprobs_cases(draw, mode):
+    """Rows of moderate logits (log-probs are differences of numbers of the logits' size:
+    compared with a tolerance), padding rows / ids, every filter, min-p included."""
+    batch = draw(st.integers(0, 3))
+    width = draw(st.integers(0, 4))
+    rows_t = draw(st.integers(1, 6))
+    vocab = draw(st.integers(1, 30))
+    nf = mode == "nonfinite"
+    logits, layout = draw(arranged(draw(floats((rows_t, vocab), torch.float32, nf, huge=50.0, scale=3.0))))
+    toks = draw(st.lists(st.integers(-2, vocab + 1), min_size=batch * width, max_size=batch * width))
+    rows = draw(st.lists(st.integers(-1, rows_t - 1), min_size=batch * width, max_size=batch * width))
+    if mode == "invalid" and rows:
+        rows[draw(st.integers(0, len(rows) - 1))] = rows_t + draw(st.sampled_from([0, 5]))
+    tokens = ints(toks, int_dtype(draw, *toks)).reshape(batch, width)
+    rows_x = ints(rows, int_dtype(draw, *rows)).reshape(batch, width)
+    temperature = None
+    if draw(st.booleans()):
+        t_values = [0.0, 0.5, 1.0, 2.0] + ([math.nan, math.inf, -1.0] if nf else [])
+        temperature = torch.tensor(draw(st.lists(st.sampled_from(t_values), min_size=batch, max_size=batch)),
+                                   dtype=torch.float32).reshape(-1)
+    _, top_k, top_p = _sampling(draw, batch, vocab, "plain")
+    min_p = None
+    if draw(st.booleans()):
+        mp_values = [0.0, 1.0, 0.05, 0.5, -1.0, 2.0, 1e-30] + ([math.nan, math.inf] if nf else [])
+        min_p = torch.tensor(draw(st.lists(st.sampled_from(mp_values), min_size=batch, max_size=batch)),
+                             dtype=torch.float32).reshape(-1)
+    ordered = (logits, tokens, rows_x, temperature, top_k, top_p, min_p)
+    return _plain_case(ordered, _describe(target_logits=logits, layout=layout, tokens=tokens, rows=rows_x,
+                                          temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p),
+                       tol=(1e-5, 1e-4))
+
+
 STRATEGIES: dict[str, Callable] = {
     "verify_block": verify_block_cases,
     "verify_tree": verify_tree_cases,
@@ -1214,6 +1248,7 @@ STRATEGIES: dict[str, Callable] = {
     "grouped_gemm_masked": grouped_gemm_masked_cases,
     "fused_moe": fused_moe_cases,
     "draft_block_attention": draft_block_attention_cases,
+    "token_logprobs": token_logprobs_cases,
 }
 
 MODES: dict[str, list[str]] = {
@@ -1232,6 +1267,7 @@ MODES: dict[str, list[str]] = {
     "grouped_gemm_masked": ["plain", "nonfinite", "invalid"],
     "fused_moe": ["plain", "nonfinite", "fp8_nonfinite", "padding_nonfinite", "invalid"],
     "draft_block_attention": ["plain", "nonfinite", "nonfinite_values", "invisible_nonfinite", "invalid"],
+    "token_logprobs": ["plain", "nonfinite", "invalid"],
 }
 
 

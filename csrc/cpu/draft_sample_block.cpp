@@ -44,6 +44,7 @@ struct RowParams {
   float temperature;
   int64_t top_k;
   float top_p;
+  float log_min_p;  // min_p_log(min_p), -inf when off
   uint64_t seed;
   uint64_t position;
 };
@@ -64,10 +65,10 @@ int64_t sample_row(Row<T> row, int64_t V, const RowParams& rp, std::vector<float
   if (!(rp.temperature > 0.f)) return row_argmax(row, V);
   const float T_ = rp.temperature;
   int64_t token;
-  if (top_k_active(rp.top_k, V) || top_p_active(rp.top_p)) {
+  if (top_k_active(rp.top_k, V) || top_p_active(rp.top_p) || rp.log_min_p > kNegInf) {
     scratch.resize(V);
     for (int64_t v = 0; v < V; ++v) scratch[v] = scale_logit(row[v], T_);
-    const float thr = filter_threshold(scratch, rp.top_k, rp.top_p);
+    const float thr = filter_threshold(scratch, rp.top_k, rp.top_p, rp.log_min_p);
     auto weight = [&](int64_t v) { return scratch[v] >= thr ? scratch[v] : kNegInf; };
     token = gumbel_race_salted(V, rp.seed, rp.position, kSaltDraft, weight, weight);
     token = inf_race(V, rp, token, weight);
@@ -84,6 +85,7 @@ struct Common {
   const float* temperature;
   const int64_t* top_k;
   const float* top_p;
+  const float* min_p;
   const int64_t* seed;
   const int64_t* offset;
   int32_t* tokens;  // [B, G]
@@ -93,6 +95,7 @@ struct Common {
     rp.temperature = temperature ? temperature[b] : 0.f;
     rp.top_k = top_k ? top_k[b] : 0;
     rp.top_p = top_p ? top_p[b] : 1.f;
+    rp.log_min_p = log_min_p_at(min_p, b);
     rp.seed = static_cast<uint64_t>(seed[b]);
     rp.position = static_cast<uint64_t>(offset[b]) + static_cast<uint64_t>(k);
     return rp;
@@ -216,9 +219,11 @@ std::tuple<at::Tensor, at::Tensor> draft_sample_block_cpu(
     const at::Tensor& base_logits, const at::Tensor& anchor, const std::optional<at::Tensor>& markov_w1,
     const std::optional<at::Tensor>& markov_w2, const std::optional<at::Tensor>& temperature,
     const std::optional<at::Tensor>& top_k, const std::optional<at::Tensor>& top_p, const at::Tensor& seed,
-    const at::Tensor& offset, bool return_logits) {
+    const at::Tensor& offset, bool return_logits, const std::optional<at::Tensor>& min_p) {
   check_draft_sample_block_args(base_logits, anchor, markov_w1, markov_w2, temperature, top_k, top_p, seed,
                                 offset);
+  check_min_p_arg("draft_sample_block", base_logits, base_logits.size(0), min_p);
+  const at::Tensor min_p_c = min_p_contiguous(min_p);
   constexpr const char* op = "draft_sample_block";
   const int64_t B = base_logits.size(0), G = base_logits.size(1), V = base_logits.size(2);
   const bool markov = markov_w1.has_value();
@@ -244,6 +249,7 @@ std::tuple<at::Tensor, at::Tensor> draft_sample_block_cpu(
   c.temperature = sp.temperature_ptr();
   c.top_k = sp.top_k_ptr();
   c.top_p = sp.top_p_ptr();
+  c.min_p = min_p_ptr(min_p_c);
   c.seed = sp.seed.const_data_ptr<int64_t>();
   c.offset = sp.offset.const_data_ptr<int64_t>();
   c.tokens = tokens.mutable_data_ptr<int32_t>();

@@ -24,15 +24,21 @@ struct Row {
   float operator[](int64_t v) const { return static_cast<float>(data[v * stride]); }
 };
 
-// Threshold of top-k then top-p on scaled logits (sampling.h states the rule).
-inline float filter_threshold(std::vector<float>& s, int64_t top_k, float top_p) {
+// Threshold of min-p, top-k then top-p on scaled logits (sampling.h states the rules;
+// log_min_p = min_p_log(min_p), -inf when min-p is off).
+inline float filter_threshold(std::vector<float>& s, int64_t top_k, float top_p, float log_min_p) {
   constexpr float kNegInf = -std::numeric_limits<float>::infinity();
   const int64_t V = static_cast<int64_t>(s.size());
   float threshold = kNegInf;
+  if (log_min_p > kNegInf) {
+    float m = kNegInf;
+    for (float x : s) m = x > m ? x : m;
+    threshold = min_p_threshold(m, log_min_p);
+  }
   if (top_k_active(top_k, V)) {
     std::vector<float> tmp(s);
     std::nth_element(tmp.begin(), tmp.begin() + (top_k - 1), tmp.end(), std::greater<float>());
-    threshold = tmp[top_k - 1];
+    threshold = std::max(threshold, tmp[top_k - 1]);
   }
   if (top_p_active(top_p)) {
     std::vector<float> kept;
@@ -168,6 +174,9 @@ int64_t gumbel_race_salted(int64_t V, uint64_t seed, uint64_t position, uint32_t
 // row (verify_block, verify_tree): one copy, so the +inf rule and the fp64 sum agree.
 constexpr float kRowNegInf = -std::numeric_limits<float>::infinity();
 
+// The per-request min-p argument as the kernels read it: min_p_log of min_p[b].
+inline float log_min_p_at(const float* min_p, int64_t b) { return min_p ? min_p_log(min_p[b]) : kRowNegInf; }
+
 // Statistics of one temperature-scaled, filtered row: keep s >= threshold,
 // log p(v) = s_v - lse for kept v.
 struct RowStats {
@@ -177,13 +186,13 @@ struct RowStats {
 };
 
 template <typename T>
-RowStats row_stats(Row<T> row, int64_t V, float temperature, int64_t top_k, float top_p,
+RowStats row_stats(Row<T> row, int64_t V, float temperature, int64_t top_k, float top_p, float log_min_p,
                    std::vector<float>& scratch) {
   RowStats st{kRowNegInf, kRowNegInf};
-  if (top_k_active(top_k, V) || top_p_active(top_p)) {
+  if (top_k_active(top_k, V) || top_p_active(top_p) || log_min_p > kRowNegInf) {
     scratch.resize(V);
     for (int64_t v = 0; v < V; ++v) scratch[v] = scale_logit(row[v], temperature);
-    st.threshold = filter_threshold(scratch, top_k, top_p);
+    st.threshold = filter_threshold(scratch, top_k, top_p, log_min_p);
     SoftmaxStats acc = softmax_stats_init();
     for (int64_t v = 0; v < V; ++v)
       if (scratch[v] >= st.threshold) softmax_stats_update(acc, scratch[v]);

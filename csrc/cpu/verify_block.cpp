@@ -46,15 +46,17 @@ enum class DraftKind { kPointMass, kLogits, kProbs };
 template <typename TT, typename DT>
 void verify_block_kernel(const at::Tensor& target_logits, const int32_t* drafts, const int64_t* cu,
                          const at::Tensor* draft_dist, DraftKind kind, const float* temperature,
-                         const int64_t* top_k, const float* top_p, const int64_t* seed,
-                         const int64_t* offset, int64_t B, int64_t max_num_draft, int32_t* out,
-                         int32_t* num_accepted) {
+                         const int64_t* top_k, const float* top_p, const float* min_p,
+                         const int64_t* draft_index, const int64_t* seed, const int64_t* offset, int64_t B,
+                         int64_t max_num_draft, int32_t* out, int32_t* num_accepted) {
   const int64_t V = target_logits.size(1);
   const TT* tptr = target_logits.const_data_ptr<TT>();
   const int64_t ts0 = target_logits.stride(0), ts1 = target_logits.stride(1);
   const DT* dptr = draft_dist ? draft_dist->const_data_ptr<DT>() : nullptr;
   const int64_t ds0 = draft_dist ? draft_dist->stride(0) : 0, ds1 = draft_dist ? draft_dist->stride(1) : 0;
   const int64_t width = max_num_draft + 1;
+  // The row of the draft distribution that is q of draft i (draft_index gathers rows).
+  auto draft_row = [&](int64_t i) { return draft_index ? draft_index[i] : i; };
 
   // Small problems run inline: opening a parallel region costs more than they do.
   const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 16) / std::max<int64_t>(V, 1));
@@ -66,6 +68,7 @@ void verify_block_kernel(const at::Tensor& target_logits, const int32_t* drafts,
       const float T = temperature ? temperature[b] : 0.f;
       const int64_t k = top_k ? top_k[b] : 0;
       const float p = top_p ? top_p[b] : 1.f;
+      const float lmp = log_min_p_at(min_p, b);
       const uint64_t s = static_cast<uint64_t>(seed[b]);
       const uint64_t o = static_cast<uint64_t>(offset[b]);
       const bool greedy = !(T > 0.f);
@@ -87,10 +90,10 @@ void verify_block_kernel(const at::Tensor& target_logits, const int32_t* drafts,
           }
           continue;
         }
-        const RowStats ps = row_stats(trow, V, T, k, p, scratch);
+        const RowStats ps = row_stats(trow, V, T, k, p, lmp, scratch);
         RowStats qs{kNegInf, 0.f};
-        Row<DT> drow{dptr ? dptr + (start + i) * ds0 : nullptr, ds1};
-        if (kind == DraftKind::kLogits) qs = row_stats(drow, V, T, k, p, scratch);
+        Row<DT> drow{dptr ? dptr + draft_row(start + i) * ds0 : nullptr, ds1};
+        if (kind == DraftKind::kLogits) qs = row_stats(drow, V, T, k, p, lmp, scratch);
         auto log_q = [&](int64_t v) -> float {
           switch (kind) {
             case DraftKind::kLogits: return qs.log_prob(scale_logit(drow[v], T));
@@ -120,7 +123,7 @@ void verify_block_kernel(const at::Tensor& target_logits, const int32_t* drafts,
         if (greedy) {
           emitted = row_argmax(trow, V);
         } else {
-          const RowStats ps = row_stats(trow, V, T, k, p, scratch);
+          const RowStats ps = row_stats(trow, V, T, k, p, lmp, scratch);
           emitted = gumbel_race(V, s, o + static_cast<uint64_t>(n),
                                 [&](int64_t v) { return ps.log_prob(scale_logit(trow[v], T)); });
           if (emitted < 0) emitted = 0;
@@ -139,15 +142,16 @@ void verify_block_kernel(const at::Tensor& target_logits, const int32_t* drafts,
 template <typename TT, typename DT>
 void verify_block_block_kernel(const at::Tensor& target_logits, const int32_t* drafts, const int64_t* cu,
                                const at::Tensor* draft_dist, DraftKind kind, const float* temperature,
-                               const int64_t* top_k, const float* top_p, const int64_t* seed,
-                               const int64_t* offset, int64_t B, int64_t max_num_draft, int32_t* out,
-                               int32_t* num_accepted) {
+                               const int64_t* top_k, const float* top_p, const float* min_p,
+                               const int64_t* draft_index, const int64_t* seed, const int64_t* offset, int64_t B,
+                               int64_t max_num_draft, int32_t* out, int32_t* num_accepted) {
   const int64_t V = target_logits.size(1);
   const TT* tptr = target_logits.const_data_ptr<TT>();
   const int64_t ts0 = target_logits.stride(0), ts1 = target_logits.stride(1);
   const DT* dptr = draft_dist ? draft_dist->const_data_ptr<DT>() : nullptr;
   const int64_t ds0 = draft_dist ? draft_dist->stride(0) : 0, ds1 = draft_dist ? draft_dist->stride(1) : 0;
   const int64_t width = max_num_draft + 1;
+  auto draft_row = [&](int64_t i) { return draft_index ? draft_index[i] : i; };
 
   const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 16) / std::max<int64_t>(V, 1));
   at::parallel_for(0, B, grain, [&](int64_t b_begin, int64_t b_end) {
@@ -158,6 +162,7 @@ void verify_block_block_kernel(const at::Tensor& target_logits, const int32_t* d
       const float T = temperature ? temperature[b] : 0.f;
       const int64_t k = top_k ? top_k[b] : 0;
       const float p = top_p ? top_p[b] : 1.f;
+      const float lmp = log_min_p_at(min_p, b);
       const uint64_t s = static_cast<uint64_t>(seed[b]);
       const uint64_t o = static_cast<uint64_t>(offset[b]);
       auto target_row = [&](int64_t i) { return Row<TT>{tptr + (start + b + i) * ts0, ts1}; };
@@ -190,10 +195,11 @@ void verify_block_block_kernel(const at::Tensor& target_logits, const int32_t* d
         int64_t x;
       };
       auto row_dists = [&](int64_t i) {
-        RowDists r{target_row(i), Row<DT>{dptr ? dptr + (start + i) * ds0 : nullptr, ds1},
-                   row_stats(target_row(i), V, T, k, p, scratch), RowStats{kNegInf, 0.f},
+        // No draft row at n (the bonus row): its q is never read.
+        RowDists r{target_row(i), Row<DT>{dptr && i < n ? dptr + draft_row(start + i) * ds0 : nullptr, ds1},
+                   row_stats(target_row(i), V, T, k, p, lmp, scratch), RowStats{kNegInf, 0.f},
                    i < n ? static_cast<int64_t>(drafts[start + i]) : -1};
-        if (kind == DraftKind::kLogits && i < n) r.qs = row_stats(r.drow, V, T, k, p, scratch);  // no draft row at n
+        if (kind == DraftKind::kLogits && i < n) r.qs = row_stats(r.drow, V, T, k, p, lmp, scratch);
         return r;
       };
       auto log_p_at = [&](const RowDists& r, int64_t v) { return r.ps.log_prob(scale_logit(r.trow[v], T)); };
@@ -262,10 +268,11 @@ std::tuple<at::Tensor, at::Tensor> verify_block_cpu(
     const std::optional<at::Tensor>& draft_logits, const std::optional<at::Tensor>& draft_probs,
     const std::optional<at::Tensor>& temperature, const std::optional<at::Tensor>& top_k,
     const std::optional<at::Tensor>& top_p, const at::Tensor& seed, const at::Tensor& offset,
-    int64_t max_num_draft, c10::string_view method) {
+    int64_t max_num_draft, c10::string_view method, const std::optional<at::Tensor>& min_p,
+    const std::optional<at::Tensor>& draft_index) {
   const bool block = parse_verify_method(method);
   check_verify_block_args(target_logits, draft_tokens, cu_num_draft, draft_logits, draft_probs,
-                          temperature, top_k, top_p, seed, offset, max_num_draft);
+                          temperature, top_k, top_p, seed, offset, max_num_draft, min_p, draft_index);
   constexpr const char* op = "verify_block";
   const int64_t B = cu_num_draft.size(0) - 1;
   const int64_t N = draft_tokens.size(0);
@@ -277,6 +284,12 @@ std::tuple<at::Tensor, at::Tensor> verify_block_cpu(
   const at::Tensor cu = cu_num_draft.to(at::kLong).contiguous();
   const at::Tensor drafts_wide = draft_tokens.to(at::kLong).contiguous();
   const SamplingTensors sp(temperature, top_k, top_p, seed, offset);
+  const at::Tensor min_p_c = min_p_contiguous(min_p);
+  const at::Tensor draft_index_c = draft_index ? draft_index->to(at::kLong).contiguous() : at::Tensor();
+  const int64_t* di_p = draft_index ? draft_index_c.const_data_ptr<int64_t>() : nullptr;
+  if (di_p)
+    check_draft_index_data(op, di_p, N, (draft_logits ? *draft_logits : *draft_probs).size(0),
+                           draft_logits ? "draft_logits" : "draft_probs");
 
   // Data-dependent checks: always on the CPU (docs/verification.md). Comparisons only, no
   // arithmetic on unchecked values: cu[0] = 0, cu non-decreasing and cu[B] = N put
@@ -313,7 +326,7 @@ std::tuple<at::Tensor, at::Tensor> verify_block_cpu(
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, draft_type, "verify_block_cpu_draft", [&] {
       (block ? verify_block_block_kernel<TT, scalar_t> : verify_block_kernel<TT, scalar_t>)(
           target_logits, d_p, cu_p, draft_dist, kind, sp.temperature_ptr(), sp.top_k_ptr(), sp.top_p_ptr(),
-          sp.seed.const_data_ptr<int64_t>(), sp.offset.const_data_ptr<int64_t>(), B, max_num_draft,
+          min_p_ptr(min_p_c), di_p, sp.seed.const_data_ptr<int64_t>(), sp.offset.const_data_ptr<int64_t>(), B, max_num_draft,
           out.mutable_data_ptr<int32_t>(), num_accepted.mutable_data_ptr<int32_t>());
     });
   });

@@ -34,10 +34,10 @@ constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 // statistics verify_block's CPU kernel uses (row_ops.h), so a chain reproduces its
 // decisions bit for bit.
 template <typename T>
-void filtered_log_probs(Row<T> row, int64_t V, float temperature, int64_t top_k, float top_p,
+void filtered_log_probs(Row<T> row, int64_t V, float temperature, int64_t top_k, float top_p, float log_min_p,
                         std::vector<float>& scratch, std::vector<float>& out) {
   out.resize(V);
-  const RowStats st = row_stats(row, V, temperature, top_k, top_p, scratch);
+  const RowStats st = row_stats(row, V, temperature, top_k, top_p, log_min_p, scratch);
   for (int64_t v = 0; v < V; ++v) out[v] = st.log_prob(scale_logit(row[v], temperature));
 }
 
@@ -46,8 +46,8 @@ enum class DraftKind { kPointMass, kLogits, kProbs };
 template <typename TT, typename DT>
 void verify_tree_kernel(const at::Tensor& target_logits, const int64_t* drafts, const int64_t* parents,
                         const int64_t* cu, const at::Tensor* draft_dist, DraftKind kind, const float* temperature,
-                        const int64_t* top_k, const float* top_p, const int64_t* seed, const int64_t* offset,
-                        int64_t B, int64_t max_depth, int32_t* accept_path, int32_t* num_accepted,
+                        const int64_t* top_k, const float* top_p, const float* min_p,
+                        const int64_t* draft_index, const int64_t* seed, const int64_t* offset, int64_t B, int64_t max_depth, int32_t* accept_path, int32_t* num_accepted,
                         int32_t* output_tokens) {
   const int64_t V = target_logits.size(1);
   const TT* tptr = target_logits.const_data_ptr<TT>();
@@ -66,6 +66,7 @@ void verify_tree_kernel(const at::Tensor& target_logits, const int64_t* drafts, 
       const float T = temperature ? temperature[b] : 0.f;
       const int64_t k = top_k ? top_k[b] : 0;
       const float p = top_p ? top_p[b] : 1.f;
+      const float lmp = log_min_p_at(min_p, b);
       const uint64_t s = static_cast<uint64_t>(seed[b]);
       const uint64_t o = static_cast<uint64_t>(offset[b]);
       const bool greedy = !(T > 0.f);
@@ -91,7 +92,7 @@ void verify_tree_kernel(const at::Tensor& target_logits, const int64_t* drafts, 
             if (parents[start + c] == node && drafts[start + c] == am && tree_child_valid(am, V)) next = c;
           if (next < 0) emitted = am;
         } else {
-          filtered_log_probs(trow, V, T, k, p, scratch, log_p);
+          filtered_log_probs(trow, V, T, k, p, lmp, scratch, log_p);
           bool residual_taken = false;
           const uint64_t position = tree_position(o, d);
           int64_t rank = 0;
@@ -100,8 +101,10 @@ void verify_tree_kernel(const at::Tensor& target_logits, const int64_t* drafts, 
             const int64_t r = rank++;
             const int64_t x = drafts[start + c];
             if (!tree_child_valid(x, V)) continue;
-            Row<DT> drow{dptr ? dptr + (start + c) * ds0 : nullptr, ds1};
-            if (kind == DraftKind::kLogits) filtered_log_probs(drow, V, T, k, p, scratch, log_q);
+            // q of node c: its own row, or row draft_index[c] (gathered in place).
+            const int64_t qrow = draft_index ? draft_index[start + c] : start + c;
+            Row<DT> drow{dptr ? dptr + qrow * ds0 : nullptr, ds1};
+            if (kind == DraftKind::kLogits) filtered_log_probs(drow, V, T, k, p, lmp, scratch, log_q);
             auto lq = [&](int64_t v) -> float {
               switch (kind) {
                 case DraftKind::kLogits: return log_q[v];
@@ -165,9 +168,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> verify_tree_cpu(
     const at::Tensor& cu_num_draft, const std::optional<at::Tensor>& draft_logits,
     const std::optional<at::Tensor>& draft_probs, const std::optional<at::Tensor>& temperature,
     const std::optional<at::Tensor>& top_k, const std::optional<at::Tensor>& top_p, const at::Tensor& seed,
-    const at::Tensor& offset, int64_t max_depth) {
+    const at::Tensor& offset, int64_t max_depth, const std::optional<at::Tensor>& min_p,
+    const std::optional<at::Tensor>& draft_index) {
   check_verify_tree_args(target_logits, draft_tokens, parents, cu_num_draft, draft_logits, draft_probs,
-                         temperature, top_k, top_p, seed, offset, max_depth);
+                         temperature, top_k, top_p, seed, offset, max_depth, min_p, draft_index);
   const int64_t B = cu_num_draft.size(0) - 1;
   const int64_t N = draft_tokens.size(0);
   const int64_t V = target_logits.size(1);
@@ -180,6 +184,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> verify_tree_cpu(
   // Data-dependent checks: always on the CPU.
   check_verify_tree_data(cu.const_data_ptr<int64_t>(), par.const_data_ptr<int64_t>(),
                          drafts.const_data_ptr<int64_t>(), B, N, V, max_depth);
+  const at::Tensor min_p_c = min_p_contiguous(min_p);
+  const at::Tensor draft_index_c = draft_index ? draft_index->to(at::kLong).contiguous() : at::Tensor();
+  const int64_t* di_p = draft_index ? draft_index_c.const_data_ptr<int64_t>() : nullptr;
+  if (di_p)
+    check_draft_index_data("verify_tree", di_p, N, (draft_logits ? *draft_logits : *draft_probs).size(0),
+                           draft_logits ? "draft_logits" : "draft_probs");
 
   const auto int_options = target_logits.options().dtype(at::kInt);
   at::Tensor accept_path = at::empty({B, max_depth + 1}, int_options);
@@ -198,7 +208,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> verify_tree_cpu(
       verify_tree_kernel<TT, scalar_t>(
           target_logits, drafts.const_data_ptr<int64_t>(), par.const_data_ptr<int64_t>(),
           cu.const_data_ptr<int64_t>(), draft_dist, kind, sp.temperature_ptr(), sp.top_k_ptr(), sp.top_p_ptr(),
-          sp.seed.const_data_ptr<int64_t>(), sp.offset.const_data_ptr<int64_t>(), B, max_depth,
+          min_p_ptr(min_p_c), di_p, sp.seed.const_data_ptr<int64_t>(), sp.offset.const_data_ptr<int64_t>(), B, max_depth,
           accept_path.mutable_data_ptr<int32_t>(), num_accepted.mutable_data_ptr<int32_t>(),
           output_tokens.mutable_data_ptr<int32_t>());
     });

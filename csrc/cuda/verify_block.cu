@@ -10,6 +10,8 @@
 #include <c10/cuda/CUDAStream.h>
 
 #include <cstdint>
+#include <cstdlib>
+#include <cstring>
 #include <limits>
 
 #include "dspark/verify_block.cuh"
@@ -31,6 +33,11 @@ void dispatch_float_type(at::ScalarType type, const char* name, F&& f) {
     default:
       TORCH_CHECK(false, kOp, ": ", name, " must be float32, float16 or bfloat16, got ", type);
   }
+}
+
+bool debug_checks() {
+  const char* e = std::getenv("DSPARK_DEBUG");
+  return e != nullptr && std::strcmp(e, "1") == 0;
 }
 
 vb::IntArray int_array(const at::Tensor& t) {
@@ -105,10 +112,11 @@ std::tuple<at::Tensor, at::Tensor> verify_block_cuda(
     const std::optional<at::Tensor>& draft_logits, const std::optional<at::Tensor>& draft_probs,
     const std::optional<at::Tensor>& temperature, const std::optional<at::Tensor>& top_k,
     const std::optional<at::Tensor>& top_p, const at::Tensor& seed, const at::Tensor& offset,
-    int64_t max_num_draft, c10::string_view method) {
+    int64_t max_num_draft, c10::string_view method, const std::optional<at::Tensor>& min_p,
+    const std::optional<at::Tensor>& draft_index) {
   const bool block_method = parse_verify_method(method);
   check_verify_block_args(target_logits, draft_tokens, cu_num_draft, draft_logits, draft_probs, temperature,
-                          top_k, top_p, seed, offset, max_num_draft);
+                          top_k, top_p, seed, offset, max_num_draft, min_p, draft_index);
   TORCH_CHECK(target_logits.is_cuda(), kOp, ": target_logits must be a CUDA tensor, got ", target_logits.device());
   const int64_t B = cu_num_draft.size(0) - 1;
   const int64_t N = draft_tokens.size(0);
@@ -122,7 +130,7 @@ std::tuple<at::Tensor, at::Tensor> verify_block_cuda(
 
   const bool sampling = temperature.has_value();  // without temperature every row is greedy
   const bool q_stats = sampling && draft_logits.has_value();
-  const bool with_filters = sampling && (top_k.has_value() || top_p.has_value());
+  const bool with_filters = sampling && (top_k.has_value() || top_p.has_value() || min_p.has_value());
   const bool block = block_method && sampling;  // without temperature every row is greedy: the token walk
   // Grid sizes and the workspace layout (dspark/launch.h): split partials, filtered-row
   // thresholds, race descriptors, race partials, Z_j per target row.
@@ -152,6 +160,12 @@ std::tuple<at::Tensor, at::Tensor> verify_block_cuda(
   if (temperature) temp_c = temperature->to(at::kFloat).contiguous();
   if (top_k) top_k_c = top_k->contiguous();
   if (top_p) top_p_c = top_p->to(at::kFloat).contiguous();
+  const at::Tensor min_p_c = min_p_contiguous(min_p);
+  const at::Tensor draft_index_c = draft_index ? draft_index->contiguous() : at::Tensor();
+  if (draft_index && debug_checks()) {  // host read: only under DSPARK_DEBUG=1
+    const at::Tensor di_h = draft_index_c.to(at::kCPU).to(at::kLong).contiguous();
+    check_draft_index_data(kOp, di_h.const_data_ptr<int64_t>(), N, draft_dist->size(0), draft_name);
+  }
 
   at::Tensor workspace = at::empty({plan.bytes}, target_logits.options().dtype(at::kByte));
   char* ws = static_cast<char*>(workspace.mutable_data_ptr());
@@ -171,6 +185,9 @@ std::tuple<at::Tensor, at::Tensor> verify_block_cuda(
   p.offset = int_array(offset_c);
   p.temperature = temperature ? temp_c.const_data_ptr<float>() : nullptr;
   p.top_p = top_p ? top_p_c.const_data_ptr<float>() : nullptr;
+  p.min_p = min_p_ptr(min_p_c);
+  p.draft_index = draft_index ? int_array(draft_index_c) : vb::IntArray{nullptr, 0};
+  p.draft_rows = draft_dist ? draft_dist->size(0) : 0;
   p.B = B;
   p.N = N;
   p.T = T;

@@ -50,9 +50,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> verify_tree_cuda(
     const at::Tensor& cu_num_draft, const std::optional<at::Tensor>& draft_logits,
     const std::optional<at::Tensor>& draft_probs, const std::optional<at::Tensor>& temperature,
     const std::optional<at::Tensor>& top_k, const std::optional<at::Tensor>& top_p, const at::Tensor& seed,
-    const at::Tensor& offset, int64_t max_depth) {
+    const at::Tensor& offset, int64_t max_depth, const std::optional<at::Tensor>& min_p,
+    const std::optional<at::Tensor>& draft_index) {
   check_verify_tree_args(target_logits, draft_tokens, parents, cu_num_draft, draft_logits, draft_probs,
-                         temperature, top_k, top_p, seed, offset, max_depth);
+                         temperature, top_k, top_p, seed, offset, max_depth, min_p, draft_index);
   TORCH_CHECK(target_logits.is_cuda(), kOp, ": target_logits must be a CUDA tensor, got ", target_logits.device());
   const int64_t B = cu_num_draft.size(0) - 1;
   const int64_t N = draft_tokens.size(0);
@@ -75,6 +76,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> verify_tree_cuda(
     const at::Tensor drafts_h = drafts_c.to(at::kCPU).to(at::kLong).contiguous();
     check_verify_tree_data(cu_h.const_data_ptr<int64_t>(), par_h.const_data_ptr<int64_t>(),
                            drafts_h.const_data_ptr<int64_t>(), B, N, V, max_depth);
+    if (draft_index) {
+      const at::Tensor di_h = draft_index->to(at::kCPU).to(at::kLong).contiguous();
+      check_draft_index_data(kOp, di_h.const_data_ptr<int64_t>(), N,
+                             (draft_logits ? *draft_logits : *draft_probs).size(0),
+                             draft_logits ? "draft_logits" : "draft_probs");
+    }
   }
   const at::Tensor seed_c = seed.contiguous();
   const at::Tensor offset_c = offset.contiguous();
@@ -82,6 +89,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> verify_tree_cuda(
   if (temperature) temp_c = temperature->to(at::kFloat).contiguous();
   if (top_k) top_k_c = top_k->contiguous();
   if (top_p) top_p_c = top_p->to(at::kFloat).contiguous();
+  const at::Tensor min_p_c = min_p_contiguous(min_p);
+  const at::Tensor draft_index_c = draft_index ? draft_index->contiguous() : at::Tensor();
   const bool sampling = temperature.has_value();
   at::Tensor workspace = at::empty({vt::workspace_floats(B, V, sampling)}, target_logits.options().dtype(at::kFloat));
 
@@ -104,6 +113,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> verify_tree_cuda(
   p.offset = int_array(offset_c);
   p.temperature = temperature ? temp_c.const_data_ptr<float>() : nullptr;
   p.top_p = top_p ? top_p_c.const_data_ptr<float>() : nullptr;
+  p.min_p = min_p_ptr(min_p_c);
+  p.draft_index = draft_index ? int_array(draft_index_c) : vt::IntArray{nullptr, 0};
+  p.draft_rows = draft_dist ? draft_dist->size(0) : 0;
   p.B = B;
   p.N = N;
   p.V = V;

@@ -131,8 +131,17 @@ def _rows_vectorizable(t: torch.Tensor) -> bool:
     return t.data_ptr() % 16 == 0 and (t.stride(0) * t.element_size()) % 16 == 0
 
 
+def _min_p_and_draft_index(min_p, draft_index):
+    """min_p as fp32 (the kernels take log min_p themselves), draft_index as given (its range
+    check is the registry's check_data, under DSPARK_DEBUG=1 on CUDA tensors)."""
+    min_p_c = min_p.to(torch.float32).contiguous() if min_p is not None else None
+    draft_index_c = draft_index.contiguous() if draft_index is not None else None
+    return min_p_c, draft_index_c
+
+
 def verify_block(target_logits, draft_tokens, cu_num_draft, draft_logits=None, draft_probs=None, temperature=None,
-                 top_k=None, top_p=None, seed=None, offset=None, max_num_draft=0, method="token"):
+                 top_k=None, top_p=None, seed=None, offset=None, max_num_draft=0, method="token", min_p=None,
+                 draft_index=None):
     op = "verify_block"
     if method not in ("token", "block"):
         raise ValueError(f'{op}: method must be "token" or "block", got {method!r}')
@@ -148,7 +157,7 @@ def verify_block(target_logits, draft_tokens, cu_num_draft, draft_logits=None, d
         _check_vocab_stride(op, draft_dist, draft_name)
     sampling = temperature is not None
     q_stats = sampling and draft_logits is not None
-    with_filters = sampling and (top_k is not None or top_p is not None)
+    with_filters = sampling and (top_k is not None or top_p is not None or min_p is not None)
     block = method == "block" and sampling
     plan = plans.verify_block_plan(B, N, V, sampling, q_stats, with_filters, block)
     c = plans.C()
@@ -169,6 +178,7 @@ def verify_block(target_logits, draft_tokens, cu_num_draft, draft_logits=None, d
     temp_c = temperature.to(torch.float32).contiguous() if temperature is not None else None
     top_k_c = top_k.contiguous() if top_k is not None else None
     top_p_c = top_p.to(torch.float32).contiguous() if top_p is not None else None
+    min_p_c, draft_index_c = _min_p_and_draft_index(min_p, draft_index)
     workspace = torch.empty(plan["bytes"], dtype=torch.uint8, device=device)
     ws = workspace.data_ptr()
 
@@ -187,6 +197,9 @@ def verify_block(target_logits, draft_tokens, cu_num_draft, draft_logits=None, d
     p.offset = _int_array("vb", offset_c)
     p.temperature = _ptr(temp_c)
     p.top_p = _ptr(top_p_c)
+    p.min_p = _ptr(min_p_c)
+    p.draft_index = _int_array("vb", draft_index_c)
+    p.draft_rows = draft_dist.size(0) if draft_dist is not None else 0
     p.B, p.N, p.T, p.V, p.max_num_draft = B, N, T, V, max_num_draft
     p.num_splits = plan["num_splits"]
     p.num_race_splits = plan["num_race_splits"]
@@ -223,7 +236,8 @@ def verify_block(target_logits, draft_tokens, cu_num_draft, draft_logits=None, d
 # ---------------------------------------------------------------------- verify_tree
 
 def verify_tree(target_logits, draft_tokens, parents, cu_num_draft, draft_logits=None, draft_probs=None,
-                temperature=None, top_k=None, top_p=None, seed=None, offset=None, max_depth=0):
+                temperature=None, top_k=None, top_p=None, seed=None, offset=None, max_depth=0, min_p=None,
+                draft_index=None):
     op = "verify_tree"
     dev = target_logits.device.index
     B = cu_num_draft.size(0) - 1
@@ -246,6 +260,7 @@ def verify_tree(target_logits, draft_tokens, parents, cu_num_draft, draft_logits
     temp_c = temperature.to(torch.float32).contiguous() if temperature is not None else None
     top_k_c = top_k.contiguous() if top_k is not None else None
     top_p_c = top_p.to(torch.float32).contiguous() if top_p is not None else None
+    min_p_c, draft_index_c = _min_p_and_draft_index(min_p, draft_index)
     sampling = temperature is not None
     workspace = torch.empty(plans.verify_tree_workspace_floats(B, V, sampling), dtype=torch.float32, device=device)
 
@@ -264,6 +279,9 @@ def verify_tree(target_logits, draft_tokens, parents, cu_num_draft, draft_logits
     p.offset = _int_array("vt", offset_c)
     p.temperature = _ptr(temp_c)
     p.top_p = _ptr(top_p_c)
+    p.min_p = _ptr(min_p_c)
+    p.draft_index = _int_array("vt", draft_index_c)
+    p.draft_rows = draft_dist.size(0) if draft_dist is not None else 0
     p.B, p.N, p.V, p.max_depth = B, N, V, max_depth
     p.workspace = workspace.data_ptr() if sampling else None
     p.accept_path = accept_path.data_ptr()

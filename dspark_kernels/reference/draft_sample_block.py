@@ -8,7 +8,7 @@ One request and one position at a time. Position ``k`` of request ``b``:
   ``anchor[b]`` at ``k = 0`` and the token drawn at ``k - 1`` after that;
 * greedy rows (temperature ``<= 0`` or None): the argmax of ``l`` (lowest index on
   ties; NaN never wins; 0 if no entry is above ``-inf``);
-* sampling rows: ``s = l / T`` (fp32 division), ``t`` = the top-k / top-p threshold of
+* sampling rows: ``s = l / T`` (fp32 division), ``t`` = the min-p / top-k / top-p threshold of
   ``sampling.filter_threshold`` (the verify_block rules), and the Gumbel race
   ``argmax_v (s_v + G_v)`` over ``s_v >= t`` with ``G`` from the draft stream
   (``philox.SALT_DRAFT``) at position ``offset[b] + k`` and index ``v``
@@ -42,12 +42,12 @@ def greedy_token(logits: torch.Tensor) -> int:
 
 
 def sample_row(logits: torch.Tensor, temperature: float, top_k: int, top_p: float, seed: int,
-               position: int) -> int:
+               position: int, min_p: float = 0.0) -> int:
     """One draw from the filtered ``softmax(logits / T)`` (fp32 logits), or the argmax."""
     if not temperature > 0.0:
         return greedy_token(logits)
     s = scale_logits(logits, temperature)
-    threshold = filter_threshold(s, top_k, top_p)
+    threshold = filter_threshold(s, top_k, top_p, min_p)
     weights = inf_rule(torch.where(s >= threshold, s, torch.tensor(float("-inf"))))
     noise = philox.gumbels(seed, position, philox.SALT_DRAFT, torch.arange(s.numel()))
     return race(weights, noise)
@@ -64,6 +64,7 @@ def draft_sample_block(
     seed: torch.Tensor,
     offset: torch.Tensor,
     return_logits: bool = True,
+    min_p: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     device = base_logits.device
     base = base_logits.cpu()
@@ -77,13 +78,14 @@ def draft_sample_block(
         t = float(temperature[b]) if temperature is not None else 0.0
         k = int(top_k[b]) if top_k is not None else 0
         p = float(top_p[b]) if top_p is not None else 1.0
+        mp = float(min_p[b]) if min_p is not None else 0.0
         s, o = int(seed[b]), int(offset[b])
         prev = int(anchor[b])
         for pos in range(gamma):
             logits = base[b, pos].to(torch.float32)
             if w1 is not None:
                 logits = logits + markov_correction(w1[prev], w2)
-            token = sample_row(logits, t, k, p, s, o + pos)
+            token = sample_row(logits, t, k, p, s, o + pos, mp)
             tokens[b, pos] = token
             if return_logits:
                 logits_out[b, pos] = logits

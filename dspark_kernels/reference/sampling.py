@@ -4,6 +4,10 @@ These are the rules every backend implements (the C++/CUDA kernels through
 ``csrc/include/dspark/sampling.h``, the Triton kernels in their own language):
 
 * scaled logits ``s = logit / T`` in fp32 (a division, so every backend rounds alike);
+* min-p (vLLM's order: temperature, then min-p, then top-k, then top-p) keeps every
+  token with ``s >= max s + log(min_p)`` (``p >= min_p * max p``), ``log(min_p)``
+  taken in fp64 and rounded to fp32, the sum in fp32; disabled when ``min_p <= 0``;
+  ``min_p >= 1`` keeps only the maximal entries;
 * top-k keeps every token with ``s >= `` the k-th largest ``s`` (ties all kept);
   disabled when ``k <= 0`` or ``k >= V``;
 * top-p, applied after top-k, keeps token ``v`` iff the probability mass of the
@@ -23,6 +27,8 @@ mass equally (``log p = -log(n_inf)``).
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 
@@ -32,6 +38,25 @@ def top_k_active(k: int, vocab: int) -> bool:
 
 def top_p_active(p: float) -> bool:
     return 0.0 < p < 1.0
+
+
+def min_p_active(min_p: float) -> bool:
+    return min_p > 0.0
+
+
+def min_p_log(min_p: float) -> float:
+    """``float32(log(float64(min(min_p, 1))))``, ``-inf`` when off (csrc/include/dspark/sampling.h)."""
+    if not min_p_active(min_p):
+        return float("-inf")
+    return float(torch.tensor(math.log(min(float(torch.tensor(min_p, dtype=torch.float32)), 1.0)),
+                              dtype=torch.float32))
+
+
+def min_p_threshold(max_s: float, log_min_p: float) -> float:
+    """The min-p cut ``max s + log(min_p)`` in fp32; ``-inf`` when off or for a row of ``-inf``."""
+    if not log_min_p > float("-inf") or not max_s > float("-inf"):
+        return float("-inf")
+    return float(torch.tensor(max_s, dtype=torch.float32) + torch.tensor(log_min_p, dtype=torch.float32))
 
 
 def scale_logits(logits: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -60,12 +85,14 @@ def inf_rule(w: torch.Tensor) -> torch.Tensor:
     return torch.where(inf, torch.tensor(0.0), torch.tensor(float("-inf")))
 
 
-def filter_threshold(s: torch.Tensor, top_k: int, top_p: float) -> float:
-    """The smallest scaled logit kept by top-k then top-p (``-inf`` = keep all)."""
+def filter_threshold(s: torch.Tensor, top_k: int, top_p: float, min_p: float = 0.0) -> float:
+    """The smallest scaled logit kept by min-p, top-k then top-p (``-inf`` = keep all)."""
     vocab = s.numel()
     threshold = float("-inf")
+    if min_p_active(min_p):
+        threshold = min_p_threshold(float(s.max()), min_p_log(min_p))
     if top_k_active(top_k, vocab):
-        threshold = float(torch.topk(s, top_k).values[-1])
+        threshold = max(threshold, float(torch.topk(s, top_k).values[-1]))
     if top_p_active(top_p):
         kept = s[s >= threshold]
         kept = kept[kept > float("-inf")]
@@ -83,10 +110,11 @@ def filter_threshold(s: torch.Tensor, top_k: int, top_p: float) -> float:
     return threshold
 
 
-def filtered_log_probs(logits: torch.Tensor, temperature: float, top_k: int, top_p: float) -> torch.Tensor:
-    """log softmax(logits / T) restricted to the top-k / top-p set, fp32, ``-inf`` outside."""
+def filtered_log_probs(logits: torch.Tensor, temperature: float, top_k: int, top_p: float,
+                       min_p: float = 0.0) -> torch.Tensor:
+    """log softmax(logits / T) restricted to the min-p / top-k / top-p set, fp32, ``-inf`` outside."""
     s = scale_logits(logits, temperature)
-    threshold = filter_threshold(s, top_k, top_p)
+    threshold = filter_threshold(s, top_k, top_p, min_p)
     s = torch.where(s >= threshold, s, torch.tensor(float("-inf")))
     if not (s > float("-inf")).any():
         return s

@@ -25,6 +25,8 @@ def verify_block(
     offset: torch.Tensor,
     max_num_draft: int,
     method: str = "token",
+    min_p: torch.Tensor | None = None,
+    draft_index: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     device = target_logits.device
     target_logits = target_logits.cpu()
@@ -34,12 +36,17 @@ def verify_block(
     drafts = draft_tokens.cpu().to(torch.int64)
     out = torch.full((batch, max_num_draft + 1), -1, dtype=torch.int32)
     num_accepted = torch.zeros(batch, dtype=torch.int32)
+    rows = draft_index.cpu().to(torch.int64).tolist() if draft_index is not None else None
+
+    def draft_row(i: int) -> int:  # the row of draft_logits / draft_probs that is q of draft i
+        return rows[i] if rows is not None else i
 
     for b in range(batch):
         start, n = cu[b], cu[b + 1] - cu[b]
         t = float(temperature[b]) if temperature is not None else 0.0
         k = int(top_k[b]) if top_k is not None else 0
         p = float(top_p[b]) if top_p is not None else 1.0
+        mp = float(min_p[b]) if min_p is not None else 0.0
         s, o = int(seed[b]), int(offset[b])
         greedy = not t > 0.0
 
@@ -47,8 +54,8 @@ def verify_block(
             return target_logits[start + b + i]
 
         if method == "block" and not greedy:
-            accepted, emitted = _block_request(target_row, drafts[start : start + n], start, n, vocab, t, k, p, s, o,
-                                               draft_logits, draft_probs)
+            accepted, emitted = _block_request(target_row, drafts[start : start + n], start, n, vocab, t, k, p, mp,
+                                               s, o, draft_logits, draft_probs, draft_row)
             out[b, :accepted] = drafts[start : start + accepted].to(torch.int32)
             out[b, accepted] = emitted
             num_accepted[b] = accepted
@@ -66,11 +73,11 @@ def verify_block(
                     continue
                 emitted = target_argmax
                 break
-            log_p = filtered_log_probs(target_row(i), t, k, p)
+            log_p = filtered_log_probs(target_row(i), t, k, p, mp)
             if draft_logits is not None:
-                log_q = filtered_log_probs(draft_logits[start + i].cpu(), t, k, p)
+                log_q = filtered_log_probs(draft_logits[draft_row(start + i)].cpu(), t, k, p, mp)
             elif draft_probs is not None:
-                log_q = torch.log(draft_probs[start + i].cpu().to(torch.float32))
+                log_q = torch.log(draft_probs[draft_row(start + i)].cpu().to(torch.float32))
             else:  # point mass at the draft token
                 log_q = torch.full((vocab,), float("-inf"))
                 if valid:
@@ -97,7 +104,7 @@ def verify_block(
             if greedy:
                 emitted = greedy_argmax(target_row(n))
             else:
-                log_p = filtered_log_probs(target_row(n), t, k, p)
+                log_p = filtered_log_probs(target_row(n), t, k, p, mp)
                 noise = philox.gumbels(s, o + n, philox.SALT_RESAMPLE, torch.arange(vocab))
                 emitted = race(log_p, noise)
         out[b, :accepted] = drafts[start : start + accepted].to(torch.int32)
@@ -148,7 +155,7 @@ def block_accept_prob(log_rho: float, z: float) -> float:
     return z / (z + (1.0 - rho))
 
 
-def _block_request(target_row, drafts, start, n, vocab, t, k, p, s, o, draft_logits, draft_probs):
+def _block_request(target_row, drafts, start, n, vocab, t, k, p, mp, s, o, draft_logits, draft_probs, draft_row):
     """(accepted, emitted) of one sampling request under block verification."""
     # The block is the leading run of valid ids: a padding id (or one outside [0, V))
     # was not drawn from q, so the block ends there and its row is the bonus row.
@@ -157,14 +164,14 @@ def _block_request(target_row, drafts, start, n, vocab, t, k, p, s, o, draft_log
         g += 1
 
     def log_p_row(i):
-        return filtered_log_probs(target_row(i), t, k, p)
+        return filtered_log_probs(target_row(i), t, k, p, mp)
 
     def log_q_row(i):  # log q over the vocabulary, and q itself (None for a point mass)
         if draft_logits is not None:
-            lq = filtered_log_probs(draft_logits[start + i].cpu(), t, k, p)
+            lq = filtered_log_probs(draft_logits[draft_row(start + i)].cpu(), t, k, p, mp)
             return lq, torch.where(lq > _NEG_INF, torch.exp(torch.where(lq > _NEG_INF, lq, 0.0)), 0.0)
         if draft_probs is not None:
-            q = draft_probs[start + i].cpu().to(_F32)
+            q = draft_probs[draft_row(start + i)].cpu().to(_F32)
             return torch.log(q), q
         lq = torch.full((vocab,), _NEG_INF)
         lq[int(drafts[i])] = 0.0

@@ -67,6 +67,8 @@ def verify_tree(
     seed: torch.Tensor,
     offset: torch.Tensor,
     max_depth: int,
+    min_p: torch.Tensor | None = None,
+    draft_index: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     device = target_logits.device
     target_logits = target_logits.cpu()
@@ -79,6 +81,7 @@ def verify_tree(
     accept_path = torch.full((batch, width), -1, dtype=torch.int32)
     output_tokens = torch.full((batch, width), -1, dtype=torch.int32)
     num_accepted = torch.zeros(batch, dtype=torch.int32)
+    rows = draft_index.cpu().to(torch.int64).tolist() if draft_index is not None else list(range(len(drafts)))
 
     for b in range(batch):
         start, n = cu[b], cu[b + 1] - cu[b]
@@ -87,6 +90,7 @@ def verify_tree(
         t = float(temperature[b]) if temperature is not None else 0.0
         k = int(top_k[b]) if top_k is not None else 0
         tp = float(top_p[b]) if top_p is not None else 1.0
+        mp = float(min_p[b]) if min_p is not None else 0.0
         s, o = int(seed[b]), int(offset[b])
         greedy = not t > 0.0
 
@@ -104,7 +108,7 @@ def verify_tree(
                     emitted = am
                     break
             else:
-                log_p = filtered_log_probs(target_row(node), t, k, tp)  # p', normalised
+                log_p = filtered_log_probs(target_row(node), t, k, tp, mp)  # p', normalised
                 raced = log_p  # the log-weights the emitted token is raced over
                 position = o + d
                 nxt = None
@@ -113,9 +117,9 @@ def verify_tree(
                     if not 0 <= x < vocab:  # padding: not drawn from q, skipped
                         continue
                     if draft_logits is not None:
-                        log_q = filtered_log_probs(draft_logits[start + c].cpu(), t, k, tp)
+                        log_q = filtered_log_probs(draft_logits[rows[start + c]].cpu(), t, k, tp, mp)
                     elif draft_probs is not None:
-                        log_q = torch.log(draft_probs[start + c].cpu().to(torch.float32))
+                        log_q = torch.log(draft_probs[rows[start + c]].cpu().to(torch.float32))
                     else:  # point mass at the draft token
                         log_q = torch.full((vocab,), _NEG_INF)
                         log_q[x] = 0.0

@@ -10,6 +10,7 @@ row), exact for top-k (integer counts) and with masses summed in fp64 for top-p.
 
 from __future__ import annotations
 
+import torch
 import triton
 import triton.language as tl
 
@@ -97,3 +98,28 @@ def top_p_threshold(row_ptr, stride, V, t, thr, safe_m, p, BLOCK: tl.constexpr, 
         prefix = prefix + (j << shift)
     # A row whose max is +inf: its +inf entries hold all the mass, keep just them.
     return tl.where(safe_m == _POS_INF, _POS_INF, tl.where(total > 0.0, key_to_float(prefix), thr))
+
+
+@triton.jit
+def _min_p_log_at(lmp_ptr, b, HAS_MINP: tl.constexpr):
+    """min_p_log(min_p[b]) (the launcher takes the fp64 log: sampling.h), -inf when off."""
+    if HAS_MINP:
+        lmp = tl.load(lmp_ptr + b).to(tl.float32)
+    else:
+        lmp = tl.full([], _NEG_INF, tl.float32)
+    return lmp
+
+
+@triton.jit
+def _min_p_threshold(m, lmp):
+    """sampling.h min_p_threshold: m + log(min_p), -inf when off or for a row of -inf."""
+    on = (lmp > _NEG_INF) & (m > _NEG_INF)
+    return tl.where(on, tl.where(on, m, 0.0) + tl.where(on, lmp, 0.0), _NEG_INF)
+
+
+def min_p_log_tensor(min_p: torch.Tensor) -> torch.Tensor:
+    """``float32(log(float64(min(min_p, 1))))`` per request, ``-inf`` where min_p <= 0 / NaN
+    (sampling.h ``min_p_log``), on the device, no sync."""
+    m = min_p.to(torch.float32)
+    lg = torch.log(torch.clamp(m, max=1.0).to(torch.float64)).to(torch.float32)
+    return torch.where(m > 0, lg, torch.full_like(lg, float("-inf")))

@@ -49,7 +49,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._filters import scale_logit, top_k_threshold, top_p_threshold
+from ._filters import _min_p_log_at, _min_p_threshold, min_p_log_tensor, scale_logit, top_k_threshold, top_p_threshold
 from .philox import gumbel_from_word, random_words4, split_u64
 
 SALT_DRAFT = tl.constexpr(0x44524654)
@@ -112,16 +112,18 @@ def _row_params(temp_ptr, topk_ptr, topp_ptr, b, V, HAS_TEMP: tl.constexpr, HAS_
 
 @triton.jit
 def _threshold_kernel(
-    x_ptr, sx0, sx1, sx2, temp_ptr, topk_ptr, topp_ptr, thr_ptr,
+    x_ptr, sx0, sx1, sx2, temp_ptr, topk_ptr, topp_ptr, thr_ptr, lmp_ptr,
     V, ROWS_PER_B,
     HAS_TOPK: tl.constexpr, HAS_TOPP: tl.constexpr, BLOCK: tl.constexpr, RADIX_BITS: tl.constexpr,
+    HAS_MINP: tl.constexpr,
 ):
     row = tl.program_id(0)
     b = row // ROWS_PER_B
     kk = row % ROWS_PER_B
     t, k, k_on, p, p_on = _row_params(temp_ptr, topk_ptr, topp_ptr, b, V, True, HAS_TOPK, HAS_TOPP)
+    lmp = _min_p_log_at(lmp_ptr, b, HAS_MINP)
     thr = tl.full([], _NEG_INF, tl.float32)  # keep all
-    if (t > 0.0) & (k_on | p_on):
+    if (t > 0.0) & (k_on | p_on | (lmp > _NEG_INF)):
         row_ptr = x_ptr + b.to(tl.int64) * sx0 + kk.to(tl.int64) * sx1
         offs = tl.arange(0, BLOCK)
         # Row max of s (always kept by either filter).
@@ -133,8 +135,9 @@ def _threshold_kernel(
             s = tl.where(mask, scale_logit(x, t), _NEG_INF)
             m = tl.maximum(m, tl.max(tl.where(s == s, s, _NEG_INF), axis=0))
         safe_m = tl.where(m > _NEG_INF, m, 0.0)
+        thr = _min_p_threshold(m, lmp)  # min-p first (vLLM's order), -inf when off
         if k_on:
-            thr = top_k_threshold(row_ptr, sx2, V, t, k, BLOCK, RADIX_BITS)
+            thr = tl.maximum(thr, top_k_threshold(row_ptr, sx2, V, t, k, BLOCK, RADIX_BITS))
         if p_on:
             thr = top_p_threshold(row_ptr, sx2, V, t, thr, safe_m, p, BLOCK, RADIX_BITS)
     tl.store(thr_ptr + row, thr)
@@ -385,13 +388,14 @@ def _race_config(rows, vocab, interp, sms, splits=None, block_v=None):
     return splits, block_r, max(block_v, 16)
 
 
-def _thresholds(x, strides, rows_per_b, num_rows, vocab, temp, top_k, top_p, interp):
+def _thresholds(x, strides, rows_per_b, num_rows, vocab, temp, top_k, top_p, interp, log_min_p=None):
     thr = torch.empty(num_rows, dtype=torch.float32, device=x.device)
     block = min(1024 if interp else 256, triton.next_power_of_2(vocab))
     _threshold_kernel[(num_rows,)](
         x, strides[0], strides[1], strides[2], temp, top_k if top_k is not None else thr,
-        top_p if top_p is not None else thr, thr, vocab, rows_per_b,
-        HAS_TOPK=top_k is not None, HAS_TOPP=top_p is not None, BLOCK=max(block, 16),
+        top_p if top_p is not None else thr, thr, log_min_p if log_min_p is not None else thr, vocab, rows_per_b,
+        HAS_TOPK=top_k is not None, HAS_TOPP=top_p is not None, HAS_MINP=log_min_p is not None,
+        BLOCK=max(block, 16),
         RADIX_BITS=8 if interp else 4, num_warps=1 if interp else 8)
     return thr
 
@@ -407,6 +411,7 @@ def draft_sample_block(
     seed: torch.Tensor | None = None,
     offset: torch.Tensor | None = None,
     return_logits: bool = True,
+    min_p: torch.Tensor | None = None,
     *,
     _splits: int | None = None,
     _block_v: int | None = None,
@@ -430,7 +435,8 @@ def draft_sample_block(
     top_p_f = top_p.to(torch.float32) if top_p is not None else None
     seed = seed.to(torch.int64)
     offset = offset.to(torch.int64)
-    has_filter = temp is not None and (top_k is not None or top_p is not None)
+    lmp = min_p_log_tensor(min_p) if min_p is not None else None
+    has_filter = temp is not None and (top_k is not None or top_p is not None or lmp is not None)
     warps = 1 if interp else 4
     sms = _num_sms(device)
 
@@ -438,7 +444,7 @@ def draft_sample_block(
         rows = batch * gamma
         splits, block_r, block_v = _race_config(rows, vocab, interp, sms, _splits, _block_v)
         strides = base_logits.stride()
-        thr = _thresholds(base_logits, strides, gamma, rows, vocab, temp, top_k, top_p_f, interp) if has_filter \
+        thr = _thresholds(base_logits, strides, gamma, rows, vocab, temp, top_k, top_p_f, interp, lmp) if has_filter \
             else None
         _race_rows(base_logits, strides, gamma, 0, rows, gamma, vocab, tokens, logits if return_logits else None,
                    temp, thr, seed, offset, splits, block_r, block_v, warps)
@@ -481,7 +487,7 @@ def draft_sample_block(
         if has_filter:
             step = buf[:, k : k + 1] if return_logits else buf[:, None, :]  # [B, 1, V]: this step's rows
             strides = step.stride()
-            thr = _thresholds(step, strides, 1, batch, vocab, temp, top_k, top_p_f, interp)
+            thr = _thresholds(step, strides, 1, batch, vocab, temp, top_k, top_p_f, interp, lmp)
             _race_rows(step, strides, 1, k, batch, gamma, vocab, tokens, None, temp, thr, seed, offset,
                        *_race_config(batch, vocab, interp, sms, _splits, _block_v), warps)
     return tokens, logits

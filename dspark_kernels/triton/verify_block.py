@@ -63,7 +63,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._filters import scale_logit, top_k_threshold, top_p_threshold
+from ._filters import _min_p_log_at, _min_p_threshold, min_p_log_tensor, scale_logit, top_k_threshold, top_p_threshold
 from .philox import gumbel_from_word, random_word, random_words4, select_word, split_u64, uniform_from_word
 
 # Globals read inside @triton.jit functions must be constexpr.
@@ -112,6 +112,18 @@ def _filter_active(topk_ptr, topp_ptr, b, V, HAS_TOPK: tl.constexpr, HAS_TOPP: t
     return k, k_on, p, p_on
 
 
+@triton.jit
+def _q_row(didx_ptr, dpos, num_q_rows, HAS_DIDX: tl.constexpr):
+    """The row of draft_logits / draft_probs that is q of draft ``dpos``: draft_index[dpos]
+    (clamped into range: never an out-of-bounds read; the range is a data check), else dpos."""
+    if HAS_DIDX:
+        r = tl.load(didx_ptr + dpos).to(tl.int64)
+        r = tl.minimum(tl.maximum(r, 0), num_q_rows - 1)
+    else:
+        r = dpos
+    return r
+
+
 # ----------------------------------------------------------------------------------------
 # 1. Split statistics.
 # ----------------------------------------------------------------------------------------
@@ -121,8 +133,8 @@ def _filter_active(topk_ptr, topp_ptr, b, V, HAS_TOPK: tl.constexpr, HAS_TOPP: t
 def _row_stats_kernel(
     logits_ptr, stride_row, stride_col, num_rows,
     cu_ptr, temp_ptr, V, W, max_num_draft, S, chunks_per_split,
-    ws_max_ptr, ws_arg_ptr, ws_m_ptr, ws_sum_ptr,
-    IS_TARGET: tl.constexpr, HAS_TEMP: tl.constexpr, BLOCK: tl.constexpr,
+    ws_max_ptr, ws_arg_ptr, ws_m_ptr, ws_sum_ptr, didx_ptr,
+    IS_TARGET: tl.constexpr, HAS_TEMP: tl.constexpr, BLOCK: tl.constexpr, HAS_DIDX: tl.constexpr,
 ):
     pid = tl.program_id(0)
     split = tl.program_id(1)
@@ -133,8 +145,8 @@ def _row_stats_kernel(
         row = start + b + i
         live = i <= n
     else:
-        row = start + i
         live = i < n
+        row = _q_row(didx_ptr, tl.where(live, start + i, 0), num_rows, HAS_DIDX)
     live = live & (row >= 0) & (row < num_rows)
     t = _load_temperature(temp_ptr, b, HAS_TEMP)
     greedy = not (t > 0.0)
@@ -224,10 +236,10 @@ def _merge_argmax(ws_max_ptr, ws_arg_ptr, ridx, S, V, S_BLOCK: tl.constexpr):
 def _filter_kernel(
     logits_ptr, stride_row, stride_col, num_rows,
     cu_ptr, temp_ptr, topk_ptr, topp_ptr, V, num_chunks, W, max_num_draft, S,
-    ws_m_ptr, thr_ptr, lse_ptr,
+    ws_m_ptr, thr_ptr, lse_ptr, lmp_ptr, didx_ptr,
     IS_TARGET: tl.constexpr, HAS_TOPK: tl.constexpr, HAS_TOPP: tl.constexpr,
     BLOCK: tl.constexpr, RADIX_BITS: tl.constexpr,
-    S_BLOCK: tl.constexpr,
+    S_BLOCK: tl.constexpr, HAS_MINP: tl.constexpr, HAS_DIDX: tl.constexpr,
 ):
     pid = tl.program_id(0)
     b = pid // W
@@ -237,12 +249,13 @@ def _filter_kernel(
         row = start + b + i
         live = i <= n
     else:
-        row = start + i
         live = i < n
+        row = _q_row(didx_ptr, tl.where(live, start + i, 0), num_rows, HAS_DIDX)
     live = live & (row >= 0) & (row < num_rows)
     t = tl.load(temp_ptr + b).to(tl.float32)
     k, k_on, p, p_on = _filter_active(topk_ptr, topp_ptr, b, V, HAS_TOPK, HAS_TOPP)
-    if live & (t > 0.0) & (k_on | p_on):
+    lmp = _min_p_log_at(lmp_ptr, b, HAS_MINP)
+    if live & (t > 0.0) & (k_on | p_on | (lmp > _NEG_INF)):
         row_ptr = logits_ptr + row * stride_row
         offs = tl.arange(0, BLOCK)
         # Row max of s (always kept by either filter) from the split statistics.
@@ -251,9 +264,9 @@ def _filter_kernel(
         m = tl.max(ms, axis=0)
         safe_m = tl.where(m > _NEG_INF, m, 0.0)
 
-        thr = tl.full([], _NEG_INF, tl.float32)  # keep all
+        thr = _min_p_threshold(m, lmp)  # -inf (keep all) when min-p is off
         if k_on:
-            thr = top_k_threshold(row_ptr, stride_col, V, t, k, BLOCK, RADIX_BITS)
+            thr = tl.maximum(thr, top_k_threshold(row_ptr, stride_col, V, t, k, BLOCK, RADIX_BITS))
         if p_on:
             thr = top_p_threshold(row_ptr, stride_col, V, t, thr, safe_m, p, BLOCK, RADIX_BITS)
         # Log-sum-exp of the kept tokens.
@@ -320,16 +333,17 @@ def _decide_kernel(
     V, W, max_num_draft, S,
     t_ws_max_ptr, t_ws_arg_ptr, t_ws_m_ptr, t_ws_sum_ptr, t_thr_ptr, t_lse_ptr,
     d_ws_m_ptr, d_ws_sum_ptr, d_thr_ptr, d_lse_ptr,
-    out_ptr, num_acc_ptr,
+    out_ptr, num_acc_ptr, lmp_ptr, didx_ptr, num_q_rows,
     KIND: tl.constexpr, HAS_TEMP: tl.constexpr, HAS_TOPK: tl.constexpr, HAS_TOPP: tl.constexpr,
     HAS_FILTER: tl.constexpr, S_BLOCK: tl.constexpr, BLOCK4: tl.constexpr, BLOCK_W: tl.constexpr,
+    HAS_MINP: tl.constexpr, HAS_DIDX: tl.constexpr,
 ):
     b = tl.program_id(0)
     start, n = _request_n(cu_ptr, b, max_num_draft)
     t = _load_temperature(temp_ptr, b, HAS_TEMP)
     greedy = not (t > 0.0)
     k, k_on, p, p_on = _filter_active(topk_ptr, topp_ptr, b, V, HAS_TOPK, HAS_TOPP)
-    filt_on = k_on | p_on
+    filt_on = k_on | p_on | (_min_p_log_at(lmp_ptr, b, HAS_MINP) > _NEG_INF)
     seed_lo, seed_hi = split_u64(tl.load(seed_ptr + b))
     offset = tl.load(offset_ptr + b).to(tl.int64)
     salt_accept = tl.full([], SALT_ACCEPT, tl.uint32)
@@ -345,6 +359,7 @@ def _decide_kernel(
         dpos = start + i
         x = tl.load(drafts_ptr + dpos, mask=dpos < num_drafts, other=-1).to(tl.int64)
         valid = (x >= 0) & (x < V) & (trow < num_target_rows)
+        qrow = _q_row(didx_ptr, tl.where(dpos < num_drafts, dpos, 0), num_q_rows, HAS_DIDX)
         xs = tl.where(valid, x, 0)
         if greedy:
             am = _merge_argmax(t_ws_max_ptr, t_ws_arg_ptr, ridx, S, V, S_BLOCK)
@@ -357,10 +372,10 @@ def _decide_kernel(
             if KIND == 1:
                 thr_q, lse_q = _row_lse_thr(d_ws_m_ptr, d_ws_sum_ptr, d_thr_ptr, d_lse_ptr, ridx, S, filt_on,
                                             HAS_FILTER, S_BLOCK)
-                qx = tl.load(d_ptr + dpos * d_stride_row + xs * d_stride_col, mask=valid, other=0.0).to(tl.float32)
+                qx = tl.load(d_ptr + qrow * d_stride_row + xs * d_stride_col, mask=valid, other=0.0).to(tl.float32)
                 lq = _log_prob(scale_logit(qx, t), thr_q, lse_q)
             elif KIND == 2:
-                qx = tl.load(d_ptr + dpos * d_stride_row + xs * d_stride_col, mask=valid, other=1.0).to(tl.float32)
+                qx = tl.load(d_ptr + qrow * d_stride_row + xs * d_stride_col, mask=valid, other=1.0).to(tl.float32)
                 lq = tl.where(qx == 0.0, _NEG_INF, tl.log(tl.where(qx == 0.0, 1.0, qx)))
             else:
                 lq = tl.zeros([], tl.float32)
@@ -384,6 +399,7 @@ def _decide_kernel(
         dpos = start + row
         x = tl.load(drafts_ptr + dpos, mask=(row < n) & (dpos < num_drafts), other=-1).to(tl.int64)
         use_res = (row < n) & (x >= 0) & (x < V)
+        qrow = _q_row(didx_ptr, tl.where(use_res & (dpos < num_drafts), dpos, 0), num_q_rows, HAS_DIDX)
         # A target row past the end reads nothing: fold the scalar test into the column
         # bound (see triton/__init__.py).
         v_row = tl.where(trow < num_target_rows, V, 0)
@@ -396,18 +412,18 @@ def _decide_kernel(
             if use_res:  # draft row `row` exists (row < n)
                 thr_q, lse_q = _row_lse_thr(d_ws_m_ptr, d_ws_sum_ptr, d_thr_ptr, d_lse_ptr, ridx, S, filt_on,
                                             HAS_FILTER, S_BLOCK)
-                qx = tl.load(d_ptr + dpos * d_stride_row + xq * d_stride_col).to(tl.float32)
+                qx = tl.load(d_ptr + qrow * d_stride_row + xq * d_stride_col).to(tl.float32)
                 lqx = _log_prob(scale_logit(qx, t), thr_q, lse_q)
                 # q(x) not a finite positive number: x was not drawn from q, sample p
                 use_res = use_res & (lqx > _NEG_INF) & (lqx < _POS_INF)
         elif KIND == 2:
             if use_res:
-                qx = tl.load(d_ptr + dpos * d_stride_row + xq * d_stride_col).to(tl.float32)
+                qx = tl.load(d_ptr + qrow * d_stride_row + xq * d_stride_col).to(tl.float32)
                 lqx = tl.where(qx == 0.0, _NEG_INF, tl.log(tl.where(qx == 0.0, 1.0, qx)))
                 use_res = use_res & (lqx > _NEG_INF) & (lqx < _POS_INF)
         pos_lo, pos_hi = split_u64(offset + row)
         t_row_ptr = t_ptr + trow * t_stride_row
-        d_row_ptr = d_ptr + dpos * d_stride_row
+        d_row_ptr = d_ptr + qrow * d_stride_row
         r4 = tl.arange(0, BLOCK4)[:, None]
         lane = tl.arange(0, 4)[None, :]
         # Per-lane running maxima (a lane sees increasing indices: strict > keeps the
@@ -505,6 +521,8 @@ def verify_block(
     offset: torch.Tensor | None = None,
     max_num_draft: int = 0,
     method: str = "token",
+    min_p: torch.Tensor | None = None,
+    draft_index: torch.Tensor | None = None,
     *,
     _num_splits_override: int | None = None,
     _block: int | None = None,
@@ -547,6 +565,8 @@ def verify_block(
     has_temp = temp is not None
     has_topk = topk is not None
     has_topp = topp is not None
+    has_minp = min_p is not None
+    has_didx = draft_index is not None
 
     if draft_probs is not None:
         kind, draft = _KIND_PROBS, draft_probs
@@ -575,7 +595,7 @@ def verify_block(
         d_ws_sum = torch.empty(programs * n_split, **f32)
     else:
         d_ws_m = d_ws_sum = dummy
-    has_filter = has_temp and (has_topk or has_topp)
+    has_filter = has_temp and (has_topk or has_topp or has_minp)
     if has_filter:
         t_thr = torch.empty(programs, **f32)
         t_lse = torch.empty(programs, **f32)
@@ -588,19 +608,22 @@ def verify_block(
     topk_arg = topk if has_topk else cu_num_draft
     topp_arg = topp if has_topp else dummy
     stats_warps = 4 if not interp else 1
+    lmp_arg = min_p_log_tensor(min_p) if has_minp else dummy
+    didx_arg = draft_index if has_didx else cu_num_draft
+    num_q_rows = draft.shape[0] if draft is not None else num_drafts
 
     _row_stats_kernel[(programs, n_split)](
         target_logits, target_logits.stride(0), target_logits.stride(1), num_rows,
         cu_num_draft, temp_arg, vocab, width, max_num_draft, n_split, chunks_per_split,
-        t_ws_max, t_ws_arg, t_ws_m, t_ws_sum,
-        IS_TARGET=True, HAS_TEMP=has_temp, BLOCK=block, num_warps=stats_warps,
+        t_ws_max, t_ws_arg, t_ws_m, t_ws_sum, didx_arg,
+        IS_TARGET=True, HAS_TEMP=has_temp, BLOCK=block, HAS_DIDX=False, num_warps=stats_warps,
     )
     if kind == _KIND_LOGITS and has_temp:
         _row_stats_kernel[(programs, n_split)](
-            draft, draft.stride(0), draft.stride(1), num_drafts,
+            draft, draft.stride(0), draft.stride(1), num_q_rows,
             cu_num_draft, temp_arg, vocab, width, max_num_draft, n_split, chunks_per_split,
-            dummy, t_ws_arg, d_ws_m, d_ws_sum,
-            IS_TARGET=False, HAS_TEMP=has_temp, BLOCK=block, num_warps=stats_warps,
+            dummy, t_ws_arg, d_ws_m, d_ws_sum, didx_arg,
+            IS_TARGET=False, HAS_TEMP=has_temp, BLOCK=block, HAS_DIDX=has_didx, num_warps=stats_warps,
         )
     if has_filter:
         fblock = _block or (256 if not interp else min(1024, triton.next_power_of_2(vocab)))
@@ -609,18 +632,18 @@ def verify_block(
         # 8 in the interpreter (fewer, larger numpy steps).
         radix_bits = _radix_bits or (4 if not interp else 8)
         common = dict(HAS_TOPK=has_topk, HAS_TOPP=has_topp, BLOCK=fblock, RADIX_BITS=radix_bits,
-                      S_BLOCK=s_block,
+                      S_BLOCK=s_block, HAS_MINP=has_minp,
                       num_warps=8 if not interp else 1)
         _filter_kernel[(programs,)](
             target_logits, target_logits.stride(0), target_logits.stride(1), num_rows,
             cu_num_draft, temp_arg, topk_arg, topp_arg, vocab, triton.cdiv(vocab, fblock), width, max_num_draft, n_split,
-            t_ws_m, t_thr, t_lse, IS_TARGET=True, **common,
+            t_ws_m, t_thr, t_lse, lmp_arg, didx_arg, IS_TARGET=True, HAS_DIDX=False, **common,
         )
         if kind == _KIND_LOGITS:
             _filter_kernel[(programs,)](
-                draft, draft.stride(0), draft.stride(1), num_drafts,
+                draft, draft.stride(0), draft.stride(1), num_q_rows,
                 cu_num_draft, temp_arg, topk_arg, topp_arg, vocab, triton.cdiv(vocab, fblock), width, max_num_draft, n_split,
-                d_ws_m, d_thr, d_lse, IS_TARGET=False, **common,
+                d_ws_m, d_thr, d_lse, lmp_arg, didx_arg, IS_TARGET=False, HAS_DIDX=has_didx, **common,
             )
 
     block4 = (_block // 4 if _block else (256 if not interp else min(1024, triton.next_power_of_2(vocab) // 4)))
@@ -637,9 +660,9 @@ def verify_block(
         vocab, width, max_num_draft, n_split,
         t_ws_max, t_ws_arg, t_ws_m, t_ws_sum, t_thr, t_lse,
         d_ws_m, d_ws_sum, d_thr, d_lse,
-        out, num_accepted,
-        KIND=kind, HAS_TEMP=has_temp, HAS_TOPK=has_topk, HAS_TOPP=has_topp, HAS_FILTER=has_topk or has_topp,
-        S_BLOCK=s_block, BLOCK4=block4, BLOCK_W=min(128, triton.next_power_of_2(width)),
+        out, num_accepted, lmp_arg, didx_arg, num_q_rows,
+        KIND=kind, HAS_TEMP=has_temp, HAS_TOPK=has_topk, HAS_TOPP=has_topp,
+        HAS_FILTER=has_topk or has_topp or has_minp, HAS_MINP=has_minp, HAS_DIDX=has_didx, S_BLOCK=s_block, BLOCK4=block4, BLOCK_W=min(128, triton.next_power_of_2(width)),
         num_warps=4 if not interp else 1, **extra,
     )
     return out, num_accepted

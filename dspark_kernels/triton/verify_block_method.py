@@ -32,6 +32,8 @@ from .verify_block import (
     _log1p_neg,
     _log_prob,
     _merge_argmax,
+    _min_p_log_at,
+    _q_row,
     _request_n,
     _row_lse_thr,
 )
@@ -41,11 +43,13 @@ from .verify_block import (
 def _draft_log_probs(t_ptr, t_stride_row, t_stride_col, d_ptr, d_stride_row, d_stride_col, drafts_ptr,
                      num_drafts, start, b, i, W, S, t, filt_on,
                      t_ws_m_ptr, t_ws_sum_ptr, t_thr_ptr, t_lse_ptr, d_ws_m_ptr, d_ws_sum_ptr, d_thr_ptr, d_lse_ptr,
-                     KIND: tl.constexpr, HAS_FILTER: tl.constexpr, S_BLOCK: tl.constexpr):
+                     didx_ptr, num_q_rows,
+                     KIND: tl.constexpr, HAS_FILTER: tl.constexpr, S_BLOCK: tl.constexpr, HAS_DIDX: tl.constexpr):
     """(x, log p_i(x), log q_i(x)) of draft i (x a valid id)."""
     ridx = b.to(tl.int64) * W + i
     trow = start + b + i
     dpos = start + i
+    qrow = _q_row(didx_ptr, dpos, num_q_rows, HAS_DIDX)
     x = tl.load(drafts_ptr + dpos, mask=dpos < num_drafts, other=0).to(tl.int64)
     thr_p, lse_p = _row_lse_thr(t_ws_m_ptr, t_ws_sum_ptr, t_thr_ptr, t_lse_ptr, ridx, S, filt_on, HAS_FILTER, S_BLOCK)
     lx = tl.load(t_ptr + trow * t_stride_row + x * t_stride_col).to(tl.float32)
@@ -53,10 +57,10 @@ def _draft_log_probs(t_ptr, t_stride_row, t_stride_col, d_ptr, d_stride_row, d_s
     if KIND == 1:
         thr_q, lse_q = _row_lse_thr(d_ws_m_ptr, d_ws_sum_ptr, d_thr_ptr, d_lse_ptr, ridx, S, filt_on, HAS_FILTER,
                                     S_BLOCK)
-        qx = tl.load(d_ptr + dpos * d_stride_row + x * d_stride_col).to(tl.float32)
+        qx = tl.load(d_ptr + qrow * d_stride_row + x * d_stride_col).to(tl.float32)
         lq = _log_prob(tl.math.div_rn(qx, t), thr_q, lse_q)
     elif KIND == 2:
-        qx = tl.load(d_ptr + dpos * d_stride_row + x * d_stride_col).to(tl.float32)
+        qx = tl.load(d_ptr + qrow * d_stride_row + x * d_stride_col).to(tl.float32)
         lq = tl.where(qx == 0.0, _NEG_INF, tl.log(tl.where(qx == 0.0, 1.0, qx)))
     else:
         lq = tl.zeros([], tl.float32)
@@ -87,17 +91,17 @@ def _decide_block_kernel(
     V, W, max_num_draft, S,
     t_ws_max_ptr, t_ws_arg_ptr, t_ws_m_ptr, t_ws_sum_ptr, t_thr_ptr, t_lse_ptr,
     d_ws_m_ptr, d_ws_sum_ptr, d_thr_ptr, d_lse_ptr,
-    out_ptr, num_acc_ptr,
+    out_ptr, num_acc_ptr, lmp_ptr, didx_ptr, num_q_rows,
     KIND: tl.constexpr, HAS_TEMP: tl.constexpr, HAS_TOPK: tl.constexpr, HAS_TOPP: tl.constexpr,
     HAS_FILTER: tl.constexpr, S_BLOCK: tl.constexpr, BLOCK: tl.constexpr, BLOCK4: tl.constexpr,
-    BLOCK_W: tl.constexpr,
+    BLOCK_W: tl.constexpr, HAS_MINP: tl.constexpr, HAS_DIDX: tl.constexpr,
 ):
     b = tl.program_id(0)
     start, n = _request_n(cu_ptr, b, max_num_draft)
     t = _load_temperature(temp_ptr, b, HAS_TEMP)
     greedy = not (t > 0.0)
     k, k_on, p, p_on = _filter_active(topk_ptr, topp_ptr, b, V, HAS_TOPK, HAS_TOPP)
-    filt_on = k_on | p_on
+    filt_on = k_on | p_on | (_min_p_log_at(lmp_ptr, b, HAS_MINP) > _NEG_INF)
     seed_lo, seed_hi = split_u64(tl.load(seed_ptr + b))
     offset = tl.load(offset_ptr + b).to(tl.int64)
     salt_accept = tl.full([], SALT_ACCEPT, tl.uint32)
@@ -140,7 +144,8 @@ def _decide_block_kernel(
             x, lp, lq = _draft_log_probs(t_ptr, t_stride_row, t_stride_col, d_ptr, d_stride_row, d_stride_col,
                                          drafts_ptr, num_drafts, start, b, j - 1, W, S, t, filt_on,
                                          t_ws_m_ptr, t_ws_sum_ptr, t_thr_ptr, t_lse_ptr,
-                                         d_ws_m_ptr, d_ws_sum_ptr, d_thr_ptr, d_lse_ptr, KIND, HAS_FILTER, S_BLOCK)
+                                         d_ws_m_ptr, d_ws_sum_ptr, d_thr_ptr, d_lse_ptr, didx_ptr, num_q_rows,
+                                         KIND, HAS_FILTER, S_BLOCK, HAS_DIDX)
             lr = _ratio_step(lr, lp, lq)
             if lr > _NEG_INF:
                 pos_lo, pos_hi = split_u64(offset + j - 1)
@@ -158,8 +163,8 @@ def _decide_block_kernel(
                         xn, lpn, lqn = _draft_log_probs(t_ptr, t_stride_row, t_stride_col, d_ptr, d_stride_row,
                                                         d_stride_col, drafts_ptr, num_drafts, start, b, j, W, S, t,
                                                         filt_on, t_ws_m_ptr, t_ws_sum_ptr, t_thr_ptr, t_lse_ptr,
-                                                        d_ws_m_ptr, d_ws_sum_ptr, d_thr_ptr, d_lse_ptr, KIND,
-                                                        HAS_FILTER, S_BLOCK)
+                                                        d_ws_m_ptr, d_ws_sum_ptr, d_thr_ptr, d_lse_ptr, didx_ptr,
+                                                        num_q_rows, KIND, HAS_FILTER, S_BLOCK, HAS_DIDX)
                         z = rho64 * (1.0 - _exp_or_zero(lpn).to(tl.float64))
                     else:
                         thr_q = tl.full([], _NEG_INF, tl.float32)
@@ -167,7 +172,7 @@ def _decide_block_kernel(
                         if KIND == 1:
                             thr_q, lse_q = _row_lse_thr(d_ws_m_ptr, d_ws_sum_ptr, d_thr_ptr, d_lse_ptr, ridx, S,
                                                         filt_on, HAS_FILTER, S_BLOCK)
-                        drow_ptr = d_ptr + (start + j) * d_stride_row
+                        drow_ptr = d_ptr + _q_row(didx_ptr, start + j, num_q_rows, HAS_DIDX) * d_stride_row
                         acc = tl.zeros([BLOCK], tl.float64)
                         for c0 in range(0, V, BLOCK):
                             cols = c0 + offs
@@ -213,7 +218,8 @@ def _decide_block_kernel(
                                             HAS_FILTER, S_BLOCK)
         pos_lo, pos_hi = split_u64(offset + row)
         t_row_ptr = t_ptr + trow * t_stride_row
-        d_row_ptr = d_ptr + dpos * d_stride_row
+        d_row_ptr = d_ptr + _q_row(didx_ptr, tl.where(use_res & (dpos < num_drafts), dpos, 0), num_q_rows,
+                                   HAS_DIDX) * d_stride_row
         r4 = tl.arange(0, BLOCK4)[:, None]
         lane = tl.arange(0, 4)[None, :]
         best_p = tl.full([BLOCK4, 4], _NEG_INF, tl.float32)

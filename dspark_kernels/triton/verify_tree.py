@@ -31,9 +31,9 @@ import torch
 import triton
 import triton.language as tl
 
-from ._filters import top_k_threshold, top_p_threshold
+from ._filters import _min_p_log_at, _min_p_threshold, min_p_log_tensor, scale_logit, top_k_threshold, top_p_threshold
 from .philox import gumbel_from_word, random_word, random_words4, select_word, split_u64, uniform_from_word
-from .verify_block import _log1p_neg, _log_prob
+from .verify_block import _log1p_neg, _log_prob, _q_row
 
 SALT_ACCEPT = tl.constexpr(0x41434350)
 SALT_RESAMPLE = tl.constexpr(0x52534D50)
@@ -55,23 +55,24 @@ def _row_max(row_ptr, stride, V, t, BLOCK: tl.constexpr):
         cols = c0 + offs
         mask = cols < V
         x = tl.load(row_ptr + cols.to(tl.int64) * stride, mask=mask, other=0.0).to(tl.float32)
-        s = tl.where(mask, tl.math.div_rn(x, t), _NEG_INF)
+        s = tl.where(mask, scale_logit(x, t), _NEG_INF)
         m_vec = tl.maximum(m_vec, s)
     return tl.max(m_vec, axis=0)
 
 
 @triton.jit
-def _row_stats(row_ptr, stride, V, t, k, k_on, p, p_on,
+def _row_stats(row_ptr, stride, V, t, k, k_on, p, p_on, lmp,
                HAS_TOPK: tl.constexpr, HAS_TOPP: tl.constexpr, BLOCK: tl.constexpr, RADIX_BITS: tl.constexpr):
-    """(threshold, lse) of a filtered scaled row: log p(v) = s_v - lse where s_v >= threshold."""
+    """(threshold, lse) of a filtered scaled row: log p(v) = s_v - lse where s_v >= threshold
+    (min-p with lmp = min_p_log, -inf when off; then top-k; then top-p)."""
     m = _row_max(row_ptr, stride, V, t, BLOCK)
     finite = m > _NEG_INF
     inf_row = m == _POS_INF
     safe_m = tl.where(finite, m, 0.0)
-    thr = tl.full([], _NEG_INF, tl.float32)
+    thr = _min_p_threshold(m, lmp)
     if HAS_TOPK:
         if k_on:
-            thr = top_k_threshold(row_ptr, stride, V, t, k, BLOCK, RADIX_BITS)
+            thr = tl.maximum(thr, top_k_threshold(row_ptr, stride, V, t, k, BLOCK, RADIX_BITS))
     if HAS_TOPP:
         if p_on:
             thr = top_p_threshold(row_ptr, stride, V, t, thr, safe_m, p, BLOCK, RADIX_BITS)
@@ -81,7 +82,7 @@ def _row_stats(row_ptr, stride, V, t, k, k_on, p, p_on,
         cols = c0 + offs
         mask = cols < V
         x = tl.load(row_ptr + cols.to(tl.int64) * stride, mask=mask, other=0.0).to(tl.float32)
-        s = tl.math.div_rn(x, t)
+        s = scale_logit(x, t)
         kept = mask & (s >= thr) & (s > _NEG_INF)
         e = tl.where(kept, tl.exp(tl.where(kept, s, 0.0) - tl.where(inf_row, 0.0, safe_m)), 0.0)
         # A row whose max is +inf: its +inf entries share the mass (count them; sampling.h row_filter_final).
@@ -115,7 +116,7 @@ def _current_log_p(t_row_ptr, t_stride_col, ws_row_ptr, cols, mask, t, thr_p, ls
     """log p'(cols): the node's filtered target log-probs, or the normalised residual."""
     tk = (tl.zeros(cols.shape, tl.int32) + taken) != 0
     x = tl.load(t_row_ptr + cols.to(tl.int64) * t_stride_col, mask=mask & (~tk), other=0.0).to(tl.float32)
-    lp_target = tl.where(mask, _log_prob(tl.math.div_rn(x, t), thr_p, lse_p), _NEG_INF)
+    lp_target = tl.where(mask, _log_prob(scale_logit(x, t), thr_p, lse_p), _NEG_INF)
     w = tl.load(ws_row_ptr + cols.to(tl.int64), mask=mask & tk, other=_NEG_INF)
     return tl.where(tk, tl.where(mask, _normalised(w, lse_last), _NEG_INF), lp_target)
 
@@ -125,7 +126,7 @@ def _draft_log_q(d_row_ptr, d_stride_col, cols, mask, x, t, thr_q, lse_q, KIND: 
     """log q_c(cols) of the child's draft distribution (point mass at x without one)."""
     if KIND == 1:
         raw = tl.load(d_row_ptr + cols.to(tl.int64) * d_stride_col, mask=mask, other=0.0).to(tl.float32)
-        lq = tl.where(mask, _log_prob(tl.math.div_rn(raw, t), thr_q, lse_q), _NEG_INF)
+        lq = tl.where(mask, _log_prob(scale_logit(raw, t), thr_q, lse_q), _NEG_INF)
     elif KIND == 2:
         q = tl.load(d_row_ptr + cols.to(tl.int64) * d_stride_col, mask=mask, other=0.0).to(tl.float32)
         lq = tl.where(q == 0.0, _NEG_INF, tl.log(tl.where(q == 0.0, 1.0, q)))
@@ -140,9 +141,10 @@ def _tree_kernel(
     d_ptr, d_stride_row, d_stride_col,
     drafts_ptr, parents_ptr, num_drafts, cu_ptr, temp_ptr, topk_ptr, topp_ptr, seed_ptr, offset_ptr,
     V, W, max_depth, ws_ptr,
-    path_ptr, num_acc_ptr, out_ptr,
+    path_ptr, num_acc_ptr, out_ptr, lmp_ptr, didx_ptr, num_q_rows,
     KIND: tl.constexpr, HAS_TEMP: tl.constexpr, HAS_TOPK: tl.constexpr, HAS_TOPP: tl.constexpr,
     BLOCK: tl.constexpr, BLOCK4: tl.constexpr, BLOCK_W: tl.constexpr, RADIX_BITS: tl.constexpr,
+    HAS_MINP: tl.constexpr, HAS_DIDX: tl.constexpr,
 ):
     b = tl.program_id(0).to(tl.int64)
     # (start, n), clamped into [0, N]: a kernel never trusts cu
@@ -165,6 +167,7 @@ def _tree_kernel(
         p = tl.full([], 1.0, tl.float32)
     k_on = (k > 0) & (k < V)
     p_on = (p > 0.0) & (p < 1.0)
+    lmp = _min_p_log_at(lmp_ptr, b, HAS_MINP)
     seed_lo, seed_hi = split_u64(tl.load(seed_ptr + b))
     offset = tl.load(offset_ptr + b).to(tl.int64)
     salt_accept = tl.full([], SALT_ACCEPT, tl.uint32)
@@ -205,7 +208,7 @@ def _tree_kernel(
                 c += 1
             emitted = am
         else:
-            thr_p, lse_p = _row_stats(t_row, t_stride_col, V, t, k, k_on, p, p_on, HAS_TOPK, HAS_TOPP, BLOCK,
+            thr_p, lse_p = _row_stats(t_row, t_stride_col, V, t, k, k_on, p, p_on, lmp, HAS_TOPK, HAS_TOPP, BLOCK,
                                       RADIX_BITS)
             pos_lo, pos_hi = split_u64(offset + d)
             taken = tl.zeros([], tl.int32)
@@ -217,11 +220,11 @@ def _tree_kernel(
                 if par == node:
                     tok = tl.load(drafts_ptr + start + c).to(tl.int64)
                     if (tok >= 0) & (tok < V):
-                        d_row = d_ptr + (start + c) * d_stride_row
+                        d_row = d_ptr + _q_row(didx_ptr, start + c, num_q_rows, HAS_DIDX) * d_stride_row
                         thr_q = tl.full([], _NEG_INF, tl.float32)
                         lse_q = tl.zeros([], tl.float32)
                         if KIND == 1:
-                            thr_q, lse_q = _row_stats(d_row, d_stride_col, V, t, k, k_on, p, p_on, HAS_TOPK,
+                            thr_q, lse_q = _row_stats(d_row, d_stride_col, V, t, k, k_on, p, p_on, lmp, HAS_TOPK,
                                                       HAS_TOPP, BLOCK, RADIX_BITS)
                         # p'(x) and q(x): lane `tok` of one chunk, reduced
                         xcols = tok + offs
@@ -289,7 +292,7 @@ def _tree_kernel(
                 rmask = rcols < V
                 rtk = (tl.zeros(rcols.shape, tl.int32) + taken) != 0
                 rx = tl.load(t_row + rcols.to(tl.int64) * t_stride_col, mask=rmask & (~rtk), other=0.0).to(tl.float32)
-                rlp = tl.where(rmask, _log_prob(tl.math.div_rn(rx, t), thr_p, lse_p), _NEG_INF)
+                rlp = tl.where(rmask, _log_prob(scale_logit(rx, t), thr_p, lse_p), _NEG_INF)
                 rw = tl.load(ws_row + rcols.to(tl.int64), mask=rmask & rtk, other=_NEG_INF)
                 rwt = tl.where(rtk, tl.where(rmask, rw, _NEG_INF), rlp)
                 sc = tl.where(rwt > _NEG_INF, rwt + g, _NEG_INF)
@@ -332,6 +335,8 @@ def verify_tree(
     seed: torch.Tensor | None = None,
     offset: torch.Tensor | None = None,
     max_depth: int = 0,
+    min_p: torch.Tensor | None = None,
+    draft_index: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Triton backend of ``dspark_kernels.verify_tree`` (arguments already validated).
 
@@ -369,7 +374,10 @@ def verify_tree(
         temp if temp is not None else dummy, top_k if top_k is not None else cu_num_draft,
         topp if topp is not None else dummy, seed.to(torch.int64), offset.to(torch.int64),
         vocab, width, int(max_depth), ws, path, num_accepted, out,
+        min_p_log_tensor(min_p) if min_p is not None else dummy,
+        draft_index if draft_index is not None else cu_num_draft, draft.shape[0],
         KIND=kind, HAS_TEMP=temp is not None, HAS_TOPK=top_k is not None, HAS_TOPP=topp is not None,
+        HAS_MINP=min_p is not None, HAS_DIDX=draft_index is not None,
         BLOCK=block, BLOCK4=block4, BLOCK_W=triton.next_power_of_2(width), RADIX_BITS=4 if not interp else 8,
         num_warps=8 if not interp else 1,
     )

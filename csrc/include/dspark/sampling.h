@@ -174,4 +174,25 @@ DSPARK_HD void row_filter_final(float max, float n_inf, float& threshold, float&
 DSPARK_HD bool top_k_active(int64_t top_k, int64_t vocab) { return top_k > 0 && top_k < vocab; }
 DSPARK_HD bool top_p_active(float top_p) { return top_p > 0.f && top_p < 1.f; }
 
+// min-p (vLLM's MinPLogitsProcessor), applied after temperature and before top-k:
+// keep v iff p(v) >= min_p * max p, i.e. s_v >= max s + log(min_p). Off when
+// min_p <= 0 (or NaN); min_p >= 1 keeps only the maximal entries. log(min_p) is taken
+// in fp64 and rounded to fp32 (min_p_log) so every backend's log agrees bit for bit;
+// the threshold is one fp32 addition. With top-k, the kept set is s >= max of the
+// two thresholds (both keep a top segment of the sorted row); top-p then works on it.
+DSPARK_HD bool min_p_active(float min_p) { return min_p > 0.f; }
+
+DSPARK_HD float min_p_log(float min_p) {
+  if (!min_p_active(min_p)) return DSPARK_NEG_INF;
+  return static_cast<float>(log(static_cast<double>(min_p < 1.f ? min_p : 1.f)));
+}
+
+// The min-p cut on s from the row's max scaled logit and min_p_log(min_p): -inf when
+// off (also for a row of -inf, and never inf + -inf = NaN); +inf for a +inf row (only
+// its +inf entries are kept, as the +inf rule does anyway).
+DSPARK_HD float min_p_threshold(float max_s, float log_min_p) {
+  if (!(log_min_p > DSPARK_NEG_INF) || !(max_s > DSPARK_NEG_INF)) return DSPARK_NEG_INF;
+  return max_s + log_min_p;
+}
+
 }  // namespace dspark

@@ -163,6 +163,9 @@ struct Params {
   IntArray draft_tokens, cu, top_k, seed, offset;
   const float* temperature;  // [B] or null (all greedy)
   const float* top_p;        // [B] or null
+  const float* min_p;        // [B] or null (sampling.h min_p_log: <= 0 is off)
+  IntArray draft_index;      // [N] or {null}: q of draft j is row draft_index[j] of draft
+  int64_t draft_rows;        // rows of draft (N without draft_index); indices are clamped into it
   int64_t B, N, T, V, max_num_draft;
   int64_t num_splits;       // ceil(V / kStatsSplit)
   int64_t num_race_splits;  // ceil(V / kRaceSplit)
@@ -181,6 +184,7 @@ struct Request {
   float temperature;
   int64_t top_k;
   float top_p;
+  float log_min_p;  // min_p_log(min_p), -inf when off
   bool greedy, filtered;
   uint64_t seed, offset;
 };
@@ -195,11 +199,18 @@ __device__ __forceinline__ Request load_request(const Params& p, int64_t b) {
   r.temperature = p.temperature ? p.temperature[b] : 0.f;
   r.top_k = p.top_k.ptr ? p.top_k[b] : 0;
   r.top_p = p.top_p ? p.top_p[b] : 1.f;
+  r.log_min_p = p.min_p ? min_p_log(p.min_p[b]) : DSPARK_NEG_INF;
   r.greedy = !(r.temperature > 0.f);
-  r.filtered = !r.greedy && (top_k_active(r.top_k, p.V) || top_p_active(r.top_p));
+  r.filtered = !r.greedy && (top_k_active(r.top_k, p.V) || top_p_active(r.top_p) || r.log_min_p > DSPARK_NEG_INF);
   r.seed = static_cast<uint64_t>(p.seed[b]);
   r.offset = static_cast<uint64_t>(p.offset[b]);
   return r;
+}
+
+// The row of p.draft that is q of draft j: draft_index[j] (clamped into range, so a bad
+// index never reads out of bounds; the range is a data check) or j itself.
+__device__ __forceinline__ int64_t q_data_row(const Params& p, int64_t j) {
+  return p.draft_index.ptr ? clamp64(p.draft_index[j], 0, p.draft_rows - 1) : j;
 }
 
 // The request that owns statistics row r (target rows [0, T), then draft rows):
@@ -412,7 +423,7 @@ __global__ void __launch_bounds__(kStatsThreads) stats_kernel(const Params p) {
   } else {  // draft row (draft_logits only): q's statistics, sampling rows only
     if (rq.greedy) return;
     const typename DT::storage* row =
-        static_cast<const typename DT::storage*>(p.draft) + (r - p.T) * p.draft_stride;
+        static_cast<const typename DT::storage*>(p.draft) + q_data_row(p, r - p.T) * p.draft_stride;
     split_partial<DT>(p, row, p.draft_vec != 0, false, rq.temperature, r);
   }
 }
@@ -493,8 +504,19 @@ __device__ uint32_t bisect_largest_key(const typename Tag::storage* row, int64_t
 // top-k in 4); acceptable while filtered rows are the exception.
 template <class Tag>
 __device__ RowFilter filtered_row_stats(const typename Tag::storage* row, int64_t V, float temperature,
-                                        int64_t top_k, float top_p) {
+                                        int64_t top_k, float top_p, float log_min_p) {
   float threshold = DSPARK_NEG_INF;
+  if (log_min_p > DSPARK_NEG_INF) {  // min-p first (vLLM's order): max s + log(min_p)
+    KeptMax km;
+    km.max = DSPARK_NEG_INF;
+    km.min_key = 0xffffffffu;
+    for (int64_t v = threadIdx.x; v < V; v += kFilterThreads) {
+      const float s = scale_logit(load_float<Tag>(row, v), temperature);
+      if (s > km.max) km.max = s;
+    }
+    km = block_allreduce<kFilterThreads>(km, KeptMaxOp());
+    threshold = min_p_threshold(km.max, log_min_p);
+  }
   if (top_k_active(top_k, V)) {
     KeyRange range;
     range.lo = 0xffffffffu;
@@ -508,7 +530,8 @@ __device__ RowFilter filtered_row_stats(const typename Tag::storage* row, int64_
     const uint32_t key = bisect_largest_key<Tag>(row, V, temperature, range.lo,
                                                  static_cast<uint64_t>(range.hi) + 1,
                                                  static_cast<double>(top_k), TopKWeight());
-    threshold = key_to_float(key);
+    const float t = key_to_float(key);
+    threshold = threshold < t ? t : threshold;  // std::max(threshold, t) as the CPU
   }
   if (top_p_active(top_p)) {
     KeptMax km;
@@ -565,11 +588,11 @@ __global__ void __launch_bounds__(kFilterThreads) filter_kernel(const Params p) 
   RowFilter f;
   if (r < p.T) {
     const typename TT::storage* row = static_cast<const typename TT::storage*>(p.target) + r * p.target_stride;
-    f = filtered_row_stats<TT>(row, p.V, rq.temperature, rq.top_k, rq.top_p);
+    f = filtered_row_stats<TT>(row, p.V, rq.temperature, rq.top_k, rq.top_p, rq.log_min_p);
   } else {
     const typename DT::storage* row =
-        static_cast<const typename DT::storage*>(p.draft) + (r - p.T) * p.draft_stride;
-    f = filtered_row_stats<DT>(row, p.V, rq.temperature, rq.top_k, rq.top_p);
+        static_cast<const typename DT::storage*>(p.draft) + q_data_row(p, r - p.T) * p.draft_stride;
+    f = filtered_row_stats<DT>(row, p.V, rq.temperature, rq.top_k, rq.top_p, rq.log_min_p);
   }
   if (threadIdx.x == 0) p.row_filter[r] = f;
 }
@@ -619,11 +642,13 @@ template <class DT>
 __device__ float draft_log_q(const Params& p, const Request& rq, int64_t drow, int64_t x) {
   if (p.draft_kind == kDraftLogits) {
     const RowFilter qf = row_filter_at(p, p.T + drow, rq.filtered);
-    const float d = load_float<DT>(static_cast<const typename DT::storage*>(p.draft) + drow * p.draft_stride, x);
+    const float d =
+        load_float<DT>(static_cast<const typename DT::storage*>(p.draft) + q_data_row(p, drow) * p.draft_stride, x);
     return filtered_log_prob(scale_logit(d, rq.temperature), qf.threshold, qf.lse);
   }
   if (p.draft_kind == kDraftProbs)
-    return logf(load_float<DT>(static_cast<const typename DT::storage*>(p.draft) + drow * p.draft_stride, x));
+    return logf(
+        load_float<DT>(static_cast<const typename DT::storage*>(p.draft) + q_data_row(p, drow) * p.draft_stride, x));
   return 0.f;  // point mass at x
 }
 
@@ -741,7 +766,7 @@ __global__ void __launch_bounds__(kRaceThreads) race_kernel(const Params p) {
   const typename TT::storage* trow = static_cast<const typename TT::storage*>(p.target) + d.target_row * p.target_stride;
   const typename DT::storage* drow =
       residual && p.draft_kind != kPointMass
-          ? static_cast<const typename DT::storage*>(p.draft) + d.draft_row * p.draft_stride
+          ? static_cast<const typename DT::storage*>(p.draft) + q_data_row(p, d.draft_row) * p.draft_stride
           : nullptr;
   const int64_t begin = split * kRaceSplit;
   const int64_t end = begin + kRaceSplit < p.V ? begin + kRaceSplit : p.V;

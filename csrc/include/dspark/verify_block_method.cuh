@@ -54,10 +54,12 @@ __device__ void draft_log_probs(const Params& p, const Request& rq, int64_t b, i
   const int64_t drow = rq.start + i;
   if (p.draft_kind == kDraftLogits) {
     const RowFilter qf = row_filter_at(p, p.T + drow, rq.filtered);
-    const float d = load_float<DT>(static_cast<const typename DT::storage*>(p.draft) + drow * p.draft_stride, x);
+    const float d =
+        load_float<DT>(static_cast<const typename DT::storage*>(p.draft) + q_data_row(p, drow) * p.draft_stride, x);
     log_q = filtered_log_prob(scale_logit(d, rq.temperature), qf.threshold, qf.lse);
   } else if (p.draft_kind == kDraftProbs) {
-    log_q = logf(load_float<DT>(static_cast<const typename DT::storage*>(p.draft) + drow * p.draft_stride, x));
+    log_q = logf(
+        load_float<DT>(static_cast<const typename DT::storage*>(p.draft) + q_data_row(p, drow) * p.draft_stride, x));
   }
 }
 
@@ -99,7 +101,8 @@ __global__ void __launch_bounds__(kBlockZThreads) block_z_kernel(const BlockPara
   const int64_t drow = rq.start + j;
   if (p.draft_kind == kDraftLogits) qf = row_filter_at(p, p.T + drow, rq.filtered);
   const typename TT::storage* trow = static_cast<const typename TT::storage*>(p.target) + r * p.target_stride;
-  const typename DT::storage* dr = static_cast<const typename DT::storage*>(p.draft) + drow * p.draft_stride;
+  const typename DT::storage* dr =
+      static_cast<const typename DT::storage*>(p.draft) + q_data_row(p, drow) * p.draft_stride;
   double acc = 0.0;
   for (int64_t v = threadIdx.x; v < p.V; v += kBlockZThreads) {
     const float lp = filtered_log_prob(scale_logit(load_float<TT>(trow, v), rq.temperature), pf.threshold, pf.lse);

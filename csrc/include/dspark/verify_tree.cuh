@@ -77,6 +77,9 @@ struct Params {
   IntArray draft_tokens, parents, cu, top_k, seed, offset;
   const float* temperature;  // null: every row greedy
   const float* top_p;
+  const float* min_p;    // [B] or null (sampling.h min_p_log: <= 0 is off)
+  IntArray draft_index;  // [N] or {null}: q of node j is row draft_index[j] of draft
+  int64_t draft_rows;    // rows of draft (N without draft_index); indices are clamped into it
   int64_t B, N, V, max_depth;
   float* workspace;  // [B, V] fp32 (sampling only)
   int32_t* accept_path;
@@ -194,15 +197,18 @@ struct RowStat {
 
 // (threshold, lse) of a filtered, temperature-scaled row: log p(v) = s_v - lse for s_v >= thr.
 template <class Tag>
-__device__ RowStat row_stats(DevRow<Tag> row, int64_t V, float t, int64_t k, float p, Smem& sm) {
+__device__ RowStat row_stats(DevRow<Tag> row, int64_t V, float t, int64_t k, float p, float log_min_p, Smem& sm) {
   float m = DSPARK_NEG_INF;
   for (int64_t v = threadIdx.x; v < V; v += kThreads) m = MaxF()(m, scale_logit(row[v], t));
   m = block_reduce(m, sm.f, MaxF());
   const bool finite = m > DSPARK_NEG_INF;
   const float safe_m = finite ? m : 0.f;
   RowStat st;
-  st.thr = DSPARK_NEG_INF;
-  if (top_k_active(k, V)) st.thr = top_k_threshold(row, V, t, k, sm);
+  st.thr = min_p_threshold(m, log_min_p);  // min-p first (vLLM's order), -inf when off
+  if (top_k_active(k, V)) {
+    const float tk = top_k_threshold(row, V, t, k, sm);
+    st.thr = st.thr < tk ? tk : st.thr;  // std::max, as the CPU
+  }
   if (top_p_active(p)) st.thr = top_p_threshold(row, V, t, st.thr, safe_m, p, sm);
   // A row whose max is +inf (or l / T overflowing): its +inf entries share the mass
   // (sampling.h row_filter_final), so count them instead of summing exponentials.
@@ -239,6 +245,7 @@ __global__ void __launch_bounds__(kThreads, 1) tree_kernel(Params p) {
   const float T = p.temperature ? p.temperature[b] : 0.f;
   const int64_t k = p.top_k.ptr ? p.top_k[b] : 0;
   const float tp = p.top_p ? p.top_p[b] : 1.f;
+  const float lmp = p.min_p ? min_p_log(p.min_p[b]) : DSPARK_NEG_INF;
   const uint64_t seed = static_cast<uint64_t>(p.seed[b]);
   const uint64_t offset = static_cast<uint64_t>(p.offset[b]);
   const bool greedy = !(T > 0.f);
@@ -265,7 +272,7 @@ __global__ void __launch_bounds__(kThreads, 1) tree_kernel(Params p) {
         if (p.parents[start + c] == node && p.draft_tokens[start + c] == am) next = c;
       if (next < 0) emitted = am;
     } else {
-      const RowStat ps = row_stats(trow, V, T, k, tp, sm);
+      const RowStat ps = row_stats(trow, V, T, k, tp, lmp, sm);
       const uint64_t position = tree_position(offset, d);
       bool taken = false;
       float lse_last = 0.f;
@@ -278,11 +285,13 @@ __global__ void __launch_bounds__(kThreads, 1) tree_kernel(Params p) {
         const int64_t r = rank++;
         const int64_t x = p.draft_tokens[start + c];
         if (!tree_child_valid(x, V)) continue;
-        const DevRow<DT> drow{dbase ? dbase + (start + c) * p.draft_stride0 : nullptr, p.draft_stride1};
+        // q of node c: its own row, or row draft_index[c] (clamped: never out of bounds).
+        const int64_t qrow = p.draft_index.ptr ? clamp64(p.draft_index[start + c], 0, p.draft_rows - 1) : start + c;
+        const DevRow<DT> drow{dbase ? dbase + qrow * p.draft_stride0 : nullptr, p.draft_stride1};
         RowStat qs;
         qs.thr = DSPARK_NEG_INF;
         qs.lse = 0.f;
-        if (p.draft_kind == kDraftLogits) qs = row_stats(drow, V, T, k, tp, sm);
+        if (p.draft_kind == kDraftLogits) qs = row_stats(drow, V, T, k, tp, lmp, sm);
         auto log_q = [&](int64_t v) -> float {
           if (p.draft_kind == kDraftLogits) return filtered_log_prob(scale_logit(drow[v], T), qs.thr, qs.lse);
           if (p.draft_kind == kDraftProbs) return logf(drow[v]);
