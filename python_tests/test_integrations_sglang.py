@@ -278,10 +278,8 @@ def test_target_only_seeded_batch_invariant():
     assert a[1] == single[1]
 
 
-SUPPORTS_MIN_P = ds._common.supports(dk.verify_tree, "min_p")
 
 
-@pytest.mark.skipif(not SUPPORTS_MIN_P, reason="verify_tree has no min_p yet")
 @needs_cpu_kernels
 def test_target_only_min_p_chi2():
     n, vocab, copies = 4, 5, 12000
@@ -302,13 +300,6 @@ def test_target_only_min_p_chi2():
         outcomes.append((path, pr[b * n + path[-1]]))
     chi2_outcomes(outcomes, law, "sglang target-only min_p")
 
-
-@pytest.mark.skipif(SUPPORTS_MIN_P, reason="verify_tree takes min_p")
-def test_target_only_min_p_unsupported_is_an_error():
-    cand, ri, nt, ns = _tree_tensors()
-    with pytest.raises(NotImplementedError, match="min_p"):
-        ds.tree_speculative_sampling_target_only(*_outputs(), cand, ri, nt, ns, None, None,
-                                                 torch.softmax(_sgl_target_logits(), -1), min_p=torch.full((2,), 0.1))
 
 
 # ----------------------------------------------------------------------------------------

@@ -30,11 +30,8 @@ from integration_oracles import (
 )
 
 import dspark_kernels as dk
-from dspark_kernels.integrations import _common
 from dspark_kernels.integrations import vllm as dv
 
-SUPPORTS_MIN_P = _common.supports(dk.verify_block, "min_p")
-SUPPORTS_DRAFT_INDEX = _common.supports(dk.verify_block, "draft_index")
 
 
 def test_importable_without_vllm(monkeypatch):
@@ -360,7 +357,6 @@ def test_mrv2_seed_batch_invariant():
     assert s2[0, :int(n2[0])].tolist() == sampled[2, :int(num[2])].tolist()
 
 
-@pytest.mark.skipif(not SUPPORTS_DRAFT_INDEX, reason="verify_block has no draft_index yet")
 def test_mrv2_reads_draft_logits_in_place(monkeypatch):
     seen = {}
     real = dk.verify_block
@@ -389,7 +385,6 @@ def _min_p_case(copies=12000):
     return logits_one, spec, sm, drafts
 
 
-@pytest.mark.skipif(not SUPPORTS_MIN_P, reason="verify_block has no min_p yet")
 @needs_cpu_kernels
 def test_rejection_sampler_min_p_chi2():
     logits_one, spec, sm, drafts = _min_p_case()
@@ -401,12 +396,6 @@ def test_rejection_sampler_min_p_chi2():
         p.append([x / sum(keep) for x in keep])
     chi2_outcomes([chain_outcome(r, 1) for r in out.tolist()], chain_law(p, None, drafts), "forward min_p")
 
-
-@pytest.mark.skipif(SUPPORTS_MIN_P, reason="verify_block takes min_p")
-def test_rejection_sampler_min_p_unsupported_is_an_error():
-    logits_one, spec, sm, _ = _min_p_case(4)
-    with pytest.raises(NotImplementedError, match="min_p"):
-        dv.RejectionSampler()(vllm_spec_decode_metadata(spec), None, logits_one.repeat(4, 1), sm)
 
 
 def test_engine_side_processing_is_the_engines():

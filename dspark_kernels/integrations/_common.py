@@ -1,58 +1,21 @@
-"""What every engine adapter shares: capability detection for arguments that are
-still being added to the ops, request-index maps computed on the device, seeds.
+"""What every engine adapter shares: request-index maps computed on the device, seeds,
+the min-p pass-through.
 
 Nothing here reads a tensor back to the host.
 """
 
 from __future__ import annotations
 
-import inspect
-
 import torch
 
 SEED_HIGH = 2**62  # random per-request seeds are drawn in [0, 2^62), like verify_block's own default
 
 
-def supports(op, argument: str) -> bool:
-    """Whether the public op ``op`` (e.g. ``dk.verify_block``) takes ``argument``, read
-    from its Python signature."""
-    try:
-        return argument in inspect.signature(op).parameters
-    except (TypeError, ValueError):
-        return False
-
-
-# ----------------------------------------------------------------------------------------
-# Guards for arguments that a parallel change adds to verify_block / verify_tree
-# (min_p [B]?, draft_index [N]?). They are kept here, and only here, so that they
-# can be deleted once those arguments are merged: then min_p_kwargs returns
-# {"min_p": min_p} and draft_kwargs returns {name: rows, "draft_index": index}.
-
-
-def min_p_kwargs(op, adapter: str, min_p: torch.Tensor | None, needed: bool) -> dict:
-    """``{"min_p": min_p}`` for ``op`` when a request needs it (``needed`` is a host-side
-    fact, e.g. vLLM's ``MinPLogitsProcessor.min_p_count > 0``: no device read).
-
-    Until the op takes ``min_p``: an error for a batch that needs it (verifying without
-    the filter would sample from the wrong distribution)."""
-    if min_p is None or not needed:
-        return {}
-    if supports(op, "min_p"):
-        return {"min_p": min_p}
-    raise NotImplementedError(
-        f"{adapter}: a request uses min_p, and this build of dspark_kernels.{op.__name__} has no min_p "
-        f"argument yet; apply min-p in the engine before verification, or update dspark_kernels")
-
-
-def draft_kwargs(op, name: str, rows: torch.Tensor, index: torch.Tensor) -> dict:
-    """q of draft ``i`` is ``rows[index[i]]``: passed in place as ``{name: rows,
-    "draft_index": index}`` when ``op`` takes ``draft_index``.
-
-    TEMPORARY until draft_index lands: ``{name: rows.index_select(0, index)}``, one
-    ``[N, V]`` gather of the draft rows."""
-    if supports(op, "draft_index"):
-        return {name: rows, "draft_index": index}
-    return {name: rows.index_select(0, index)}  # TEMPORARY until draft_index lands
+def min_p_kwargs(min_p: torch.Tensor | None, needed: bool) -> dict:
+    """``{"min_p": min_p}`` when a request needs it (``needed`` is a host-side fact, e.g.
+    vLLM's ``MinPLogitsProcessor.min_p_count > 0``: no device read), else ``{}`` (the
+    kernels then skip the min-p pass)."""
+    return {"min_p": min_p} if min_p is not None and needed else {}
 
 
 # ----------------------------------------------------------------------------------------

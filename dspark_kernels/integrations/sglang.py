@@ -223,7 +223,7 @@ def tree_speculative_sampling_target_only(
         seed = _common.per_request(seed, batch, logits.device, torch.int64)
     if isinstance(offset, torch.Tensor):
         offset = _common.per_request(offset, batch, logits.device, torch.int64)
-    filters = _common.min_p_kwargs(_verification.verify_tree, where, min_p, min_p is not None)
+    filters = _common.min_p_kwargs(min_p, min_p is not None)
     path, num_accepted, out = _verification.verify_tree(
         logits, tokens, parents, cu, temperature=1.0, seed=seed, offset=offset, max_depth=n - 1, backend=backend,
         **filters)

@@ -43,10 +43,6 @@ def _verify_block(*args, **kwargs):
     return _verification.verify_block(*args, **kwargs)
 
 
-def _op():
-    return _verification.verify_block
-
-
 try:  # the engine's own output class when vLLM is installed, a stand-in with its fields otherwise
     from vllm.v1.outputs import SamplerOutput  # type: ignore
 except Exception:  # noqa: BLE001 - any import failure means "not installed"
@@ -267,9 +263,9 @@ class RejectionSampler(torch.nn.Module):
         if int(metadata.max_spec_len) > MAX_SPEC_LEN:
             raise ValueError(f"{where}: max_spec_len = {metadata.max_spec_len} > MAX_SPEC_LEN = {MAX_SPEC_LEN}")
         if getattr(sampling_metadata, "max_num_logprobs", None) is not None:
-            raise NotImplementedError(f"{where}: sampling_metadata.max_num_logprobs is set; log-probs of the "
-                                      f"output tokens are not returned by this adapter yet (compute them in the "
-                                      f"engine from the logits and sampled_token_ids)")
+            raise NotImplementedError(f"{where}: sampling_metadata.max_num_logprobs is set; vLLM's top-N "
+                                      f"log-probs and ranks are not computed by this adapter (the sampled tokens' "
+                                      f"own log-probs: dspark_kernels.verify_block(..., return_logprobs=True))")
         _v1_check_engine_processing(sampling_metadata, self.logits_processor, where)
         if self.logits_processor is not None:
             logits = self.logits_processor(logits, sampling_metadata, metadata)
@@ -280,7 +276,7 @@ class RejectionSampler(torch.nn.Module):
         device = logits.device
         min_p, needs_min_p = _v1_min_p(sampling_metadata, batch)
         filters = dict(top_k=_slice(sampling_metadata.top_k, batch), top_p=_slice(sampling_metadata.top_p, batch))
-        filters.update(_common.min_p_kwargs(_op(), where, min_p, needs_min_p))
+        filters.update(_common.min_p_kwargs(min_p, needs_min_p))
         if logits.shape[0] == num_draft + batch:
             seed, offset = _v1_seed_offset(sampling_metadata, batch, device, positions)
             out, _ = _verify_block(
@@ -416,13 +412,9 @@ def rejection_sample_mrv2(
             logits = logits[:, :vocab]
         local = torch.arange(num_draft, device=device) - cu.index_select(0, req)
         index = slot.index_select(0, req) * steps + local
-        try:
-            rows = draft_logits.view(-1, vocab)
-        except RuntimeError:  # slots not [K, V]-contiguous: draft_kwargs gathers them
-            rows = None
-        if rows is not None:
-            kwargs = _common.draft_kwargs(_op(), "draft_logits", rows, index)
-        else:
+        try:  # the per-slot draft logits read in place: q of draft i is row index[i]
+            kwargs = {"draft_logits": draft_logits.view(-1, vocab), "draft_index": index}
+        except RuntimeError:  # slots not [K, V]-contiguous (a view of a larger buffer): one gather
             kwargs = {"draft_logits": draft_logits[slot.index_select(0, req), local]}
     out, num_accepted = _verify_block(
         logits, draft_tokens, cu, temperature=temp, seed=seed.index_select(0, slot).to(torch.int64),
