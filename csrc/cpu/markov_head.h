@@ -8,8 +8,9 @@
 //
 // The order over the rank is fixed per element, so the work vectorises across the
 // vocabulary instead: the columns are cut into strips of kStrip = 64; for one strip,
-// every request's 64 sums live in eight 8-wide registers while i runs over the rank,
-// and the strip of w2 ([r, 64], 64 KB at r = 256) stays in cache for the whole batch.
+// two requests' sums over 32 columns live in eight 8-wide registers while i runs over
+// the rank (each load of w2 serves both), and the strip of w2 ([r, 64], 64 KB at
+// r = 256) stays in cache for the whole batch.
 // w2 is read from memory once per step for all B requests (the old kernel read it
 // once per group of four requests). Strips are split between threads.
 //
@@ -54,24 +55,39 @@ typedef float v8f __attribute__((vector_size(32)));
 // acc[b * kStrip + j] = sum_{i < rank} h[b * rank + i] * w[i * w_stride + j] for j < 64, in
 // order of i; w holds fp32 with unit column stride (a strip of w2, or a converted copy).
 #ifdef DSPARK_MARKOV_SIMD
-DSPARK_MARKOV_CLONES
-static void strip_sums(const float* h, int64_t B, int64_t rank, const float* w, int64_t w_stride, float* acc) {
-  for (int64_t b = 0; b < B; ++b) {
-    const float* hb = h + b * rank;
-    v8f a[kVecs];
-    for (int j = 0; j < kVecs; ++j) a[j] = v8f{};
-    for (int64_t i = 0; i < rank; ++i) {
-      const float s = hb[i];
-      const v8f sv = {s, s, s, s, s, s, s, s};
-      const float* wi = w + i * w_stride;
-      for (int j = 0; j < kVecs; ++j) {
-        v8f x;
-        std::memcpy(&x, wi + j * kVec, sizeof(x));  // unaligned load
-        const v8f p = sv * x;
-        a[j] = a[j] + p;
+// Two requests x 32 columns per pass (8 accumulators): each load of w serves two rows.
+template <int kRows>
+__attribute__((always_inline)) static inline void half_strip(const float* h, int64_t rank, const float* w,
+                                                             int64_t w_stride, float* acc) {
+  constexpr int kV = kVecs / 2;
+  v8f a[kRows][kV];
+  for (int r = 0; r < kRows; ++r)
+    for (int j = 0; j < kV; ++j) a[r][j] = v8f{};
+  for (int64_t i = 0; i < rank; ++i) {
+    v8f sv[kRows] = {};
+    for (int r = 0; r < kRows; ++r) {
+      const float s = h[r * rank + i];
+      sv[r] = v8f{s, s, s, s, s, s, s, s};
+    }
+    const float* wi = w + i * w_stride;
+    for (int j = 0; j < kV; ++j) {
+      v8f x;
+      std::memcpy(&x, wi + j * kVec, sizeof(x));  // unaligned load
+      for (int r = 0; r < kRows; ++r) {
+        const v8f p = sv[r] * x;
+        a[r][j] = a[r][j] + p;
       }
     }
-    std::memcpy(acc + b * kStrip, a, sizeof(a));
+  }
+  for (int r = 0; r < kRows; ++r) std::memcpy(acc + r * kStrip, a[r], sizeof(a[r]));
+}
+
+DSPARK_MARKOV_CLONES
+static void strip_sums(const float* h, int64_t B, int64_t rank, const float* w, int64_t w_stride, float* acc) {
+  for (int64_t c = 0; c < kStrip; c += kStrip / 2) {
+    int64_t b = 0;
+    for (; b + 2 <= B; b += 2) half_strip<2>(h + b * rank, rank, w + c, w_stride, acc + b * kStrip + c);
+    if (b < B) half_strip<1>(h + b * rank, rank, w + c, w_stride, acc + b * kStrip + c);
   }
 }
 #else
@@ -93,44 +109,48 @@ static void strip_sums(const float* h, int64_t B, int64_t rank, const float* w, 
 
 // out[b * out_stride + v] = base[b * base_s0 + v * base_s1] + sum_i h[b * rank + i] * w2[i * w2_s0 + v * w2_s1]
 // for b < B, v < V (the formula at the top). h is fp32 [B, rank], contiguous.
+//
+// Each task packs a panel of kPanel columns of w2 ([r, 512] fp32, 512 KB at r = 256)
+// into its own buffer, one 2 KB row piece after the other: a sequential read the
+// hardware prefetchers follow (w2's rows lie V apart, so summing a strip straight
+// from w2 touches r distant 256-byte pieces and waits on memory). The panel's strips
+// are then summed from cache for every request. The pack also converts fp16 / bf16
+// and strided w2 to fp32, and zero-pads the last panel (padding columns are dropped).
 template <typename BT, typename WT>
 void logits(int64_t B, int64_t V, int64_t rank, const float* h, const WT* w2, int64_t w2_s0, int64_t w2_s1,
             const BT* base, int64_t base_s0, int64_t base_s1, float* out, int64_t out_stride) {
   if (B == 0 || V == 0) return;
-  const int64_t num_strips = (V + kStrip - 1) / kStrip;
-  // A task of 16 strips is 1024 columns x r x B products; fewer for big batches.
-  const int64_t grain = std::max<int64_t>(1, 16 / std::max<int64_t>(1, B / 4));
-  // fp32 w2 with unit column stride is read in place; anything else (fp16 / bf16,
-  // strided) is converted strip by strip into a per-task copy.
-  const bool direct = std::is_same<WT, float>::value && w2_s1 == 1;
-  at::parallel_for(0, num_strips, grain, [&](int64_t sb, int64_t se) {
+  constexpr int64_t kPanel = 8 * kStrip;
+  const int64_t num_panels = (V + kPanel - 1) / kPanel;
+  at::parallel_for(0, num_panels, 1, [&](int64_t pb, int64_t pe) {
     std::vector<float> acc(static_cast<size_t>(B * kStrip));
-    std::vector<float> copy;
-    for (int64_t strip = sb; strip < se; ++strip) {
-      const int64_t v0 = strip * kStrip;
-      const int64_t n = std::min<int64_t>(kStrip, V - v0);
-      const float* w;
-      int64_t w_stride;
-      if (direct && n == kStrip) {
-        w = reinterpret_cast<const float*>(w2) + v0;
-        w_stride = w2_s0;
-      } else {
-        // Converted (or a partial last strip, zero-padded: padding columns are dropped).
-        copy.assign(static_cast<size_t>(rank * kStrip), 0.f);
-        for (int64_t i = 0; i < rank; ++i)
-          for (int64_t j = 0; j < n; ++j) copy[i * kStrip + j] = static_cast<float>(w2[i * w2_s0 + (v0 + j) * w2_s1]);
-        w = copy.data();
-        w_stride = kStrip;
-      }
-      strip_sums(h, B, rank, w, w_stride, acc.data());
-      for (int64_t b = 0; b < B; ++b) {
-        const BT* brow = base + b * base_s0 + v0 * base_s1;
-        const float* ab = acc.data() + b * kStrip;
-        float* o = out + b * out_stride + v0;
-        if (base_s1 == 1) {
-          for (int64_t j = 0; j < n; ++j) o[j] = static_cast<float>(brow[j]) + ab[j];
+    std::vector<float> pack(static_cast<size_t>(rank * kPanel));
+    for (int64_t panel = pb; panel < pe; ++panel) {
+      const int64_t v0 = panel * kPanel;
+      const int64_t n = std::min<int64_t>(kPanel, V - v0);
+      const int64_t width = (n + kStrip - 1) / kStrip * kStrip;
+      for (int64_t i = 0; i < rank; ++i) {
+        const WT* row = w2 + i * w2_s0 + v0 * w2_s1;
+        float* dst = pack.data() + i * width;
+        if (std::is_same<WT, float>::value && w2_s1 == 1) {
+          std::memcpy(dst, row, static_cast<size_t>(n) * sizeof(float));
         } else {
-          for (int64_t j = 0; j < n; ++j) o[j] = static_cast<float>(brow[j * base_s1]) + ab[j];
+          for (int64_t j = 0; j < n; ++j) dst[j] = static_cast<float>(row[j * w2_s1]);
+        }
+        for (int64_t j = n; j < width; ++j) dst[j] = 0.f;
+      }
+      for (int64_t c0 = 0; c0 < n; c0 += kStrip) {
+        const int64_t m = std::min<int64_t>(kStrip, n - c0);
+        strip_sums(h, B, rank, pack.data() + c0, width, acc.data());
+        for (int64_t b = 0; b < B; ++b) {
+          const BT* brow = base + b * base_s0 + (v0 + c0) * base_s1;
+          const float* ab = acc.data() + b * kStrip;
+          float* o = out + b * out_stride + v0 + c0;
+          if (base_s1 == 1) {
+            for (int64_t j = 0; j < m; ++j) o[j] = static_cast<float>(brow[j]) + ab[j];
+          } else {
+            for (int64_t j = 0; j < m; ++j) o[j] = static_cast<float>(brow[j * base_s1]) + ab[j];
+          }
         }
       }
     }
