@@ -12,9 +12,13 @@ the frozen target on the same text:
 * BCE of the confidence head against ``Σ_v min(p_v, q_v)``, the probability that
   speculative sampling accepts the position given its prefix was accepted.
 
-Models are cached (``$DSPARK_CACHE`` or ``~/.cache/dspark_kernels``) under a key
-made of the configs, the training settings and the corpus, so the first run
-trains (a few minutes on 2 cores) and later runs load.
+``python -m dspark_kernels.loop.train`` trains both and writes the weights shipped
+with the package (``weights/target.pt``, ``weights/drafter.pt``, fp16, with
+``weights/settings.json``: every setting, the corpus hash, the seed, the held-out
+bits per byte and each file's sha256, checked on load). The main job loads those;
+models trained by ``load_or_train(..., retrain=True)`` or with other configs are
+cached (``$DSPARK_CACHE`` or ``~/.cache/dspark_kernels``) under a key made of the
+configs, the training settings and the corpus.
 """
 
 from __future__ import annotations
@@ -43,7 +47,7 @@ class TrainConfig:
     batch: int = 16
     target_steps: int = 400
     target_lr: float = 3e-3
-    drafter_steps: int = 500
+    drafter_steps: int = 1500
     drafter_lr: float = 3e-3
     drafter_anchors: int = 16     # blocks per sequence per step
     drafter_gamma: int = 8
@@ -185,14 +189,36 @@ def _cache_key(target_cfg, drafter_cfg, train_cfg, corpus: torch.Tensor) -> str:
 
 def load_or_train(target_cfg: TargetConfig | None = None, drafter_cfg: DrafterConfig | None = None,
                   train_cfg: TrainConfig | None = None, *, retrain: bool = False, log=print):
-    """The trained (target, drafter, info): from the cache, else trained now and cached."""
+    """The trained (target, drafter, info).
+
+    With no configs given and ``retrain=False``: the weights shipped with the package
+    (``load_shipped``, hashes checked). Otherwise from the cache, else trained now (with
+    the shipped settings unless configs are given) and cached. ``info["held_out"]`` is
+    the held-out text of this machine's standard library (the prompts come from there).
+    """
+    shipped = not retrain and target_cfg is None and drafter_cfg is None and train_cfg is None \
+        and (WEIGHTS_DIR / "settings.json").exists()
+    if shipped:
+        target, drafter, settings = load_shipped()
+        tc = _config_from_dict(TrainConfig, settings["train_config"])
+        corpus, _ = stdlib_corpus(tc.corpus_bytes)
+        info = {"target_loss": settings["final_losses"]["target_nats_per_byte"],
+                "drafter_loss": settings["final_losses"]["drafter"], "held_out_bpb": settings["held_out_bits_per_byte"],
+                "cached": f"the shipped weights ({WEIGHTS_DIR.name}/, sha256 checked)", "settings": settings,
+                "same_corpus": hashlib.sha256(corpus.numpy().tobytes()).hexdigest() == settings["corpus"]["sha256"],
+                "held_out": split_corpus(corpus)[1]}
+        return target, drafter, info
+    if (WEIGHTS_DIR / "settings.json").exists() and target_cfg is None and drafter_cfg is None and train_cfg is None:
+        settings = json.loads((WEIGHTS_DIR / "settings.json").read_text())
+        target_cfg = _config_from_dict(TargetConfig, settings["target_config"])
+        drafter_cfg = _config_from_dict(DrafterConfig, settings["drafter_config"])
+        train_cfg = _config_from_dict(TrainConfig, settings["train_config"])
     target_cfg = target_cfg or TargetConfig()
     drafter_cfg = drafter_cfg or DrafterConfig()
     train_cfg = train_cfg or TrainConfig()
     corpus, files = stdlib_corpus(train_cfg.corpus_bytes)
-    # The last 5 % of the text is held out: the demo's prompts come from there.
-    split = int(corpus.numel() * 0.95)
-    train_text, held_out = corpus[:split], corpus[split:]
+    train_text, held_out = split_corpus(corpus)
+    split = train_text.numel()
     torch.manual_seed(train_cfg.seed)
     target = Target(target_cfg)
     drafter = Drafter(drafter_cfg, target)
@@ -308,9 +334,14 @@ def load_shipped(directory: Path | None = None):
 
 
 def train_and_save(out: Path, target_cfg: TargetConfig, drafter_cfg: DrafterConfig, tc: TrainConfig,
-                   dtype: torch.dtype = torch.float16, log=print) -> dict:
+                   dtype: torch.dtype = torch.float16, log=print, reuse_target: Path | None = None) -> dict:
     """Train both models from the corpus and the seed, round them to ``dtype`` and write
-    ``target.pt``, ``drafter.pt`` and ``settings.json`` into ``out``. Returns the settings."""
+    ``target.pt``, ``drafter.pt`` and ``settings.json`` into ``out``. Returns the settings.
+
+    ``reuse_target``: a folder written by an earlier run with the same target config and
+    target settings (corpus, seed, steps, lr); its target is loaded (hash checked) instead
+    of trained again, which gives the same weights: the drafter's initial weights and
+    data stream do not depend on the target's training."""
     out = Path(out)
     corpus, files = stdlib_corpus(tc.corpus_bytes)
     train_text, held_out = split_corpus(corpus)
@@ -320,9 +351,25 @@ def train_and_save(out: Path, target_cfg: TargetConfig, drafter_cfg: DrafterConf
     threads = torch.get_num_threads()
     log(f"training on {len(files)} stdlib files ({train_text.numel() / 1e6:.2f} MB, {threads} threads) -> {out}")
     t0 = time.perf_counter()
-    t_losses = train_target(target, train_text, tc, log)
-    _round_to(target, dtype)
+    reused = None
+    if reuse_target is not None:
+        old = json.loads((Path(reuse_target) / "settings.json").read_text())
+        keys = ("corpus_bytes", "seq_len", "batch", "target_steps", "target_lr", "seed")
+        if old["target_config"] != json.loads(json.dumps(target_cfg.to_dict())) or any(old["train_config"][k] != asdict(tc)[k] for k in keys) \
+                or old["dtype"] != str(dtype).removeprefix("torch."):
+            raise ValueError(f"reuse_target: {reuse_target} was trained with other target settings")
+        reused_target, _, _ = load_shipped(reuse_target)
+        target.load_state_dict(reused_target.state_dict())
+        t_losses = [old["final_losses"]["target_nats_per_byte"]]
+        t_train_s = old["train_seconds"]["target"]
+        reused = {"from": str(reuse_target), "target.pt sha256": old["sha256"]["target.pt"]}
+        log(f"target: reused from {reuse_target} (trained in {t_train_s:.0f} s)")
+    else:
+        t_losses = train_target(target, train_text, tc, log)
+        _round_to(target, dtype)
     t1 = time.perf_counter()
+    if reused is None:
+        t_train_s = t1 - t0
     bpb = held_out_bits_per_byte(target, held_out, tc.seq_len)
     log(f"target: held-out {bpb:.4f} bits/byte ({t1 - t0:.0f} s)")
     drafter.init_from_target()
@@ -348,7 +395,7 @@ def train_and_save(out: Path, target_cfg: TargetConfig, drafter_cfg: DrafterConf
         "held_out_acceptance_per_position": accept,
         "final_losses": {"target_nats_per_byte": sum(t_losses[-20:]) / min(20, len(t_losses)),
                          "drafter": sum(d_losses[-20:]) / min(20, len(d_losses))},
-        "train_seconds": {"target": t1 - t0, "drafter": t2 - t1}, "threads": threads,
+        "train_seconds": {"target": t_train_s, "drafter": t2 - t1}, "threads": threads, "target_reused": reused,
         "torch": torch.__version__, "command": "python -m dspark_kernels.loop.train",
         "sha256": {fname: _sha256(out / fname) for fname in WEIGHT_FILES.values()},
     }
@@ -367,11 +414,14 @@ def main(argv=None) -> int:
     ap.add_argument("--drafter-steps", type=int, default=TrainConfig.drafter_steps)
     ap.add_argument("--seed", type=int, default=TrainConfig.seed)
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--reuse-target", default=None, metavar="DIR",
+                    help="load the target from an earlier run's folder (same target settings) instead of training it")
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     tc = TrainConfig(target_steps=args.target_steps, drafter_steps=args.drafter_steps, seed=args.seed)
-    settings = train_and_save(Path(args.out), TargetConfig(), DrafterConfig(), tc)
+    settings = train_and_save(Path(args.out), TargetConfig(), DrafterConfig(), tc,
+                              reuse_target=Path(args.reuse_target) if args.reuse_target else None)
     print(json.dumps({k: settings[k] for k in ("held_out_bits_per_byte", "held_out_acceptance_per_position",
                                                 "sha256")}, indent=1))
     return 0
