@@ -54,49 +54,68 @@ typedef float v8f __attribute__((vector_size(32)));
 
 // acc[b * kStrip + j] = sum_{i < rank} h[b * rank + i] * w[i * w_stride + j] for j < 64, in
 // order of i; w holds fp32 with unit column stride (a strip of w2, or a converted copy).
+// acc[b * acc_stride + j] += sum_{i < rows} h[b * h_stride + i] * w[i * w_stride + j] for j < kStrip, b < B,
+// adding the products in order of i (the running sums stay in registers across the rows).
 #ifdef DSPARK_MARKOV_SIMD
-// Two requests x 32 columns per pass (8 accumulators): each load of w serves two rows.
+// Two requests x 32 columns per pass (8 accumulators): each load of w serves both.
+// Loads / stores by value (unaligned), so the accumulators stay in registers. (Internal
+// functions: the AVX calling-convention note -Wpsabi warns about does not apply.)
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wpsabi"
+__attribute__((always_inline)) static inline v8f load8(const float* p) {
+  v8f x;
+  std::memcpy(&x, p, sizeof(x));
+  return x;
+}
+__attribute__((always_inline)) static inline void store8(float* p, v8f x) { std::memcpy(p, &x, sizeof(x)); }
+#pragma GCC diagnostic pop
+
 template <int kRows>
-__attribute__((always_inline)) static inline void half_strip(const float* h, int64_t rank, const float* w,
-                                                             int64_t w_stride, float* acc) {
-  constexpr int kV = kVecs / 2;
-  v8f a[kRows][kV];
-  for (int r = 0; r < kRows; ++r)
-    for (int j = 0; j < kV; ++j) a[r][j] = v8f{};
-  for (int64_t i = 0; i < rank; ++i) {
-    v8f sv[kRows] = {};
-    for (int r = 0; r < kRows; ++r) {
-      const float s = h[r * rank + i];
-      sv[r] = v8f{s, s, s, s, s, s, s, s};
-    }
+__attribute__((always_inline)) static inline void half_strip(const float* h, int64_t h_stride, int64_t rows,
+                                                             const float* w, int64_t w_stride, float* acc,
+                                                             int64_t acc_stride) {
+  v8f a0 = load8(acc), a1 = load8(acc + 8), a2 = load8(acc + 16), a3 = load8(acc + 24);
+  v8f b0 = a0, b1 = a1, b2 = a2, b3 = a3;
+  if (kRows == 2) {
+    const float* acc1 = acc + acc_stride;
+    b0 = load8(acc1), b1 = load8(acc1 + 8), b2 = load8(acc1 + 16), b3 = load8(acc1 + 24);
+  }
+  for (int64_t i = 0; i < rows; ++i) {
     const float* wi = w + i * w_stride;
-    for (int j = 0; j < kV; ++j) {
-      v8f x;
-      std::memcpy(&x, wi + j * kVec, sizeof(x));  // unaligned load
-      for (int r = 0; r < kRows; ++r) {
-        const v8f p = sv[r] * x;
-        a[r][j] = a[r][j] + p;
-      }
+    const v8f x0 = load8(wi), x1 = load8(wi + 8), x2 = load8(wi + 16), x3 = load8(wi + 24);
+    const float s = h[i];  // scalar * vector: one broadcast
+    const v8f p0 = s * x0, p1 = s * x1, p2 = s * x2, p3 = s * x3;
+    a0 = a0 + p0, a1 = a1 + p1, a2 = a2 + p2, a3 = a3 + p3;
+    if (kRows == 2) {
+      const float t = h[h_stride + i];
+      const v8f q0 = t * x0, q1 = t * x1, q2 = t * x2, q3 = t * x3;
+      b0 = b0 + q0, b1 = b1 + q1, b2 = b2 + q2, b3 = b3 + q3;
     }
   }
-  for (int r = 0; r < kRows; ++r) std::memcpy(acc + r * kStrip, a[r], sizeof(a[r]));
+  store8(acc, a0), store8(acc + 8, a1), store8(acc + 16, a2), store8(acc + 24, a3);
+  if (kRows == 2) {
+    float* acc1 = acc + acc_stride;
+    store8(acc1, b0), store8(acc1 + 8, b1), store8(acc1 + 16, b2), store8(acc1 + 24, b3);
+  }
 }
 
 DSPARK_MARKOV_CLONES
-static void strip_sums(const float* h, int64_t B, int64_t rank, const float* w, int64_t w_stride, float* acc) {
+static void strip_sums(const float* h, int64_t h_stride, int64_t B, int64_t rows, const float* w, int64_t w_stride,
+                       float* acc, int64_t acc_stride) {
   for (int64_t c = 0; c < kStrip; c += kStrip / 2) {
     int64_t b = 0;
-    for (; b + 2 <= B; b += 2) half_strip<2>(h + b * rank, rank, w + c, w_stride, acc + b * kStrip + c);
-    if (b < B) half_strip<1>(h + b * rank, rank, w + c, w_stride, acc + b * kStrip + c);
+    for (; b + 2 <= B; b += 2)
+      half_strip<2>(h + b * h_stride, h_stride, rows, w + c, w_stride, acc + b * acc_stride + c, acc_stride);
+    if (b < B) half_strip<1>(h + b * h_stride, h_stride, rows, w + c, w_stride, acc + b * acc_stride + c, acc_stride);
   }
 }
 #else
-static void strip_sums(const float* h, int64_t B, int64_t rank, const float* w, int64_t w_stride, float* acc) {
+static void strip_sums(const float* h, int64_t h_stride, int64_t B, int64_t rows, const float* w, int64_t w_stride,
+                       float* acc, int64_t acc_stride) {
   for (int64_t b = 0; b < B; ++b) {
-    float* ab = acc + b * kStrip;
-    for (int64_t j = 0; j < kStrip; ++j) ab[j] = 0.f;
-    for (int64_t i = 0; i < rank; ++i) {
-      const float s = h[b * rank + i];
+    float* ab = acc + b * acc_stride;
+    for (int64_t i = 0; i < rows; ++i) {
+      const float s = h[b * h_stride + i];
       const float* wi = w + i * w_stride;
       for (int64_t j = 0; j < kStrip; ++j) {
         const float p = s * wi[j];
@@ -110,47 +129,61 @@ static void strip_sums(const float* h, int64_t B, int64_t rank, const float* w, 
 // out[b * out_stride + v] = base[b * base_s0 + v * base_s1] + sum_i h[b * rank + i] * w2[i * w2_s0 + v * w2_s1]
 // for b < B, v < V (the formula at the top). h is fp32 [B, rank], contiguous.
 //
-// Each task packs a panel of kPanel columns of w2 ([r, 512] fp32, 512 KB at r = 256)
-// into its own buffer, one 2 KB row piece after the other: a sequential read the
-// hardware prefetchers follow (w2's rows lie V apart, so summing a strip straight
-// from w2 touches r distant 256-byte pieces and waits on memory). The panel's strips
-// are then summed from cache for every request. The pack also converts fp16 / bf16
-// and strided w2 to fp32, and zero-pads the last panel (padding columns are dropped).
+// Blocking: each task takes a panel of P columns (4096 for up to 16 requests: 16 KB row
+// pieces) and keeps every request's P running sums in a buffer (L2). It walks the
+// rank in chunks of kRankChunk rows: a chunk of the panel ([16, P] of w2) is first
+// packed into a buffer, one row piece after the other, so memory is read in long
+// sequential runs the hardware prefetchers follow (w2's rows lie V apart; summing a
+// strip straight from w2 touches r distant short pieces and waits on memory); then
+// every strip of the chunk is added to the sums from cache, rows in order. The pack
+// also converts fp16 / bf16 and strided w2 to fp32 and zero-pads the last panel
+// (padding columns are dropped).
 template <typename BT, typename WT>
 void logits(int64_t B, int64_t V, int64_t rank, const float* h, const WT* w2, int64_t w2_s0, int64_t w2_s1,
             const BT* base, int64_t base_s0, int64_t base_s1, float* out, int64_t out_stride) {
   if (B == 0 || V == 0) return;
-  constexpr int64_t kPanel = 8 * kStrip;
-  const int64_t num_panels = (V + kPanel - 1) / kPanel;
+  constexpr int64_t kRankChunk = 16;
+  // P columns of running sums per request: B * P floats stay within 256 KB (L2), as does the pack.
+  const int64_t P = std::clamp<int64_t>((int64_t{1} << 16) / B / kStrip, 8, 64) * kStrip;
+  const int64_t num_panels = (V + P - 1) / P;
   at::parallel_for(0, num_panels, 1, [&](int64_t pb, int64_t pe) {
-    std::vector<float> acc(static_cast<size_t>(B * kStrip));
-    std::vector<float> pack(static_cast<size_t>(rank * kPanel));
+    // Row strides padded by one cache line: rows 16 KB apart would all fall in the same
+    // L1 sets (4 KB aliasing) and evict each other while a strip is summed.
+    const int64_t ps = P + 16;
+    std::vector<float> acc(static_cast<size_t>(B * ps));
+    std::vector<float> pack(static_cast<size_t>(kRankChunk * ps));
     for (int64_t panel = pb; panel < pe; ++panel) {
-      const int64_t v0 = panel * kPanel;
-      const int64_t n = std::min<int64_t>(kPanel, V - v0);
+      const int64_t v0 = panel * P;
+      const int64_t n = std::min<int64_t>(P, V - v0);
       const int64_t width = (n + kStrip - 1) / kStrip * kStrip;
-      for (int64_t i = 0; i < rank; ++i) {
-        const WT* row = w2 + i * w2_s0 + v0 * w2_s1;
-        float* dst = pack.data() + i * width;
-        if (std::is_same<WT, float>::value && w2_s1 == 1) {
-          std::memcpy(dst, row, static_cast<size_t>(n) * sizeof(float));
-        } else {
-          for (int64_t j = 0; j < n; ++j) dst[j] = static_cast<float>(row[j * w2_s1]);
-        }
-        for (int64_t j = n; j < width; ++j) dst[j] = 0.f;
-      }
-      for (int64_t c0 = 0; c0 < n; c0 += kStrip) {
-        const int64_t m = std::min<int64_t>(kStrip, n - c0);
-        strip_sums(h, B, rank, pack.data() + c0, width, acc.data());
-        for (int64_t b = 0; b < B; ++b) {
-          const BT* brow = base + b * base_s0 + (v0 + c0) * base_s1;
-          const float* ab = acc.data() + b * kStrip;
-          float* o = out + b * out_stride + v0 + c0;
-          if (base_s1 == 1) {
-            for (int64_t j = 0; j < m; ++j) o[j] = static_cast<float>(brow[j]) + ab[j];
-          } else {
-            for (int64_t j = 0; j < m; ++j) o[j] = static_cast<float>(brow[j * base_s1]) + ab[j];
+      std::fill(acc.begin(), acc.end(), 0.f);
+      for (int64_t i0 = 0; i0 < rank; i0 += kRankChunk) {
+        const int64_t rows = std::min<int64_t>(kRankChunk, rank - i0);
+        for (int64_t i = 0; i < rows; ++i) {
+          const WT* row = w2 + (i0 + i) * w2_s0 + v0 * w2_s1;
+          if (i0 + i + 1 < rank) {  // start the next row piece's stream before this one is copied
+            const char* next = reinterpret_cast<const char*>(row + w2_s0);
+            for (int line = 0; line < 8; ++line) __builtin_prefetch(next + 64 * line, 0, 1);
           }
+          float* dst = pack.data() + i * ps;
+          if (std::is_same<WT, float>::value && w2_s1 == 1) {
+            std::memcpy(dst, row, static_cast<size_t>(n) * sizeof(float));
+          } else {
+            for (int64_t j = 0; j < n; ++j) dst[j] = static_cast<float>(row[j * w2_s1]);
+          }
+          for (int64_t j = n; j < width; ++j) dst[j] = 0.f;
+        }
+        for (int64_t c0 = 0; c0 < width; c0 += kStrip)
+          strip_sums(h + i0, rank, B, rows, pack.data() + c0, ps, acc.data() + c0, ps);
+      }
+      for (int64_t b = 0; b < B; ++b) {
+        const BT* brow = base + b * base_s0 + v0 * base_s1;
+        const float* ab = acc.data() + b * ps;
+        float* o = out + b * out_stride + v0;
+        if (base_s1 == 1) {
+          for (int64_t j = 0; j < n; ++j) o[j] = static_cast<float>(brow[j]) + ab[j];
+        } else {
+          for (int64_t j = 0; j < n; ++j) o[j] = static_cast<float>(brow[j * base_s1]) + ab[j];
         }
       }
     }
