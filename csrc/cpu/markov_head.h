@@ -126,6 +126,60 @@ static void strip_sums(const float* h, int64_t h_stride, int64_t B, int64_t rows
 }
 #endif
 
+// out[b, v] = base[b, v] + the requests' sums, epilogue of both variants below.
+template <typename BT>
+void add_base(int64_t B, int64_t n, const BT* base, int64_t base_s0, int64_t base_s1, const float* acc,
+              int64_t acc_stride, float* out, int64_t out_stride) {
+  for (int64_t b = 0; b < B; ++b) {
+    const BT* brow = base + b * base_s0;
+    const float* ab = acc + b * acc_stride;
+    float* o = out + b * out_stride;
+    if (base_s1 == 1) {
+      for (int64_t j = 0; j < n; ++j) o[j] = static_cast<float>(brow[j]) + ab[j];
+    } else {
+      for (int64_t j = 0; j < n; ++j) o[j] = static_cast<float>(brow[j * base_s1]) + ab[j];
+    }
+  }
+}
+
+// One or two requests, fp32 w2 with unit column stride: little arithmetic per byte of
+// w2, so the step is a read of w2 and is organised as one: each task owns a panel of
+// 16384 columns (its sums, 64 KB per request, stay in L2) and walks the rank four rows
+// at a time, reading each row's 64 KB piece of w2 in place, front to back (four
+// sequential streams the prefetchers follow, no copy). A partial last strip is copied
+// zero-padded (reading past it could leave w2).
+template <typename BT>
+void logits_streamed(int64_t B, int64_t V, int64_t rank, const float* h, const float* w2, int64_t w2_s0,
+                     const BT* base, int64_t base_s0, int64_t base_s1, float* out, int64_t out_stride) {
+  constexpr int64_t kRows = 4;
+  constexpr int64_t P = 256 * kStrip;
+  const int64_t num_panels = (V + P - 1) / P;
+  at::parallel_for(0, num_panels, 1, [&](int64_t pb, int64_t pe) {
+    const int64_t ps = P + 16;
+    std::vector<float> acc(static_cast<size_t>(B * ps));
+    float tail[kRows * kStrip];
+    for (int64_t panel = pb; panel < pe; ++panel) {
+      const int64_t v0 = panel * P;
+      const int64_t n = std::min<int64_t>(P, V - v0);
+      const int64_t full = n / kStrip * kStrip;
+      std::fill(acc.begin(), acc.end(), 0.f);
+      for (int64_t i0 = 0; i0 < rank; i0 += kRows) {
+        const int64_t rows = std::min<int64_t>(kRows, rank - i0);
+        const float* w = w2 + i0 * w2_s0 + v0;
+        for (int64_t c0 = 0; c0 < full; c0 += kStrip)
+          strip_sums(h + i0, rank, B, rows, w + c0, w2_s0, acc.data() + c0, ps);
+        if (full < n) {
+          std::fill(tail, tail + kRows * kStrip, 0.f);
+          for (int64_t i = 0; i < rows; ++i)
+            std::memcpy(tail + i * kStrip, w + i * w2_s0 + full, static_cast<size_t>(n - full) * sizeof(float));
+          strip_sums(h + i0, rank, B, rows, tail, kStrip, acc.data() + full, ps);
+        }
+      }
+      add_base(B, n, base + v0 * base_s1, base_s0, base_s1, acc.data(), ps, out + v0, out_stride);
+    }
+  });
+}
+
 // out[b * out_stride + v] = base[b * base_s0 + v * base_s1] + sum_i h[b * rank + i] * w2[i * w2_s0 + v * w2_s1]
 // for b < B, v < V (the formula at the top). h is fp32 [B, rank], contiguous.
 //
@@ -142,6 +196,11 @@ template <typename BT, typename WT>
 void logits(int64_t B, int64_t V, int64_t rank, const float* h, const WT* w2, int64_t w2_s0, int64_t w2_s1,
             const BT* base, int64_t base_s0, int64_t base_s1, float* out, int64_t out_stride) {
   if (B == 0 || V == 0) return;
+  if (std::is_same<WT, float>::value && w2_s1 == 1 && B <= 2) {
+    logits_streamed(B, V, rank, h, reinterpret_cast<const float*>(w2), w2_s0, base, base_s0, base_s1, out,
+                    out_stride);
+    return;
+  }
   constexpr int64_t kRankChunk = 16;
   // P columns of running sums per request: B * P floats stay within 256 KB (L2), as does the pack.
   const int64_t P = std::clamp<int64_t>((int64_t{1} << 16) / B / kStrip, 8, 64) * kStrip;
