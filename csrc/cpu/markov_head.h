@@ -9,10 +9,10 @@
 // The order over the rank is fixed per element, so the work vectorises across the
 // vocabulary instead: the columns are cut into strips of kStrip = 64; for one strip,
 // two requests' sums over 32 columns live in eight 8-wide registers while i runs over
-// the rank (each load of w2 serves both), and the strip of w2 ([r, 64], 64 KB at
-// r = 256) stays in cache for the whole batch.
-// w2 is read from memory once per step for all B requests (the old kernel read it
-// once per group of four requests). Strips are split between threads.
+// a chunk of the rank (each load of w2 serves both). w2 is read from memory once per
+// step for all B requests (the old kernel read it once per group of four requests),
+// in long sequential runs (logits_streamed, or packed in logits); panels of columns
+// are split between threads.
 //
 // SIMD: GCC / Clang vector extensions (8 x fp32). On x86-64 the strip kernel is built
 // twice (target_clones: AVX2 and the baseline SSE2), chosen at load time by the CPU;
@@ -142,17 +142,17 @@ void add_base(int64_t B, int64_t n, const BT* base, int64_t base_s0, int64_t bas
   }
 }
 
-// One or two requests, fp32 w2 with unit column stride: little arithmetic per byte of
-// w2, so the step is a read of w2 and is organised as one: each task owns a panel of
-// 16384 columns (its sums, 64 KB per request, stay in L2) and walks the rank four rows
-// at a time, reading each row's 64 KB piece of w2 in place, front to back (four
-// sequential streams the prefetchers follow, no copy). A partial last strip is copied
+// fp32 w2 with unit column stride, read in place: each task owns a panel of P columns
+// (16384 for one request, 4096 for 16: every request's sums, 256 KB in all, stay in
+// L2) and walks the rank eight rows at a time, reading each row's piece of w2 front to
+// back (eight sequential streams the prefetchers follow, no copy); each strip's sums
+// are loaded into registers once per eight rows. A partial last strip is copied
 // zero-padded (reading past it could leave w2).
 template <typename BT>
 void logits_streamed(int64_t B, int64_t V, int64_t rank, const float* h, const float* w2, int64_t w2_s0,
                      const BT* base, int64_t base_s0, int64_t base_s1, float* out, int64_t out_stride) {
-  constexpr int64_t kRows = 4;
-  constexpr int64_t P = 256 * kStrip;
+  constexpr int64_t kRows = 8;
+  const int64_t P = std::clamp<int64_t>((int64_t{1} << 16) / B / kStrip, 8, 256) * kStrip;
   const int64_t num_panels = (V + P - 1) / P;
   at::parallel_for(0, num_panels, 1, [&](int64_t pb, int64_t pe) {
     const int64_t ps = P + 16;
@@ -183,7 +183,8 @@ void logits_streamed(int64_t B, int64_t V, int64_t rank, const float* h, const f
 // out[b * out_stride + v] = base[b * base_s0 + v * base_s1] + sum_i h[b * rank + i] * w2[i * w2_s0 + v * w2_s1]
 // for b < B, v < V (the formula at the top). h is fp32 [B, rank], contiguous.
 //
-// Blocking: each task takes a panel of P columns (4096 for up to 16 requests: 16 KB row
+// fp16 / bf16 or strided w2 (fp32 with unit stride goes to logits_streamed). Blocking:
+// each task takes a panel of P columns (4096 for up to 16 requests: 16 KB row
 // pieces) and keeps every request's P running sums in a buffer (L2). It walks the
 // rank in chunks of kRankChunk rows: a chunk of the panel ([16, P] of w2) is first
 // packed into a buffer, one row piece after the other, so memory is read in long
@@ -196,7 +197,7 @@ template <typename BT, typename WT>
 void logits(int64_t B, int64_t V, int64_t rank, const float* h, const WT* w2, int64_t w2_s0, int64_t w2_s1,
             const BT* base, int64_t base_s0, int64_t base_s1, float* out, int64_t out_stride) {
   if (B == 0 || V == 0) return;
-  if (std::is_same<WT, float>::value && w2_s1 == 1 && B <= 2) {
+  if (std::is_same<WT, float>::value && w2_s1 == 1) {
     logits_streamed(B, V, rank, h, reinterpret_cast<const float*>(w2), w2_s0, base, base_s0, base_s1, out,
                     out_stride);
     return;
