@@ -27,6 +27,7 @@ import hashlib
 import json
 import math
 import os
+import sys
 import sysconfig
 import time
 from dataclasses import asdict, dataclass
@@ -334,7 +335,8 @@ def load_shipped(directory: Path | None = None):
 
 
 def train_and_save(out: Path, target_cfg: TargetConfig, drafter_cfg: DrafterConfig, tc: TrainConfig,
-                   dtype: torch.dtype = torch.float16, log=print, reuse_target: Path | None = None) -> dict:
+                   dtype: torch.dtype = torch.float16, log=print, reuse_target: Path | None = None,
+                   argv: list[str] | None = None) -> dict:
     """Train both models from the corpus and the seed, round them to ``dtype`` and write
     ``target.pt``, ``drafter.pt`` and ``settings.json`` into ``out``. Returns the settings.
 
@@ -396,7 +398,7 @@ def train_and_save(out: Path, target_cfg: TargetConfig, drafter_cfg: DrafterConf
         "final_losses": {"target_nats_per_byte": sum(t_losses[-20:]) / min(20, len(t_losses)),
                          "drafter": sum(d_losses[-20:]) / min(20, len(d_losses))},
         "train_seconds": {"target": t_train_s, "drafter": t2 - t1}, "threads": threads, "target_reused": reused,
-        "torch": torch.__version__, "command": "python -m dspark_kernels.loop.train",
+        "torch": torch.__version__, "command": " ".join(["python -m dspark_kernels.loop.train"] + list(argv or [])),
         "sha256": {fname: _sha256(out / fname) for fname in WEIGHT_FILES.values()},
     }
     (out / "settings.json").write_text(json.dumps(settings, indent=1) + "\n")
@@ -421,7 +423,8 @@ def main(argv=None) -> int:
         torch.set_num_threads(args.threads)
     tc = TrainConfig(target_steps=args.target_steps, drafter_steps=args.drafter_steps, seed=args.seed)
     settings = train_and_save(Path(args.out), TargetConfig(), DrafterConfig(), tc,
-                              reuse_target=Path(args.reuse_target) if args.reuse_target else None)
+                              reuse_target=Path(args.reuse_target) if args.reuse_target else None,
+                              argv=sys.argv[1:] if argv is None else list(argv))
     print(json.dumps({k: settings[k] for k in ("held_out_bits_per_byte", "held_out_acceptance_per_position",
                                                 "sha256")}, indent=1))
     return 0
