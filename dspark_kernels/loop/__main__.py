@@ -169,10 +169,9 @@ def main(argv=None) -> int:
               f"{n_spec / r['t_spec']:10.1f} {r['speedup']:7.2f}x {drafter_s / max(target_s, 1e-12):14.3f}  {same}")
     greedy = [k for k in results if k[1] <= 0]
     if greedy:
-        agree = all(a.output == s.output for k in greedy for a, s in zip(results[k]["ar"], results[k]["spec"]))
-        n = sum(len(results[k]["ar"]) for k in greedy)
-        print(f"greedy output identical to autoregressive decoding: {'yes' if agree else 'NO'} "
-              f"({n} prompts over {len(greedy)} runs)")
+        agree = [a.output == s.output for k in greedy for a, s in zip(results[k]["ar"], results[k]["spec"])]
+        print(f"greedy output identical to autoregressive decoding: {'yes' if all(agree) else 'NO'} "
+              f"({sum(agree)}/{len(agree)} prompts, {len(greedy)} run{'s' if len(greedy) > 1 else ''})")
     print("τ: tokens emitted per request per verify step; drafter/target: the drafter's time per step (forward, "
           "context projection, window_commit, draft_sample_block) over the target verify pass's")
 
