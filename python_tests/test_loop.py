@@ -391,7 +391,7 @@ def test_main_job_runs_on_tiny_models(monkeypatch, capsys):
     assert job.main(["--prompts", "3", "--batch", "2", "1", "--temperature", "0", "1", "--max-new-tokens", "12",
                      "--gamma", "3", "--repeats", "1"]) == 0
     out = capsys.readouterr().out
-    assert "greedy output identical to autoregressive decoding: yes (6/6 prompts, 2 runs)" in out
+    assert "greedy output identical to autoregressive decoding: yes (6/6 prompts over 2 runs)" in out
     assert "reference ops vs fused ops on prompt 0 (32 tokens): identical" in out
     assert "verify_block" in out and "tok/s" in out and "drafter/target" in out
 

@@ -171,7 +171,7 @@ def main(argv=None) -> int:
     if greedy:
         agree = [a.output == s.output for k in greedy for a, s in zip(results[k]["ar"], results[k]["spec"])]
         print(f"greedy output identical to autoregressive decoding: {'yes' if all(agree) else 'NO'} "
-              f"({sum(agree)}/{len(agree)} prompts, {len(greedy)} run{'s' if len(greedy) > 1 else ''})")
+              f"({sum(agree)}/{len(agree)} prompts" + (f" over {len(greedy)} runs)" if len(greedy) > 1 else ")"))
     print("τ: tokens emitted per request per verify step; drafter/target: the drafter's time per step (forward, "
           "context projection, window_commit, draft_sample_block) over the target verify pass's")
 
