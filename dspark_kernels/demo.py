@@ -2,11 +2,12 @@
 
     python -m dspark_kernels.demo [loop options…] [--no-bench]
 
-1. ``python -m dspark_kernels.loop``: trains (first run, a few minutes on the CPU;
-   cached after) a byte-level MoE target on the Python standard library's source
-   and a DSpark drafter distilled from it, then decodes held-out prompts with and
-   without speculation, printing the text, τ, tokens/s against autoregressive
-   decoding and the time per op, and checking greedy output token for token.
+1. ``python -m dspark_kernels.loop``: loads the byte-level MoE target and the DSpark
+   drafter shipped with the package (trained on the Python standard library's
+   source by ``python -m dspark_kernels.loop.train``), then decodes held-out prompts
+   with and without speculation at B = 1 and 8, greedy and T = 1, printing the
+   text, τ, tokens/s against autoregressive decoding, the drafter's cost against
+   the target's and the time per op, and checking greedy output token for token.
 2. ``dspark-bench verify --quick``: verify_block against the reference and eager
    PyTorch (and FlashInfer / vLLM when importable) on one real vocabulary size.
 """

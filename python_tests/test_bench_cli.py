@@ -220,10 +220,15 @@ def test_loop_tree_and_block_quick(tmp_path, capsys):
 
 
 def test_loop_auto_never_trains(tmp_path, monkeypatch):
-    """`all` runs loop with --model auto and --quick: without cached trained models it uses tiny ones."""
+    """`all` runs loop with --model auto and --quick: the shipped trained models, else cached ones,
+    else tiny ones (never training)."""
     from dspark_kernels.bench import loop
     from dspark_kernels.bench.__main__ import _defaults_for, build_parser
+    from dspark_kernels.loop import train
 
+    model, why = loop.resolve_model("auto")
+    assert model == "trained" and "shipped" in why
+    monkeypatch.setattr(train, "WEIGHTS_DIR", tmp_path / "no-weights")   # a package without weights
     monkeypatch.setenv("DSPARK_CACHE", str(tmp_path))  # an empty cache
     model, why = loop.resolve_model("auto")
     assert model == "tiny" and "not cached" in why

@@ -388,8 +388,58 @@ def test_main_job_runs_on_tiny_models(monkeypatch, capsys):
     held_out = torch.tensor(list(b"import os\n\ndef main(argv):\n    return 0\n" * 20), dtype=torch.uint8)
     info = {"target_loss": 5.5, "drafter_loss": 6.0, "cached": "tiny", "held_out": held_out}
     monkeypatch.setattr(job, "load_or_train", lambda retrain=False: (target, drafter, info))
-    assert job.main(["--prompts", "3", "--batch", "2", "--max-new-tokens", "12", "--gamma", "3"]) == 0
+    assert job.main(["--prompts", "3", "--batch", "2", "1", "--temperature", "0", "1", "--max-new-tokens", "12",
+                     "--gamma", "3", "--repeats", "1"]) == 0
     out = capsys.readouterr().out
-    assert "greedy output identical to autoregressive decoding: yes (3/3 prompts)" in out
+    assert "greedy output identical to autoregressive decoding: yes (6/6 prompts over 2 runs)" in out
     assert "reference ops vs fused ops on prompt 0 (32 tokens): identical" in out
-    assert "verify_block" in out and "tokens/s" in out
+    assert "verify_block" in out and "tok/s" in out and "drafter/target" in out
+
+
+def test_shipped_weights_load_and_match_their_hashes():
+    """The weights in the package load into the configs their settings.json records, with the
+    recorded sha256; the held-out number recorded there is a real cross-entropy."""
+    import json
+
+    from dspark_kernels.loop.train import WEIGHT_FILES, WEIGHTS_DIR, load_shipped
+
+    settings = json.loads((WEIGHTS_DIR / "settings.json").read_text())
+    total = sum((WEIGHTS_DIR / f).stat().st_size for f in WEIGHT_FILES.values())
+    assert total <= 32 * 2**20
+    target, drafter, loaded = load_shipped()
+    assert loaded == settings
+    assert target.cfg.n_layers >= 6 * drafter.cfg.n_layers
+    assert 0.5 < settings["held_out_bits_per_byte"] < 8
+    for name in ("target_config", "drafter_config", "train_config", "seed", "corpus", "sha256"):
+        assert name in settings
+    # the drafter's weights are its own (the tied embedding / LM head stay the target's)
+    assert not any(k.startswith("target") for k in drafter.state_dict())
+
+
+def test_train_and_save_round_trip_and_hash_check(tmp_path, monkeypatch):
+    """The training path on a tiny config writes weights + settings that load back
+    equal, and a changed weight file is refused."""
+    import dspark_kernels.loop.train as train
+
+    text = torch.tensor(list(itertools.islice(itertools.cycle(b"def f(x):\n    return x + 1\n\n"), 6000)),
+                        dtype=torch.uint8)
+    monkeypatch.setattr(train, "stdlib_corpus", lambda n, root=None: (text[:n], ["f.py"]))
+    tcfg = TargetConfig(d_model=32, n_layers=2, n_heads=2, n_kv_heads=1, d_ff=48, moe_layers=(1,), n_experts=2,
+                        top_k=1, d_expert=16, hidden_layers=(0, 1))
+    dcfg = DrafterConfig(d_model=32, n_layers=1, n_heads=2, n_kv_heads=1, d_ff=48, window=16, max_gamma=4,
+                         markov_rank=4)
+    tc = TrainConfig(corpus_bytes=6000, seq_len=32, batch=2, target_steps=3, drafter_steps=3, drafter_anchors=2,
+                     drafter_gamma=4)
+    settings = train.train_and_save(tmp_path, tcfg, dcfg, tc, log=lambda *_: None)
+    target, drafter, loaded = train.load_shipped(tmp_path)
+    assert loaded["held_out_bits_per_byte"] == settings["held_out_bits_per_byte"]
+    held_out = train.split_corpus(text)[1]
+    assert train.held_out_bits_per_byte(target, held_out, 32) == pytest.approx(settings["held_out_bits_per_byte"])
+    state = torch.load(tmp_path / "target.pt", weights_only=True)
+    assert all(v.dtype == torch.float16 for v in state.values())
+    again = train.train_and_save(tmp_path / "again", tcfg, dcfg, tc, log=lambda *_: None, reuse_target=tmp_path)
+    assert again["held_out_bits_per_byte"] == settings["held_out_bits_per_byte"]
+    state["embed.weight"][0, 0] += 1
+    torch.save(state, tmp_path / "target.pt")
+    with pytest.raises(RuntimeError, match="sha256"):
+        train.load_shipped(tmp_path)

@@ -3,10 +3,10 @@
 // Without the Markov head: at::parallel_for over the B * gamma rows; each row is
 // copied to the fp32 output (when asked for) and sampled.
 // With it, one step per position k, two parallel phases per step:
-//   1. over vocabulary chunks: l[b, v] = base[b, k, v] + sum_i w1[x_prev(b), i] * w2[i, v]
-//      for every request b (w2's chunk stays in cache across the batch). The sum runs
-//      over i in order in fp32, then the base logit is added: the reference's order,
-//      so the logits equal the reference's bit for bit (contraction into FMA is off).
+//   1. over vocabulary strips (cpu/markov_head.h): l[b, v] = base[b, k, v] + sum_i
+//      w1[x_prev(b), i] * w2[i, v] for every request b, w2 read once per step. The sum
+//      runs over i in order in fp32, then the base logit is added: the reference's
+//      order, so the logits equal the reference's bit for bit (no FMA).
 //   2. over requests: sample row b of l, which becomes x_prev for step k + 1.
 // Sampling (sampling.h / cpu/row_ops.h): greedy rows take the argmax; sampling rows
 // race s_v + G_v over the top-k / top-p set, s = l / T, G from the draft stream at
@@ -29,6 +29,7 @@
 #include <limits>
 #include <vector>
 
+#include "cpu/markov_head.h"
 #include "cpu/row_ops.h"
 #include "drafting.h"
 #include "dspark/philox.h"
@@ -38,7 +39,6 @@ namespace dspark {
 namespace {
 
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
-constexpr int64_t kChunk = 2048;  // vocabulary columns per task of the Markov phase (8 KB of a w2 row)
 
 struct RowParams {
   float temperature;
@@ -156,49 +156,14 @@ void sample_markov(const Common& c, const at::Tensor& base, const at::Tensor& w1
   }
   std::vector<int64_t> prev(anchor, anchor + B);
   std::vector<float> h(static_cast<size_t>(B * rank));
-  const int64_t num_chunks = (V + kChunk - 1) / kChunk;
-  const int64_t chunk_grain = 1;  // a chunk is 2048 columns x r x B multiply-adds
 
   for (int64_t k = 0; k < G; ++k) {
     float* buf = buf_base + k * buf_step;
     for (int64_t b = 0; b < B; ++b)
       for (int64_t i = 0; i < rank; ++i) h[b * rank + i] = static_cast<float>(w1p[prev[b] * w1s0 + i * w1s1]);
 
-    // Phase 1: the corrected logits, by vocabulary chunk; four requests at a time share
-    // each load of a w2 row (the order of the sum over i is the same for every element).
-    at::parallel_for(0, num_chunks, chunk_grain, [&](int64_t cb, int64_t ce) {
-      constexpr int kRows = 4;
-      float acc[kRows][kChunk];
-      for (int64_t chunk = cb; chunk < ce; ++chunk) {
-        const int64_t v0 = chunk * kChunk;
-        const int64_t n = std::min<int64_t>(kChunk, V - v0);
-        for (int64_t b0 = 0; b0 < B; b0 += kRows) {
-          const int rows = static_cast<int>(std::min<int64_t>(kRows, B - b0));
-          for (int r = 0; r < rows; ++r)
-            for (int64_t v = 0; v < n; ++v) acc[r][v] = 0.f;
-          for (int64_t i = 0; i < rank; ++i) {
-            const WT* row = w2p + i * w2s0 + v0 * w2s1;
-            float w2row[kChunk];
-            if (w2s1 == 1) {
-              for (int64_t v = 0; v < n; ++v) w2row[v] = static_cast<float>(row[v]);
-            } else {
-              for (int64_t v = 0; v < n; ++v) w2row[v] = static_cast<float>(row[v * w2s1]);
-            }
-            for (int r = 0; r < rows; ++r) {
-              const float w = h[(b0 + r) * rank + i];
-              float* a = acc[r];
-              for (int64_t v = 0; v < n; ++v) a[v] += w * w2row[v];
-            }
-          }
-          for (int r = 0; r < rows; ++r) {
-            const int64_t b = b0 + r;
-            const BT* brow = bp + b * bs0 + k * bs1 + v0 * bs2;
-            float* o = buf + b * buf_stride + v0;
-            for (int64_t v = 0; v < n; ++v) o[v] = static_cast<float>(brow[v * bs2]) + acc[r][v];
-          }
-        }
-      }
-    });
+    // Phase 1: the corrected logits of every request (markov_head.h: w2 read once per step).
+    markov_head::logits(B, V, rank, h.data(), w2p, w2s0, w2s1, bp + k * bs1, bs0, bs2, buf, buf_stride);
 
     // Phase 2: sample every request's row.
     const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 15) / std::max<int64_t>(V, 1));

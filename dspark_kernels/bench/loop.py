@@ -11,8 +11,7 @@ reference), plus one autoregressive (AR) case per B and backend.
 Models (``--model``):
 
 * ``trained``: ``dspark_kernels.loop.train.load_or_train`` (byte-level target
-  and distilled drafter; the first run trains them for several minutes and
-  caches them in ``~/.cache/dspark_kernels``); prompts are B slices of 32–64 bytes
+  and distilled drafter: the weights shipped with the package); prompts are B slices of 32–64 bytes
   of its held-out text at evenly spaced offsets (each starting after a newline);
 * ``tiny``: small untrained random models built here (vocab 256, seeded by
   ``--seed``; tests use them, nothing is trained); prompts are random ids;
@@ -155,6 +154,10 @@ def resolve_model(model: str) -> tuple[str, str]:
     """(models to run: "trained" | "tiny", why) for ``--model``; ``auto`` never trains."""
     if model != "auto":
         return model, model
+    from dspark_kernels.loop.train import WEIGHTS_DIR
+
+    if (WEIGHTS_DIR / "settings.json").exists():
+        return "trained", "auto: trained (the shipped weights)"
     path = trained_cache_path()
     if path is not None and path.exists():
         return "trained", f"auto: trained (cached {path.name})"
@@ -292,8 +295,10 @@ def run(args, ctx) -> list[dict]:
     if model == "trained":
         from dspark_kernels.loop.train import load_or_train
 
+        from dspark_kernels.loop.train import WEIGHTS_DIR
+
         path = trained_cache_path()
-        if path is None or not path.exists():
+        if not (WEIGHTS_DIR / "settings.json").exists() and (path is None or not path.exists()):
             log("dspark-bench loop: the trained models are not cached: training them now (several minutes; "
                 "--model tiny skips this)")
         target, drafter, info = load_or_train(log=log)

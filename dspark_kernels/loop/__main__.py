@@ -1,16 +1,20 @@
 """The main job: speculative decoding of a trained byte-level model on our fused ops.
 
-    python -m dspark_kernels.loop [--gamma 5] [--schedule dspark|static] [--prompts 4]
-                                  [--max-new-tokens 96] [--temperature 0] [--device cpu|cuda]
+    python -m dspark_kernels.loop [--gamma 7] [--batch 1 8] [--temperature 0 1] [--repeats 3]
+                                  [--schedule static|dspark] [--max-new-tokens 64] [--device cpu|cuda]
                                   [--method token|block] [--tree [--tree-branch 2] [--tree-siblings top-k|sample]]
+                                  [--retrain]
 
-Trains the target and the drafter on the Python standard library's source the
-first time (a few minutes on 2 cores; cached after), then generates from
-held-out prompts twice on the same target: plain autoregressive decoding, and
-DSpark speculative decoding (draft → schedule → verify → commit). It prints the
-text, the acceptance length τ, tokens per second of both, where the speculative
-run's time goes per op, and checks that greedy output is identical in both runs
-and that the reference ops give the same tokens as the fused ones.
+Loads the target and the drafter shipped with the package (trained by
+``python -m dspark_kernels.loop.train`` on the Python standard library's source;
+``--retrain`` trains them again here), then, for every batch size and
+temperature, generates from held-out prompts on the same target with plain
+autoregressive decoding and with DSpark speculative decoding (draft → schedule →
+verify → commit), ``--repeats`` times each. It prints the text, the acceptance
+length τ, tokens per second of both (median), the drafter's cost against the
+target's, where a step's time goes per op, and checks that greedy output is
+identical in both runs and that the reference ops give the same tokens as the
+fused ones.
 
 ``--method block`` verifies the chains with block verification; ``--tree`` drafts
 a tree of depth γ instead (``--tree-branch K``: K children at each of the first two
@@ -75,17 +79,49 @@ def run(target, drafter, prompts, args, *, gamma, backend=None, sps=None, max_ne
     return reqs, time.perf_counter() - t0, eng
 
 
+DRAFTER_REGIONS = ("drafter forward", "drafter context", "window_commit", "draft_sample_block")
+
+
+def _median(xs):
+    return sorted(xs)[len(xs) // 2]
+
+
+def measure(target, drafter, prompts, args, *, batch, temperature, sps):
+    """Autoregressive and speculative decoding of ``prompts`` with ``batch`` slots, ``args.repeats`` times each
+    (interleaved); returns the last runs' requests, the median times, and the speculative runs' op timers."""
+    cfg = argparse.Namespace(**vars(args))
+    cfg.batch, cfg.temperature = batch, temperature
+    t_ar, t_spec = [], []
+    timers_ar, timers_spec = OpTimers(enabled=True), OpTimers(enabled=True)
+    # Warm-up (allocator, kernels, Triton compiles on GPU) at this batch size.
+    run(target, drafter, prompts[:batch], cfg, gamma=args.gamma, sps=sps, max_new=8)
+    run(target, drafter, prompts[:batch], cfg, gamma=0, max_new=8)
+    for _ in range(args.repeats):
+        ar, t, eng_ar = run(target, drafter, prompts, cfg, gamma=0, timers=timers_ar)
+        t_ar.append(t)
+        spec, t, eng = run(target, drafter, prompts, cfg, gamma=args.gamma, sps=sps, timers=timers_spec)
+        t_spec.append(t)
+    return dict(ar=ar, spec=spec, t_ar=_median(t_ar), t_spec=_median(t_spec), t_ar_all=sum(t_ar),
+                t_spec_all=sum(t_spec), timers=timers_spec,
+                timers_ar=timers_ar, steps=eng.num_steps, steps_ar=eng_ar.num_steps, repeats=args.repeats)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m dspark_kernels.loop", description=__doc__.split("\n\n")[0])
-    ap.add_argument("--gamma", type=int, default=5, help="draft block size (default 5)")
-    ap.add_argument("--schedule", choices=["dspark", "static"], default="dspark")
-    ap.add_argument("--prompts", type=int, default=4, help="number of held-out prompts (default 4)")
-    ap.add_argument("--batch", type=int, default=4, help="request slots (default 4)")
-    ap.add_argument("--max-new-tokens", type=int, default=96)
-    ap.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    ap.add_argument("--gamma", type=int, default=7, help="draft block size (default 7)")
+    ap.add_argument("--schedule", choices=["dspark", "static"], default="static",
+                    help="static: verify all γ drafts (default); dspark: schedule_verify_lens with a profiled table")
+    ap.add_argument("--prompts", type=int, default=None,
+                    help="held-out prompts per run (default: the batch size, at least 2)")
+    ap.add_argument("--batch", type=int, nargs="+", default=[1, 8], help="request slots, one run each (default 1 8)")
+    ap.add_argument("--max-new-tokens", type=int, default=64)
+    ap.add_argument("--temperature", type=float, nargs="+", default=[0.0, 1.0],
+                    help="0 = greedy; one run each (default 0 1)")
+    ap.add_argument("--repeats", type=int, default=3, help="timed repetitions, the median is shown (default 3)")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads")
-    ap.add_argument("--retrain", action="store_true", help="train again even if cached")
+    ap.add_argument("--retrain", action="store_true", help="train the models now instead of loading the shipped ones")
+    ap.add_argument("--show-text", action="store_true", help="print every prompt's text, not just the first")
     ap.add_argument("--no-reference-check", action="store_true",
                     help="skip re-running one prompt through the reference ops")
     ap.add_argument("--method", choices=["token", "block"], default="token",
@@ -108,70 +144,102 @@ def main(argv=None) -> int:
         torch.set_num_threads(args.threads)
 
     target, drafter, info = load_or_train(retrain=args.retrain)
-    print(f"models: target {sum(p.numel() for p in target.parameters()) / 1e6:.2f} M params "
-          f"({len(target.cfg.moe_layers)} MoE layers, {target.cfg.n_experts} experts top-{target.cfg.top_k}), "
-          f"drafter {sum(p.numel() for p in drafter.parameters()) / 1e6:.2f} M; target loss "
-          f"{info['target_loss']:.3f} nats/byte, " + (f"loaded from {info['cached']}" if info["cached"] else
-                                                       f"trained in {info['target_train_s'] + info['drafter_train_s']:.0f} s"))
+    n_t = sum(p.numel() for p in target.parameters())
+    n_d = sum(p.numel() for p in drafter.parameters())
+    bpb = info.get("held_out_bpb")
+    print(f"models: target {n_t / 1e6:.2f} M params ({target.cfg.n_layers} layers, d {target.cfg.d_model}, "
+          f"{len(target.cfg.moe_layers)} MoE layers of {target.cfg.n_experts} experts top-{target.cfg.top_k}), "
+          f"drafter {n_d / 1e6:.2f} M ({drafter.cfg.n_layers} layer{'s' if drafter.cfg.n_layers > 1 else ''}, "
+          f"shares the target's embedding / LM head)")
+    print("        " + (f"held-out {bpb:.3f} bits/byte, " if bpb is not None else
+                         f"target loss {info['target_loss']:.3f} nats/byte, ")
+          + (f"loaded from {info['cached']}" if info["cached"] else
+             f"trained in {info['target_train_s'] + info['drafter_train_s']:.0f} s"))
     dev = torch.device(args.device)
     target.to(dev)
     drafter.to(dev)
-    prompts = held_out_prompts(info["held_out"], args.prompts)
+    ok = True
+    results = {}
+    for batch in args.batch:
+        count = args.prompts or max(batch, 2)
+        prompts = held_out_prompts(info["held_out"], count)
+        sps = None
+        if args.schedule == "dspark":
+            sps = SpecDecoder(target, drafter, gamma=args.gamma, max_batch=batch, page_size=16,
+                              max_len=256).profile_sps(points=6, repeats=2)
+        for temperature in args.temperature:
+            r = measure(target, drafter, prompts, args, batch=batch, temperature=temperature, sps=sps)
+            r["sps"] = sps
+            results[batch, temperature] = r
+            if batch == args.batch[0] and temperature == args.temperature[0]:
+                for i, s in enumerate(r["spec"][: None if args.show_text else 1]):
+                    print(f"\n--- prompt {i} (B = {batch}, T = {temperature:g}, speculative) " + "-" * 40)
+                    print(show(s.prompt) + "\033[1m" + show(s.output) + "\033[0m" if sys.stdout.isatty()
+                          else show(s.prompt) + "⟦" + show(s.output) + "⟧")
 
-    # Warm-up (allocator, kernels, Triton compiles on GPU), then the timed runs.
-    run(target, drafter, prompts[:1], args, gamma=args.gamma, sps=torch.ones(args.batch * (args.gamma + 1) + 1),
-        max_new=8)
-    ar, t_ar, _ = run(target, drafter, prompts, args, gamma=0)
-    sps, t_prof = None, 0.0
-    if args.schedule == "dspark":
-        t0 = time.perf_counter()
-        sps = SpecDecoder(target, drafter, gamma=args.gamma, max_batch=args.batch, page_size=16,
-                          max_len=256).profile_sps(points=6, repeats=2)
-        t_prof = time.perf_counter() - t0
-    timers = OpTimers(enabled=True)
-    spec, t_spec, eng = run(target, drafter, prompts, args, gamma=args.gamma, sps=sps, timers=timers)
-
-    for i, (a, s) in enumerate(zip(ar, spec)):
-        print(f"\n--- prompt {i} " + "-" * 60)
-        print(show(s.prompt) + "\033[1m" + show(s.output) + "\033[0m" if sys.stdout.isatty()
-              else show(s.prompt) + "⟦" + show(s.output) + "⟧")
-        print(f"    τ = {s.tau:.2f} tokens/step ({s.steps} steps, {s.accepted}/{s.drafted} drafts accepted)")
-
-    n_ar, n_spec = sum(len(r.output) for r in ar), sum(len(r.output) for r in spec)
-    steps = sum(r.steps for r in spec)
-    tau = n_spec / max(1, steps)
-    same = [a.output == s.output for a, s in zip(ar, spec)]
     print("\n=== summary " + "=" * 60)
     shape = spec_options(args, args.gamma)["tree"]
     mode = (f", tree {shape.branches} ({shape.num_nodes} nodes, {args.tree_siblings} siblings)" if shape is not None
             else f", method {args.method}")
-    print(f"γ = {args.gamma}, schedule = {args.schedule}" + (f" (SPS table profiled in {t_prof:.1f} s)"
-                                                             if sps is not None else "") + mode
-          + f", temperature {args.temperature}, {len(prompts)} prompts, batch {args.batch}, device {dev}")
-    print(f"acceptance length τ = {tau:.2f} tokens per verify step ({steps} request-steps, "
-          f"{sum(r.accepted for r in spec)}/{sum(r.drafted for r in spec)} drafts accepted)")
-    print(f"autoregressive : {n_ar:5d} tokens in {t_ar:6.2f} s = {n_ar / t_ar:7.1f} tokens/s  "
-          f"({sum(r.steps for r in ar)} target passes)")
-    print(f"speculative    : {n_spec:5d} tokens in {t_spec:6.2f} s = {n_spec / t_spec:7.1f} tokens/s  "
-          f"({eng.num_steps} batched steps)  speed-up {n_spec / t_spec / (n_ar / t_ar):.2f}x")
-    ok = True
-    if args.temperature <= 0:
-        print(f"greedy output identical to autoregressive decoding: {'yes' if all(same) else 'NO'} "
-              f"({sum(same)}/{len(same)} prompts)")
-        ok &= all(same)
+    print(f"γ = {args.gamma}, schedule {args.schedule}{mode}, {args.max_new_tokens} new tokens per prompt, device {dev}, "
+          f"{torch.get_num_threads()} threads; times: median of {args.repeats} runs")
+    print(f"  {'B':>2s} {'T':>3s} {'prompts':>7s} {'τ':>5s} {'accepted':>9s} {'AR tok/s':>9s} {'spec tok/s':>10s} "
+          f"{'speed-up':>8s} {'drafter/target':>14s}  greedy = AR")
+    for (batch, temperature), r in results.items():
+        n_ar = sum(len(q.output) for q in r["ar"])
+        n_spec = sum(len(q.output) for q in r["spec"])
+        req_steps = sum(q.steps for q in r["spec"])
+        tau = n_spec / max(1, req_steps)
+        acc = f"{sum(q.accepted for q in r['spec'])}/{sum(q.drafted for q in r['spec'])}"
+        tm = r["timers"]
+        drafter_s = sum(tm.total.get(k, 0.0) for k in DRAFTER_REGIONS)
+        target_s = tm.total.get("target forward", 0.0)
+        same = "-"
+        if temperature <= 0:
+            agree = [a.output == s.output for a, s in zip(r["ar"], r["spec"])]
+            same = f"{'yes' if all(agree) else 'NO'} ({sum(agree)}/{len(agree)})"
+            ok &= all(agree)
+        r["tau"], r["speedup"] = tau, (n_spec / r["t_spec"]) / (n_ar / r["t_ar"])
+        print(f"  {batch:2d} {temperature:3g} {len(r['spec']):7d} {tau:5.2f} {acc:>9s} {n_ar / r['t_ar']:9.1f} "
+              f"{n_spec / r['t_spec']:10.1f} {r['speedup']:7.2f}x {drafter_s / max(target_s, 1e-12):14.3f}  {same}")
+    greedy = [k for k in results if k[1] <= 0]
+    if greedy:
+        agree = [a.output == s.output for k in greedy for a, s in zip(results[k]["ar"], results[k]["spec"])]
+        print(f"greedy output identical to autoregressive decoding: {'yes' if all(agree) else 'NO'} "
+              f"({sum(agree)}/{len(agree)} prompts" + (f" over {len(greedy)} runs)" if len(greedy) > 1 else ")"))
+    print("τ: tokens emitted per request per verify step; drafter/target: the drafter's time per step (forward, "
+          "context projection, window_commit, draft_sample_block) over the target verify pass's")
 
-    print("\nwhere the speculative run's time goes")
-    print(f"  {'region':24s} {'total ms':>9s} {'share':>6s} {'calls':>6s} {'ms/call':>8s}")
-    accounted = 0.0
-    for name, total in sorted(timers.total.items(), key=lambda kv: -kv[1]):
-        accounted += total
-        print(f"  {name:24s} {total * 1e3:9.1f} {total / t_spec:6.1%} {timers.calls[name]:6d} "
-              f"{total * 1e3 / timers.calls[name]:8.3f}")
-    print(f"  {'host bookkeeping':24s} {(t_spec - accounted) * 1e3:9.1f} {(t_spec - accounted) / t_spec:6.1%}")
+    print("\nwhere the time goes: ms per batched step, mean over the runs (speculative; AR: the autoregressive runs)")
+    keys = list(results)
+    print(f"  {'region':24s} " + " ".join(f"{f'B={b} T={t:g}':>11s}" for b, t in keys))
+    names = []
+    for k in keys:
+        for name in sorted(results[k]["timers"].total, key=lambda n: -results[k]["timers"].total[n]):
+            if name not in names:
+                names.append(name)
+    per_step = lambda r, total: total * 1e3 / (r["steps"] * r["repeats"])  # noqa: E731
+    for name in names:
+        print(f"  {name:24s} " + " ".join(f"{per_step(results[k], results[k]['timers'].total.get(name, 0.0)):11.2f}"
+                                          for k in keys))
+    print(f"  {'host bookkeeping':24s} " + " ".join(
+        f"{per_step(results[k], results[k]['t_spec_all'] - sum(results[k]['timers'].total.values())):11.2f}"
+        for k in keys))
+    print(f"  {'step (total)':24s} " + " ".join(
+        f"{per_step(results[k], results[k]['t_spec_all']):11.2f}" for k in keys))
+    print(f"  {'AR: target forward':24s} " + " ".join(
+        f"{results[k]['timers_ar'].total.get('target forward', 0.0) * 1e3 / (results[k]['steps_ar'] * results[k]['repeats']):11.2f}"
+        for k in keys))
+    print(f"  {'AR: step (total)':24s} " + " ".join(
+        f"{results[k]['t_ar_all'] * 1e3 / (results[k]['steps_ar'] * results[k]['repeats']):11.2f}" for k in keys))
 
     if not args.no_reference_check:
-        ref, _, _ = run(target, drafter, prompts[:1], args, gamma=args.gamma, sps=sps, backend="reference", max_new=32)
-        fused, _, _ = run(target, drafter, prompts[:1], args, gamma=args.gamma, sps=sps, max_new=32)
+        cfg = argparse.Namespace(**vars(args))
+        cfg.batch, cfg.temperature = args.batch[0], args.temperature[0]
+        prompts = held_out_prompts(info["held_out"], 1)
+        ref, _, _ = run(target, drafter, prompts, cfg, gamma=args.gamma, backend="reference", max_new=32,
+                        sps=results[args.batch[0], args.temperature[0]].get("sps"))
+        fused, _, _ = run(target, drafter, prompts, cfg, gamma=args.gamma, max_new=32)
         match = ref[0].output == fused[0].output
         print(f"\nreference ops vs fused ops on prompt 0 (32 tokens): {'identical' if match else 'DIFFERENT'}")
         ok &= match

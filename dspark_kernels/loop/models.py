@@ -39,15 +39,15 @@ from torch import nn
 class TargetConfig:
     vocab_size: int = 256
     d_model: int = 128
-    n_layers: int = 4
+    n_layers: int = 8
     n_heads: int = 4
     n_kv_heads: int = 2
     d_ff: int = 384              # dense SwiGLU width
-    moe_layers: tuple[int, ...] = (1, 3)
+    moe_layers: tuple[int, ...] = (1, 3, 5, 7)
     n_experts: int = 8
     top_k: int = 2
     d_expert: int = 192          # each expert's SwiGLU width (I)
-    hidden_layers: tuple[int, ...] = (1, 3)   # outputs of these layers go to the drafter
+    hidden_layers: tuple[int, ...] = (1, 4, 7)   # outputs of these layers go to the drafter
     rope_theta: float = 10000.0
 
     @property
@@ -61,7 +61,7 @@ class TargetConfig:
 @dataclass(frozen=True)
 class DrafterConfig:
     d_model: int = 128
-    n_layers: int = 2
+    n_layers: int = 1
     n_heads: int = 4
     n_kv_heads: int = 2
     d_ff: int = 384
