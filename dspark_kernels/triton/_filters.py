@@ -101,6 +101,23 @@ def top_p_threshold(row_ptr, stride, V, t, thr, safe_m, p, BLOCK: tl.constexpr, 
 
 
 @triton.jit
+def _filter_active(topk_ptr, topp_ptr, b, V, HAS_TOPK: tl.constexpr, HAS_TOPP: tl.constexpr):
+    """(k, k_active, p, p_active) of request b: top_k in (0, V), top_p in (0, 1) (the
+    one copy of the top-k / top-p parameter loads of every sampling kernel)."""
+    if HAS_TOPK:
+        k = tl.load(topk_ptr + b).to(tl.int64)
+    else:
+        k = tl.zeros([], tl.int64)
+    if HAS_TOPP:
+        p = tl.load(topp_ptr + b).to(tl.float32)
+    else:
+        p = tl.full([], 1.0, tl.float32)
+    k_on = (k > 0) & (k < V)
+    p_on = (p > 0.0) & (p < 1.0)
+    return k, k_on, p, p_on
+
+
+@triton.jit
 def _min_p_log_at(lmp_ptr, b, HAS_MINP: tl.constexpr):
     """min_p_log(min_p[b]) (the launcher takes the fp64 log: sampling.h), -inf when off."""
     if HAS_MINP:

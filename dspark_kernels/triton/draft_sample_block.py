@@ -49,7 +49,15 @@ import torch
 import triton
 import triton.language as tl
 
-from ._filters import _min_p_log_at, _min_p_threshold, min_p_log_tensor, scale_logit, top_k_threshold, top_p_threshold
+from ._filters import (
+    _filter_active,
+    _min_p_log_at,
+    _min_p_threshold,
+    min_p_log_tensor,
+    scale_logit,
+    top_k_threshold,
+    top_p_threshold,
+)
 from .philox import gumbel_from_word, random_words4, split_u64
 
 SALT_DRAFT = tl.constexpr(0x44524654)
@@ -94,15 +102,8 @@ def _row_params(temp_ptr, topk_ptr, topp_ptr, b, V, HAS_TEMP: tl.constexpr, HAS_
         t = tl.load(temp_ptr + b).to(tl.float32)
     else:
         t = tl.zeros([], tl.float32)
-    if HAS_TOPK:
-        k = tl.load(topk_ptr + b).to(tl.int64)
-    else:
-        k = tl.zeros([], tl.int64)
-    if HAS_TOPP:
-        p = tl.load(topp_ptr + b).to(tl.float32)
-    else:
-        p = tl.full([], 1.0, tl.float32)
-    return t, k, (k > 0) & (k < V), p, (p > 0.0) & (p < 1.0)
+    k, k_on, p, p_on = _filter_active(topk_ptr, topp_ptr, b, V, HAS_TOPK, HAS_TOPP)
+    return t, k, k_on, p, p_on
 
 
 # ----------------------------------------------------------------------------------------

@@ -10,7 +10,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._filters import _min_p_log_at, min_p_log_tensor, scale_logit
+from ._filters import _filter_active, _min_p_log_at, min_p_log_tensor, scale_logit
 from .verify_block import _log_prob
 from .verify_tree import _row_stats
 
@@ -35,18 +35,10 @@ def _token_logprobs_kernel(
         else:
             t = tl.zeros([], tl.float32)
         t = tl.where(t > 0.0, t, 1.0)  # greedy requests: the raw logits' distribution
-        if HAS_TOPK:
-            k = tl.load(topk_ptr + b).to(tl.int64)
-        else:
-            k = tl.zeros([], tl.int64)
-        if HAS_TOPP:
-            p = tl.load(topp_ptr + b).to(tl.float32)
-        else:
-            p = tl.full([], 1.0, tl.float32)
+        k, k_on, p, p_on = _filter_active(topk_ptr, topp_ptr, b, V, HAS_TOPK, HAS_TOPP)
         lmp = _min_p_log_at(lmp_ptr, b, HAS_MINP)
         t_row = t_ptr + r * t_stride_row
-        thr, lse = _row_stats(t_row, t_stride_col, V, t, k, (k > 0) & (k < V), p, (p > 0.0) & (p < 1.0), lmp,
-                              HAS_TOPK, HAS_TOPP, BLOCK, RADIX_BITS)
+        thr, lse = _row_stats(t_row, t_stride_col, V, t, k, k_on, p, p_on, lmp, HAS_TOPK, HAS_TOPP, BLOCK, RADIX_BITS)
         lx = tl.load(t_row + x * t_stride_col).to(tl.float32)
         lp = _log_prob(scale_logit(lx, t), thr, lse)
     tl.store(out_ptr + e, lp)

@@ -63,7 +63,15 @@ import torch
 import triton
 import triton.language as tl
 
-from ._filters import _min_p_log_at, _min_p_threshold, min_p_log_tensor, scale_logit, top_k_threshold, top_p_threshold
+from ._filters import (
+    _filter_active,
+    _min_p_log_at,
+    _min_p_threshold,
+    min_p_log_tensor,
+    scale_logit,
+    top_k_threshold,
+    top_p_threshold,
+)
 from .philox import gumbel_from_word, random_word, random_words4, select_word, split_u64, uniform_from_word
 
 # Globals read inside @triton.jit functions must be constexpr.
@@ -94,22 +102,6 @@ def _load_temperature(temp_ptr, b, HAS_TEMP: tl.constexpr):
     else:
         t = tl.zeros([], tl.float32)
     return t
-
-
-@triton.jit
-def _filter_active(topk_ptr, topp_ptr, b, V, HAS_TOPK: tl.constexpr, HAS_TOPP: tl.constexpr):
-    """(k, k_active, p, p_active) of request b: top_k in (0, V), top_p in (0, 1)."""
-    if HAS_TOPK:
-        k = tl.load(topk_ptr + b).to(tl.int64)
-    else:
-        k = tl.zeros([], tl.int64)
-    if HAS_TOPP:
-        p = tl.load(topp_ptr + b).to(tl.float32)
-    else:
-        p = tl.full([], 1.0, tl.float32)
-    k_on = (k > 0) & (k < V)
-    p_on = (p > 0.0) & (p < 1.0)
-    return k, k_on, p, p_on
 
 
 @triton.jit

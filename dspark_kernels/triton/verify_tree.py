@@ -31,7 +31,15 @@ import torch
 import triton
 import triton.language as tl
 
-from ._filters import _min_p_log_at, _min_p_threshold, min_p_log_tensor, scale_logit, top_k_threshold, top_p_threshold
+from ._filters import (
+    _filter_active,
+    _min_p_log_at,
+    _min_p_threshold,
+    min_p_log_tensor,
+    scale_logit,
+    top_k_threshold,
+    top_p_threshold,
+)
 from .philox import gumbel_from_word, random_word, random_words4, select_word, split_u64, uniform_from_word
 from .verify_block import _log1p_neg, _log_prob, _q_row
 
@@ -157,16 +165,7 @@ def _tree_kernel(
     else:
         t = tl.zeros([], tl.float32)
     greedy = not (t > 0.0)
-    if HAS_TOPK:
-        k = tl.load(topk_ptr + b).to(tl.int64)
-    else:
-        k = tl.zeros([], tl.int64)
-    if HAS_TOPP:
-        p = tl.load(topp_ptr + b).to(tl.float32)
-    else:
-        p = tl.full([], 1.0, tl.float32)
-    k_on = (k > 0) & (k < V)
-    p_on = (p > 0.0) & (p < 1.0)
+    k, k_on, p, p_on = _filter_active(topk_ptr, topp_ptr, b, V, HAS_TOPK, HAS_TOPP)
     lmp = _min_p_log_at(lmp_ptr, b, HAS_MINP)
     seed_lo, seed_hi = split_u64(tl.load(seed_ptr + b))
     offset = tl.load(offset_ptr + b).to(tl.int64)
