@@ -2,7 +2,8 @@
 # The Triton kernels under the newest Triton release (what a fresh `pip install` with a
 # CPU build of torch resolves; the main environment's torch pins an older one):
 #   1. the interpreter tests of every Triton op (TRITON_INTERPRET=1), slow ones skipped;
-#   2. the sm_90 ahead-of-time compiles (python_tests/aot_compile_{drafting,moe}.py and
+#   2. the sm_90 ahead-of-time compiles (python_tests/aot_compile_{drafting,moe,verify_tree,
+#      verify_block_method}.py and
 #      test_draft_block_attention.py's).
 # Runs in its own virtual environment (torch CPU + the newest triton + the test deps),
 # built once and reused while it has the wanted triton (idempotent; rebuilt otherwise).
@@ -93,7 +94,8 @@ elif [ "$rc" -ne 0 ]; then
 fi
 
 # ---- 2. sm_90 ahead-of-time compiles (the scripts unset TRITON_INTERPRET themselves)
-for script in python_tests/aot_compile_drafting.py python_tests/aot_compile_moe.py; do
+for script in python_tests/aot_compile_drafting.py python_tests/aot_compile_moe.py \
+              python_tests/aot_compile_verify_tree.py python_tests/aot_compile_verify_block_method.py; do
   echo "triton_newest: $script"
   env -u TRITON_INTERPRET nice "$venv/bin/python" "$script" || {
     echo "triton_newest: $script failed under triton $version"; exit 1; }
