@@ -55,6 +55,16 @@ def _per_request(op, name, value, batch, device, dtype):
     return torch.full((batch,), value, dtype=dtype, device=device)
 
 
+
+def _per_request_sampling(op, temperature, top_k, top_p, min_p, batch, device):
+    """``(temperature, top_k, top_p, min_p)`` as per-request ``[B]`` tensors or None
+    (``_per_request`` each: fp32, int32, fp32, fp32), the sampling parameters every
+    sampling op takes."""
+    return (_per_request(op, "temperature", temperature, batch, device, torch.float32),
+            _per_request(op, "top_k", top_k, batch, device, torch.int32),
+            _per_request(op, "top_p", top_p, batch, device, torch.float32),
+            _per_request(op, "min_p", min_p, batch, device, torch.float32))
+
 def _python_int64(op, name, value, lo, hi):
     value = _python_number(op, name, value, floating=False)
     if not lo <= value < hi:

@@ -18,7 +18,7 @@ from ._validation import (
     _check_tensor,
     _default_seed_offset,
     _fail,
-    _per_request,
+    _per_request_sampling,
 )
 
 # R * gamma candidates are indexed in 32 bits and their fixed-point survival sums must
@@ -200,10 +200,8 @@ def draft_sample_block(
     _check_tensor(op, "base_logits", base_logits, dim=3, dtypes=_FLOAT_DTYPES)
     device = base_logits.device
     batch = base_logits.shape[0]
-    temperature = _per_request(op, "temperature", temperature, batch, device, torch.float32)
-    top_k = _per_request(op, "top_k", top_k, batch, device, torch.int32)
-    top_p = _per_request(op, "top_p", top_p, batch, device, torch.float32)
-    min_p = _per_request(op, "min_p", min_p, batch, device, torch.float32)
+    temperature, top_k, top_p, min_p = _per_request_sampling(
+        op, temperature, top_k, top_p, min_p, batch, device)
     seed, offset = _default_seed_offset(op, seed, offset, batch, device)
     return _registry.dispatch(DRAFT_SAMPLE_BLOCK, backend, base_logits, anchor, markov_w1, markov_w2, temperature,
                               top_k, top_p, seed, offset, bool(return_logits), min_p)

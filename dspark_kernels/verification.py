@@ -13,16 +13,17 @@ from . import _registry
 from ._validation import (
     _FLOAT_DTYPES,
     _INT_DTYPES,
-    _check_offsets,
     _check_draft_index,
     _check_draft_index_data,
     _check_min_p,
+    _check_offsets,
     _check_sampling_tensors,
     _check_tensor,
     _default_seed_offset,
     _fail,
-    _per_request,
+    _per_request_sampling,
 )
+
 
 def verify_block(
     target_logits: torch.Tensor,
@@ -129,10 +130,8 @@ def verify_block(
     _check_tensor(op, "cu_num_draft", cu_num_draft, dim=1, dtypes=_INT_DTYPES, device=target_logits.device)
     device = target_logits.device
     batch = max(cu_num_draft.shape[0] - 1, 0)
-    temperature = _per_request(op, "temperature", temperature, batch, device, torch.float32)
-    top_k = _per_request(op, "top_k", top_k, batch, device, torch.int32)
-    top_p = _per_request(op, "top_p", top_p, batch, device, torch.float32)
-    min_p = _per_request(op, "min_p", min_p, batch, device, torch.float32)
+    temperature, top_k, top_p, min_p = _per_request_sampling(
+        op, temperature, top_k, top_p, min_p, batch, device)
     seed, offset = _default_seed_offset(op, seed, offset, batch, device)
     _check_return_logprobs(op, return_logprobs)
     if max_num_draft is None:  # one host read; valid offsets first (a wild one must not size the output)
@@ -351,10 +350,8 @@ def verify_tree(
     _check_tensor(op, "cu_num_draft", cu_num_draft, dim=1, dtypes=_INT_DTYPES, device=target_logits.device)
     device = target_logits.device
     batch = max(cu_num_draft.shape[0] - 1, 0)
-    temperature = _per_request(op, "temperature", temperature, batch, device, torch.float32)
-    top_k = _per_request(op, "top_k", top_k, batch, device, torch.int32)
-    top_p = _per_request(op, "top_p", top_p, batch, device, torch.float32)
-    min_p = _per_request(op, "min_p", min_p, batch, device, torch.float32)
+    temperature, top_k, top_p, min_p = _per_request_sampling(
+        op, temperature, top_k, top_p, min_p, batch, device)
     seed, offset = _default_seed_offset(op, seed, offset, batch, device)
     _check_return_logprobs(op, return_logprobs)
     if max_depth is None:  # one host read; valid offsets and parents first
@@ -502,10 +499,8 @@ def token_logprobs(
     _check_tensor(op, "tokens", tokens, dim=2, dtypes=_INT_DTYPES)
     device = tokens.device
     batch = tokens.shape[0]
-    temperature = _per_request(op, "temperature", temperature, batch, device, torch.float32)
-    top_k = _per_request(op, "top_k", top_k, batch, device, torch.int32)
-    top_p = _per_request(op, "top_p", top_p, batch, device, torch.float32)
-    min_p = _per_request(op, "min_p", min_p, batch, device, torch.float32)
+    temperature, top_k, top_p, min_p = _per_request_sampling(
+        op, temperature, top_k, top_p, min_p, batch, device)
     return _registry.dispatch(TOKEN_LOGPROBS, backend, target_logits, tokens, rows, temperature, top_k, top_p, min_p)
 
 

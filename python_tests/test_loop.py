@@ -255,13 +255,9 @@ def _check_caches(eng: SpecDecoder, target: Target, drafter: Drafter):
     assert all(rc[p] == 1 for p in in_use) and all(rc[p] == 0 for p in eng.free_pages)
 
 
-@pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("backend", [None, "reference"])
-@pytest.mark.parametrize("schedule,temperature", [("static", 1.0), ("dspark", 0.0)])
-def test_kv_cache_equals_rebuilt_cache_after_every_step(backend, schedule, temperature, device):
-    target, drafter = tiny_models(seed=4, device=device)
-    prompts = make_prompts(16, [3, 13, 1, 20], seed=8)
-    eng = engine(target, drafter, 5, schedule, backend=backend, max_batch=3, page_size=4)
+def decode_checking_caches(eng: SpecDecoder, target: Target, drafter: Drafter, prompts, temperature: float):
+    """Decodes ``prompts`` (lengths 9, 20, 14, 6 tokens) to the end, checking the KV caches
+    against a rebuild after every step; then no page may be left allocated."""
     for i, p in enumerate(prompts):
         eng.add_request(Request(p, max_new_tokens=[9, 20, 14, 6][i], temperature=temperature, seed=i))
     steps = 0
@@ -271,6 +267,16 @@ def test_kv_cache_equals_rebuilt_cache_after_every_step(backend, schedule, tempe
         steps += 1
     assert steps > 3
     assert len(eng.free_pages) == eng.num_pages and int(eng.refcount.sum()) == 0, "finished requests leaked pages"
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("backend", [None, "reference"])
+@pytest.mark.parametrize("schedule,temperature", [("static", 1.0), ("dspark", 0.0)])
+def test_kv_cache_equals_rebuilt_cache_after_every_step(backend, schedule, temperature, device):
+    target, drafter = tiny_models(seed=4, device=device)
+    prompts = make_prompts(16, [3, 13, 1, 20], seed=8)
+    eng = engine(target, drafter, 5, schedule, backend=backend, max_batch=3, page_size=4)
+    decode_checking_caches(eng, target, drafter, prompts, temperature)
 
 
 # ---------------------------------------------------------------------------------------------- misc

@@ -23,7 +23,7 @@ from dspark_kernels.loop import Request, SpecDecoder
 from dspark_kernels.loop.tree import TreeLayout, draft_tree, parse_branches, sample_tree
 
 from helpers import chi2_check
-from test_loop import _check_caches, _first_two_token_probs, dense_greedy, make_prompts, tiny_models
+from test_loop import _first_two_token_probs, decode_checking_caches, dense_greedy, make_prompts, tiny_models
 
 
 def tree_engine(target, drafter, depth=4, branches=(2, 2), max_batch=3, page_size=4, max_len=128, **kw):
@@ -226,15 +226,7 @@ def test_kv_cache_equals_rebuilt_cache_after_every_step(mode, temperature, backe
     else:
         eng = SpecDecoder(target, drafter, gamma=5, method="block", backend=backend, max_batch=3, page_size=4,
                           max_len=96)
-    for i, p in enumerate(prompts):
-        eng.add_request(Request(p, max_new_tokens=[9, 20, 14, 6][i], temperature=temperature, seed=i))
-    steps = 0
-    while eng.has_work():
-        eng.step()
-        _check_caches(eng, target, drafter)
-        steps += 1
-    assert steps > 3
-    assert len(eng.free_pages) == eng.num_pages and int(eng.refcount.sum()) == 0, "finished requests leaked pages"
+    decode_checking_caches(eng, target, drafter, prompts, temperature)
     if paths is not None:
         assert any(bool((p[:, 1] >= 2).any()) for p in paths), "no non-prefix path was committed"
 
