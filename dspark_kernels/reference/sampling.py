@@ -12,9 +12,17 @@ These are the rules every backend implements (the C++/CUDA kernels through
   disabled when ``k <= 0`` or ``k >= V``;
 * top-p, applied after top-k, keeps token ``v`` iff the probability mass of the
   kept tokens with strictly larger ``s`` is ``< top_p`` (equivalently ``s >= t*``
-  where ``t*`` is the value at which the descending cumulative mass first reaches
-  ``top_p``); the mass is summed in fp64; disabled when ``p <= 0`` or ``p >= 1``;
-* ``log p = s - logsumexp(s over kept)``, ``-inf`` for dropped tokens;
+  where ``t*`` is the largest value whose mass of kept tokens ``>= t*`` reaches
+  ``top_p`` times the kept mass); masses are fixed-point integers (below); disabled
+  when ``p <= 0`` or ``p >= 1``;
+* ``log p = s - lse`` over the kept set, ``-inf`` for dropped tokens, with the
+  order-independent log-sum-exp below;
+* fixed-point mass (docs/verification.md, "Order-independent sums"): with ``m`` the
+  largest kept ``s``, each kept token weighs ``E_v = trunc(exp_fp32(s_v - m) * 2^K)``
+  as an int64, ``K = mass_fraction_bits(V) = 62 - bit_length(V - 1)`` (``V`` terms
+  ``<= 1`` sum below ``2^62``); the row's mass is the integer ``Z = sum E_v``, exact
+  in any order, so a row split across devices (or threads) sums to the same bits;
+  ``lse = m + float32(log(float64(Z) * 2^-K))`` in fp32;
 * a categorical sample is the Gumbel race ``argmax_v(log w_v + G_v)`` (lowest index
   wins ties); a race with no finite score yields index 0.
 
@@ -59,6 +67,23 @@ def min_p_threshold(max_s: float, log_min_p: float) -> float:
     return float(torch.tensor(max_s, dtype=torch.float32) + torch.tensor(log_min_p, dtype=torch.float32))
 
 
+def mass_fraction_bits(vocab: int) -> int:
+    """``K = 62 - bit_length(V - 1)``: ``V`` fixed-point terms ``<= 1`` at ``2^-K`` sum below ``2^62``."""
+    return 62 - max(int(vocab) - 1, 1).bit_length()
+
+
+def fixed_mass(e: torch.Tensor, bits: int) -> torch.Tensor:
+    """``trunc(e * 2^bits)`` as int64 for fp32 ``e`` in ``[0, 1]`` (the scaling is exact in fp32)."""
+    return (e.to(torch.float32) * (2.0 ** bits)).to(torch.int64)
+
+
+def lse_from_mass(m: torch.Tensor, total: torch.Tensor, bits: int) -> torch.Tensor:
+    """``m + float32(log(float64(total) * 2^-bits))`` in fp32: the log-sum-exp of a row whose
+    largest kept scaled logit is ``m`` and whose fixed-point mass is ``total``."""
+    log_z = torch.log(total.to(torch.float64) * (2.0 ** -bits)).to(torch.float32)
+    return m.to(torch.float32) + log_z
+
+
 def scale_logits(logits: torch.Tensor, temperature: float) -> torch.Tensor:
     """``s = logit / T`` in fp32; NaN -> -inf, +-inf stay +-inf (also at T = +inf)."""
     x = logits.to(torch.float32)
@@ -100,11 +125,11 @@ def filter_threshold(s: torch.Tensor, top_k: int, top_p: float, min_p: float = 0
             threshold = float("inf")  # the +inf entries hold all the mass: keep just them
         elif kept.numel() > 0:
             m = kept.max()
-            e = torch.exp(kept - m).to(torch.float64)  # exp in fp32, sums in fp64
+            e = fixed_mass(torch.exp(kept - m), mass_fraction_bits(vocab))
             values, order = torch.sort(kept, descending=True)
-            cum = torch.cumsum(e[order], 0)
-            total = e.sum()
-            hit = torch.nonzero(cum >= top_p * total)
+            cum = torch.cumsum(e[order], 0)  # int64: exact, whatever the order of ties
+            target = float(torch.tensor(top_p, dtype=torch.float32)) * float(e.sum())
+            hit = torch.nonzero(cum.to(torch.float64) >= target)
             if hit.numel() > 0:
                 threshold = max(threshold, float(values[int(hit[0])]))
     return threshold
@@ -122,8 +147,8 @@ def filtered_log_probs(logits: torch.Tensor, temperature: float, top_k: int, top
         n_inf = torch.tensor(float(int((s == float("inf")).sum())), dtype=torch.float32)
         return torch.where(s == float("inf"), -torch.log(n_inf), torch.tensor(float("-inf")))
     m = s.max()
-    lse = m + torch.log(torch.exp(s - m).sum())
-    return s - lse
+    total = fixed_mass(torch.exp(s - m), mass_fraction_bits(s.numel())).sum()
+    return s - lse_from_mass(m, total, mass_fraction_bits(s.numel()))
 
 
 def race(log_weights: torch.Tensor, noise: torch.Tensor) -> int:

@@ -14,7 +14,7 @@ The walk (SpecInfer's multi-round speculative sampling), per request:
   unchanged);
 * on rejection ``w = log max(p' - q_c, 0)`` (``residual_log_weights``, the math of
   verify_block) and, if ``w`` has a finite entry, ``log p' = w - lse(w)`` (lse: max
-  plus the log of an fp64 sum of fp32 exps); if it has none (``p' == q_c``
+  plus the log of the fixed-point mass, ``sampling.lse_from_mass``); if it has none (``p' == q_c``
   numerically), ``p'`` is kept;
 * after an acceptance the walk descends; when no child is accepted (or the node is
   a leaf) the emitted token is a Gumbel race on the resample stream at position
@@ -30,19 +30,21 @@ from __future__ import annotations
 import torch
 
 from . import philox
-from .sampling import filtered_log_probs, greedy_argmax, race, residual_log_weights
+from .sampling import (filtered_log_probs, fixed_mass, greedy_argmax, lse_from_mass, mass_fraction_bits, race,
+                       residual_log_weights)
 
 _NEG_INF = float("-inf")
 
 
 def normalise_log_weights(w: torch.Tensor) -> torch.Tensor:
-    """``w - lse(w)`` in fp32, ``lse = m + float32(log(sum_fp64 exp_fp32(w - m)))`` (-inf stays -inf).
-
-    The same formula as the CPU kernels' log-sum-exp of a row (max, then an fp64 sum)."""
+    """``w - lse(w)`` in fp32 (-inf stays -inf), ``lse = m + float32(log(float64(Z) 2^-K))`` with
+    ``Z`` the fixed-point mass of ``exp_fp32(w - m)`` (``sampling.fixed_mass``): the log-sum-exp
+    rule of a filtered row, exact in any summation order."""
     finite = w > _NEG_INF
     m = w[finite].max()
-    e = torch.exp(torch.where(finite, w - m, torch.tensor(_NEG_INF))).to(torch.float64)
-    lse = m + torch.log(e.sum()).to(torch.float32)
+    bits = mass_fraction_bits(w.numel())
+    e = torch.exp(torch.where(finite, w - m, torch.tensor(_NEG_INF)))
+    lse = lse_from_mass(m, fixed_mass(e, bits).sum(), bits)
     return torch.where(finite, w - lse, torch.tensor(_NEG_INF))
 
 

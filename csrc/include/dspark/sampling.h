@@ -110,6 +110,34 @@ DSPARK_HD ArgMax argmax_merge(ArgMax a, ArgMax b) {
   return a;
 }
 
+// Order-independent row mass (docs/verification.md, "Order-independent sums"): with m
+// the largest kept scaled logit, kept entry v weighs E_v = trunc(expf(s_v - m) * 2^K)
+// as an int64, K = mass_fraction_bits(V) = 62 - bit_length(V - 1), so V terms <= 1 sum
+// below 2^62. Integer addition is associative: the row's mass Z = sum E_v has the same
+// bits in any order (threads, blocks, CPU lanes, or vocabulary shards on several
+// devices), and lse = m + float(log(double(Z) * 2^-K)) follows from (m, Z) alone.
+DSPARK_HD int mass_fraction_bits(int64_t vocab) {
+  uint64_t x = vocab > 2 ? static_cast<uint64_t>(vocab - 1) : 1u;
+  int len = 0;
+  while (x) {
+    ++len;
+    x >>= 1;
+  }
+  return 62 - len;
+}
+
+// 2^bits as a float (exact: a power of two); fixed_mass's scale.
+DSPARK_HD float mass_scale(int bits) { return static_cast<float>(1ull << bits); }
+
+// trunc(e * 2^bits) for e = expf(s - m) in [0, 1]; the product is exact in fp32.
+DSPARK_HD int64_t fixed_mass(float e, float scale) { return static_cast<int64_t>(e * scale); }
+
+// log-sum-exp of a row from its largest kept scaled logit m and fixed-point mass.
+DSPARK_HD float lse_from_mass(float m, int64_t total, int bits) {
+  const double unit = 1.0 / static_cast<double>(1ull << bits);
+  return m + static_cast<float>(log(static_cast<double>(total) * unit));
+}
+
 // Online softmax statistics of one row of scaled logits: running max m and
 // sum of exp(s - m), combined exactly as FlashAttention does.
 struct SoftmaxStats {
