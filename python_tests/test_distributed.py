@@ -9,6 +9,7 @@ logits, on every rank. Bad input must raise a named ValueError on every rank, no
 
 from __future__ import annotations
 
+import functools
 import random
 
 import pytest
@@ -113,6 +114,54 @@ def draft_case(case_seed: int, world: int) -> dict:
             "shards": _shards(rng, vocab, world, pad), "mode": mode}
 
 
+TREE_MODES = [{"greedy": True}, {}, {"draft_logits": True}, {"draft_probs": True}, {"top_k": True, "top_p": True},
+              {"min_p": True, "draft_logits": True}, {"draft_probs": True, "draft_index": True}]
+
+
+def tree_case(case_seed: int, world: int) -> dict:
+    rng = random.Random(case_seed)
+    mode = TREE_MODES[case_seed % len(TREE_MODES)]
+    pad = rng.choice([0, 4])
+    vocab = rng.choice([v for v in (1, 7, 37, 129) if v + pad >= world])
+    batch = rng.randint(1, 3)
+    n = [rng.randint(0, 6) for _ in range(batch)]
+    parents = []
+    for nb in n:
+        parents += [rng.randint(-1, j - 1) for j in range(nb)]
+    num_draft = sum(n)
+    g = torch.Generator().manual_seed(case_seed)
+    target = torch.randn(num_draft + batch, vocab + pad, generator=g) * rng.choice([0.3, 2.0, 5.0])
+    target[:, vocab:] = float("nan")
+    cu = torch.tensor([0] + torch.tensor(n).cumsum(0).tolist(), dtype=torch.int32)
+    drafts = torch.randint(0, vocab, (num_draft,), generator=g)
+    for b in range(batch):  # most drafts are their parent row's argmax: deep walks
+        for j in range(n[b]):
+            i = int(cu[b]) + j
+            parent_row = int(cu[b]) + b + (1 + parents[i] if parents[i] >= 0 else 0)
+            if rng.random() < 0.6:
+                drafts[i] = int(torch.argmax(target[parent_row, :vocab]))
+    kw = {"seed": torch.randint(0, 2**62, (batch,), generator=g), "offset": torch.randint(0, 100, (batch,), generator=g)}
+    if not mode.get("greedy"):
+        kw["temperature"] = torch.tensor([rng.choice([0.0, 0.8, 1.0]) for _ in range(batch)])
+    q_rows = num_draft
+    if mode.get("draft_index"):
+        q_rows = num_draft + 2
+        kw["draft_index"] = torch.randint(0, q_rows, (num_draft,), generator=g)
+    if mode.get("draft_logits"):
+        kw["draft_logits"] = torch.randn(q_rows, vocab + pad, generator=g)
+    if mode.get("draft_probs"):
+        kw["draft_probs"] = torch.cat([torch.softmax(torch.randn(q_rows, vocab, generator=g), 1),
+                                       torch.zeros(q_rows, pad)], 1)
+    if mode.get("top_k"):
+        kw["top_k"] = torch.tensor([rng.choice([0, 2, vocab]) for _ in range(batch)], dtype=torch.int32)
+    if mode.get("top_p"):
+        kw["top_p"] = torch.tensor([rng.choice([1.0, 0.7]) for _ in range(batch)])
+    if mode.get("min_p"):
+        kw["min_p"] = torch.tensor([rng.choice([0.0, 0.1]) for _ in range(batch)])
+    return {"target": target, "drafts": drafts, "parents": torch.tensor(parents, dtype=torch.int64), "cu": cu,
+            "kw": kw, "vocab": vocab, "shards": _shards(rng, vocab, world, pad), "mode": mode}
+
+
 def _local(t: torch.Tensor | None, start: int, width: int) -> torch.Tensor | None:
     return None if t is None else t[..., start:start + width].contiguous()
 
@@ -146,6 +195,38 @@ def run_draft_cases(rank: int, world: int, seeds: list[int]) -> list:
     return out
 
 
+def run_tree_cases(rank: int, world: int, seeds: list[int]) -> list:
+    out = []
+    for case_seed in seeds:
+        c = tree_case(case_seed, world)
+        start, width = c["shards"][rank]
+        kw = dict(c["kw"])
+        for name in ("draft_logits", "draft_probs"):
+            if name in kw:
+                kw[name] = _local(kw[name], start, width)
+        out.append(distributed.verify_tree(_local(c["target"], start, width), c["drafts"], c["parents"], c["cu"],
+                                           vocab_start=start, vocab_size=c["vocab"], **kw))
+    return out
+
+
+VERIFY_SEEDS = range(30)
+TREE_SEEDS = range(18)
+DRAFT_SEEDS = range(18)
+
+
+def run_all_cases(rank: int, world: int) -> dict:
+    """One process group per world size for every family (spawning costs more than the cases)."""
+    return {"verify": run_verify_cases(rank, world, [1000 * world + i for i in VERIFY_SEEDS]),
+            "tree": run_tree_cases(rank, world, [4000 * world + i for i in TREE_SEEDS]),
+            "draft": run_draft_cases(rank, world, [7000 * world + i for i in DRAFT_SEEDS]),
+            "bad": run_bad_inputs(rank, world)}
+
+
+@functools.lru_cache(maxsize=None)
+def _results(world: int) -> list[dict]:
+    return spawn(run_all_cases, world, timeout_s=TIMEOUT_S)
+
+
 def _expected_verify(c: dict):
     v = c["vocab"]
     kw = dict(c["kw"])
@@ -163,13 +244,30 @@ def _expected_draft(c: dict):
     return dk.draft_sample_block(c["base"][:, :, :v], c["anchor"], backend="reference", **kw)
 
 
-CASES_PER_WORLD = 40
+@pytest.mark.parametrize("world", [2, 3, 4])
+def test_verify_tree_bit_identical_to_one_device(world):
+    seeds = [4000 * world + i for i in TREE_SEEDS]
+    results = [r["tree"] for r in _results(world)]
+    accepted_total = 0
+    for i, case_seed in enumerate(seeds):
+        c = tree_case(case_seed, world)
+        v = c["vocab"]
+        kw = dict(c["kw"])
+        for name in ("draft_logits", "draft_probs"):
+            if name in kw:
+                kw[name] = kw[name][:, :v]
+        expected = dk.verify_tree(c["target"][:, :v], c["drafts"], c["parents"], c["cu"], backend="reference", **kw)
+        accepted_total += int(expected[1].sum())
+        for rank in range(world):
+            for got, want in zip(results[rank][i], expected):
+                assert torch.equal(got, want), (case_seed, c["mode"], rank, results[rank][i], expected)
+    assert accepted_total > 0
 
 
 @pytest.mark.parametrize("world", [2, 3, 4])
 def test_verify_block_bit_identical_to_one_device(world):
-    seeds = [1000 * world + i for i in range(CASES_PER_WORLD)]
-    results = spawn(run_verify_cases, world, seeds, timeout_s=TIMEOUT_S)
+    seeds = [1000 * world + i for i in VERIFY_SEEDS]
+    results = [r["verify"] for r in _results(world)]
     accepted_total = 0
     for i, case_seed in enumerate(seeds):
         c = verify_case(case_seed, world)
@@ -184,8 +282,8 @@ def test_verify_block_bit_identical_to_one_device(world):
 
 @pytest.mark.parametrize("world", [2, 3, 4])
 def test_draft_sample_block_bit_identical_to_one_device(world):
-    seeds = [7000 * world + i for i in range(24)]
-    results = spawn(run_draft_cases, world, seeds, timeout_s=TIMEOUT_S)
+    seeds = [7000 * world + i for i in DRAFT_SEEDS]
+    results = [r["draft"] for r in _results(world)]
     for i, case_seed in enumerate(seeds):
         c = draft_case(case_seed, world)
         ref_tokens, ref_logits = _expected_draft(c)
@@ -225,9 +323,9 @@ def run_bad_inputs(rank: int, world: int) -> list[str]:
     return messages
 
 
-@pytest.mark.parametrize("world", [2, 3])
+@pytest.mark.parametrize("world", [2, 3, 4])
 def test_bad_input_raises_on_every_rank(world):
-    results = spawn(run_bad_inputs, world, timeout_s=TIMEOUT_S)
+    results = [r["bad"] for r in _results(world)]
     expected = {"gap": "tile", "vocab_size": "vocab_size must be the same", "draft_id_all": "draft_tokens[1] = 10",
                 "shape_one": "rank 1 rejected its inputs"}
     for rank, messages in enumerate(results):

@@ -146,8 +146,8 @@ def row_distribution(comm, s: torch.Tensor, valid: torch.Tensor, m: torch.Tensor
                      top_k: torch.Tensor | None, top_p: torch.Tensor | None, log_min_p: torch.Tensor | None,
                      extra: torch.Tensor | None = None) -> tuple[RowDistribution, torch.Tensor | None]:
     """Thresholds and log-sum-exp of scaled rows ``s`` (global max ``m``), as
-    ``sampling.filtered_log_probs`` on the gathered rows. ``extra [R, E]`` int64 rides
-    along the mass all-reduce (summed over ranks) and is returned summed."""
+    ``sampling.filtered_log_probs`` on the gathered rows. ``extra`` (1-D int64) rides
+    along the mass all-reduce and is returned summed over the ranks."""
     rows = s.shape[0]
     dev = s.device
     bits = mass_fraction_bits(vocab_size)
@@ -164,11 +164,11 @@ def row_distribution(comm, s: torch.Tensor, valid: torch.Tensor, m: torch.Tensor
     kept = (s >= threshold.unsqueeze(1)) & (s > NEG_INF)
     safe_m = torch.where(finite, m, 0.0).unsqueeze(1)
     e = fixed_mass(torch.exp(torch.where(kept & finite.unsqueeze(1), s - safe_m, NEG_INF)), bits)
-    local = torch.stack([e.sum(1), ((s == POS_INF) & valid).sum(1)], 1)
+    local = torch.cat([e.sum(1), ((s == POS_INF) & valid).sum(1)])
     if extra is not None:
-        local = torch.cat([local, extra], 1)
+        local = torch.cat([local, extra])
     local = comm.all_reduce(local, "sum")
-    total, n_inf = local[:, 0], local[:, 1]
+    total, n_inf = local[:rows], local[rows:2 * rows]
     if top_p is not None:
         active = (top_p > 0) & (top_p < 1) & finite & (total > 0)
         target = top_p.to(torch.float32).to(torch.float64) * total.to(torch.float64)
@@ -179,7 +179,7 @@ def row_distribution(comm, s: torch.Tensor, valid: torch.Tensor, m: torch.Tensor
     inf_row = m == POS_INF
     threshold = torch.where(inf_row, POS_INF, threshold)
     lse = torch.where(inf_row, torch.log(n_inf.to(torch.float32)), lse)
-    return RowDistribution(s, threshold, lse), (local[:, 2:] if extra is not None else None)
+    return RowDistribution(s, threshold, lse), (local[2 * rows:] if extra is not None else None)
 
 
 def gumbel_noise(seed: torch.Tensor, position: torch.Tensor, salt: int, columns: torch.Tensor) -> torch.Tensor:

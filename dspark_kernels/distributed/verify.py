@@ -32,15 +32,15 @@ def _python_int(op, name, value, lo):
     return value
 
 
-def _owned_values(x: torch.Tensor, rows: torch.Tensor, vocab_start: int, vocab_size: int) -> torch.Tensor:
-    """``rows[i, x_i - vocab_start]`` as int64 bit patterns where this shard owns ``x_i``
-    (``0 <= x_i < vocab_size``), 0 elsewhere: summed over ranks, the owner's bits."""
+def _owned_values(x: torch.Tensor, rows: torch.Tensor, row_index: torch.Tensor, vocab_start: int,
+                  vocab_size: int) -> torch.Tensor:
+    """``rows[row_index[i], x_i - vocab_start]`` as int64 bit patterns where this shard owns
+    ``x_i`` (``0 <= x_i < vocab_size``), 0 elsewhere: summed over ranks, the owner's bits."""
     width = rows.shape[1]
     owned = (x >= vocab_start) & (x < vocab_start + width) & (x >= 0) & (x < vocab_size)
     if width == 0 or x.numel() == 0:
         return torch.zeros(x.shape[0], dtype=torch.int64, device=x.device)
-    col = torch.clamp(x - vocab_start, 0, width - 1).unsqueeze(1)
-    value = rows.gather(1, col).squeeze(1)
+    value = rows[row_index, torch.clamp(x - vocab_start, 0, width - 1)]
     return torch.where(owned, _rows.float_bits(value), 0)
 
 
@@ -165,103 +165,127 @@ def _check_data(target_logits, draft_tokens, cu_num_draft, draft_logits, draft_p
     _check_draft_index_data(OP, draft_index, draft_logits, draft_probs)
 
 
-def _verify(comm, target_logits, drafts, cu, draft_logits, draft_probs, temperature, top_k, top_p, min_p, seed,
-            offset, width, draft_index, vocab_start, vocab_size):
+class Prepared:
+    """What verify_block and verify_tree share (``prepare``)."""
+
+
+def prepare(comm, target_logits, drafts, cu, parent_row, draft_logits, draft_probs, draft_index, temperature,
+            top_k, top_p, min_p, vocab_start, vocab_size) -> Prepared:
+    """The shard's columns; every row's filtered distribution (the target rows, then q's
+    rows from draft_logits); the greedy argmax of the target rows; and per draft ``i``
+    the values of its accept test: ``lp`` = log p of its token under target row
+    ``parent_row[i]``, ``lq`` = log q of it, ``q_ok`` = q(x) is a finite positive number.
+    Two collectives, and four more for each of top_k / top_p when given (docs/distributed.md)."""
     device = target_logits.device
     T, C = target_logits.shape
     N = drafts.shape[0]
     B = cu.shape[0] - 1
-    cols, valid = _shard_columns(vocab_start, C, vocab_size, device)
-    n_b = cu[1:] - cu[:-1]
-    first_row = cu[:-1] + torch.arange(B, device=device)  # target row of position 0 of each request
-    req_of_row = torch.searchsorted(first_row, torch.arange(T, device=device), right=True) - 1
+    pr = Prepared()
+    pr.T, pr.C, pr.N, pr.B = T, C, N, B
+    pr.cols, pr.valid = _shard_columns(vocab_start, C, vocab_size, device)
+    pr.first_row = cu[:-1] + torch.arange(B, device=device)  # each request's first target row
+    req_of_row = torch.searchsorted(pr.first_row, torch.arange(T, device=device), right=True) - 1
     draft_ids = torch.arange(N, device=device)
-    req_of_draft = torch.searchsorted(cu, draft_ids, right=True) - 1
-    pos_of_draft = draft_ids - cu[req_of_draft]
-    greedy = torch.ones(B, dtype=torch.bool, device=device) if temperature is None else ~(temperature > 0)
-    temp = torch.ones(B, device=device) if temperature is None else torch.where(greedy, 1.0, temperature)
-    qrow = draft_index.to(torch.int64) if draft_index is not None else draft_ids
+    pr.req_of_draft = torch.searchsorted(cu, draft_ids, right=True) - 1
+    pr.greedy = torch.ones(B, dtype=torch.bool, device=device) if temperature is None else ~(temperature > 0)
+    temp = torch.ones(B, device=device) if temperature is None else torch.where(pr.greedy, 1.0, temperature)
+    pr.qrow = draft_index.to(torch.int64) if draft_index is not None else draft_ids
+    pr.draft_logits, pr.draft_probs = draft_logits, draft_probs
 
-    # Rows whose statistics are needed: the target rows, then q's rows (draft_logits).
     row_req = req_of_row
     s_rows = target_logits
     if draft_logits is not None:
-        row_req = torch.cat([req_of_row, req_of_draft])
-        s_rows = torch.cat([target_logits.to(torch.float32), draft_logits[qrow].to(torch.float32)])
-    s = _rows.scale_rows(s_rows, temp[row_req], valid)
-
-    # 1: the global max of every row, and the greedy argmax of the target rows (one all-gather).
-    local_max = s.amax(1) if C > 0 else torch.full((s.shape[0],), NEG_INF, device=device)
-    am_value, am_index = _rows.local_argmax(_rows.raw_rows(target_logits, valid), vocab_start)
-    packed = comm.all_gather(torch.cat([_rows.float_bits(local_max), _rows.float_bits(am_value), am_index]))
+        row_req = torch.cat([req_of_row, pr.req_of_draft])
+        s_rows = torch.cat([target_logits.to(torch.float32), draft_logits[pr.qrow].to(torch.float32)])
+    s = _rows.scale_rows(s_rows, temp[row_req], pr.valid)
     R = s.shape[0]
+
+    # 1: the global max of every row and the greedy argmax of the target rows (one all-gather).
+    local_max = s.amax(1) if C > 0 else torch.full((R,), NEG_INF, device=device)
+    am_value, am_index = _rows.local_argmax(_rows.raw_rows(target_logits, pr.valid), vocab_start)
+    packed = comm.all_gather(torch.cat([_rows.float_bits(local_max), _rows.float_bits(am_value), am_index]))
     m = _rows.bits_float(packed[:, :R]).amax(0)
     _, argmax = _rows.merge_argmax(_rows.bits_float(packed[:, R:R + T]), packed[:, R + T:])
-    argmax = torch.clamp(argmax, min=0)  # a row with no value above -inf: token 0
+    pr.argmax = torch.clamp(argmax, min=0)  # a row with no value above -inf: token 0
 
-    # 2: thresholds and fixed-point masses; the draft token's values ride along.
-    x_row = torch.full((R,), -1, dtype=torch.int64, device=device)
-    draft_row = draft_ids + req_of_draft  # target row of draft i
-    x_row[draft_row] = drafts
+    # 2: thresholds and fixed-point masses; the owners' values of the draft tokens ride along.
+    x = drafts
+    extra = [_owned_values(x, s, parent_row, vocab_start, vocab_size)]
     if draft_logits is not None:
-        x_row[T:] = drafts
-    extra = [_owned_values(x_row, s, vocab_start, vocab_size)]
-    if draft_probs is not None:
-        q_bits = torch.zeros(R, dtype=torch.int64, device=device)
-        q_bits[draft_row] = _owned_values(drafts, draft_probs[qrow].to(torch.float32), vocab_start, vocab_size)
-        extra.append(q_bits)
+        extra.append(_owned_values(x, s, T + draft_ids, vocab_start, vocab_size))
+    elif draft_probs is not None:
+        extra.append(_owned_values(x, draft_probs.to(torch.float32), pr.qrow, vocab_start, vocab_size))
     lmp = min_p_log_tensor(min_p)[row_req] if min_p is not None else None
-    dist, owned = _rows.row_distribution(comm, s, valid, m, vocab_size,
-                                         top_k[row_req] if top_k is not None else None,
-                                         top_p[row_req] if top_p is not None else None, lmp,
-                                         extra=torch.stack(extra, 1))
+    pr.dist, owned = _rows.row_distribution(comm, s, pr.valid, m, vocab_size,
+                                            top_k[row_req] if top_k is not None else None,
+                                            top_p[row_req] if top_p is not None else None, lmp,
+                                            extra=torch.cat(extra))
+    d = pr.dist
+    pr.x_valid = (x >= 0) & (x < vocab_size)
+    pr.lp = d.log_prob(_rows.bits_float(owned[:N]), d.threshold[parent_row], d.lse[parent_row])
+    if draft_logits is not None:
+        pr.lq = d.log_prob(_rows.bits_float(owned[N:]), d.threshold[T:], d.lse[T:])
+    elif draft_probs is not None:
+        pr.lq = torch.log(_rows.bits_float(owned[N:]))
+    else:
+        pr.lq = torch.zeros(N, device=device)
+    pr.q_ok = pr.x_valid & (pr.lq > NEG_INF) & (pr.lq < float("inf"))
+    return pr
+
+
+def q_log_rows(pr: Prepared, drafts: torch.Tensor, i: torch.Tensor) -> torch.Tensor:
+    """``[len(i), C]`` log q of drafts ``i`` on this shard (filtered draft_logits rows,
+    log draft_probs, or the point mass at the draft token)."""
+    if pr.draft_logits is not None:
+        return pr.dist.row_log_probs(pr.T + i)
+    if pr.draft_probs is not None:
+        return torch.log(pr.draft_probs[pr.qrow[i]].to(torch.float32))
+    return torch.where(pr.cols.unsqueeze(0) == drafts[i].unsqueeze(1), 0.0, NEG_INF)
+
+
+def _verify(comm, target_logits, drafts, cu, draft_logits, draft_probs, temperature, top_k, top_p, min_p, seed,
+            offset, width, draft_index, vocab_start, vocab_size):
+    device = target_logits.device
+    N = drafts.shape[0]
+    B = cu.shape[0] - 1
+    draft_ids = torch.arange(N, device=device)
+    req_of_draft = torch.searchsorted(cu, draft_ids, right=True) - 1
+    pr = prepare(comm, target_logits, drafts, cu, draft_ids + req_of_draft, draft_logits, draft_probs, draft_index,
+                 temperature, top_k, top_p, min_p, vocab_start, vocab_size)
+    n_b = cu[1:] - cu[:-1]
+    pos_of_draft = draft_ids - cu[req_of_draft]
+    x = drafts
 
     # 3: accept decisions of every draft, identical on every rank (no shard data needed).
-    x = drafts
-    x_valid = (x >= 0) & (x < vocab_size)
-    s_x = _rows.bits_float(owned[draft_row, 0])
-    lp = dist.log_prob(s_x, dist.threshold[draft_row], dist.lse[draft_row])
-    if draft_logits is not None:
-        lq = dist.log_prob(_rows.bits_float(owned[T + draft_ids, 0]), dist.threshold[T:], dist.lse[T:])
-    elif draft_probs is not None:
-        lq = torch.log(_rows.bits_float(owned[draft_row, 1]))
-    else:
-        lq = torch.zeros(N, device=device)
-    q_ok = x_valid & (lq > NEG_INF) & (lq < float("inf"))
     b_of = req_of_draft
     log_u = torch.log(philox.uniforms(seed[b_of], offset[b_of] + pos_of_draft, philox.SALT_ACCEPT, 0))
-    sample_ok = x_valid & (lp > NEG_INF) & q_ok & (log_u.to(torch.float64) < lp.to(torch.float64) - lq.to(torch.float64))
-    greedy_ok = x_valid & (x == argmax[draft_row])
-    ok = torch.where(greedy[b_of], greedy_ok, sample_ok)
+    sample_ok = (pr.x_valid & (pr.lp > NEG_INF) & pr.q_ok
+                 & (log_u.to(torch.float64) < pr.lp.to(torch.float64) - pr.lq.to(torch.float64)))
+    greedy_ok = pr.x_valid & (x == pr.argmax[draft_ids + b_of])
+    ok = torch.where(pr.greedy[b_of], greedy_ok, sample_ok)
     first_fail = torch.where(ok, n_b[b_of], pos_of_draft)
     accepted = n_b.clone().scatter_reduce_(0, b_of, first_fail, reduce="amin", include_self=True)
 
     # 4: the emitted token: a race at the first rejection (or the bonus row) per request.
-    r_emit = first_row + accepted
+    r_emit = pr.first_row + accepted
     rejected = accepted < n_b
-    i_emit = torch.clamp(cu[:-1] + accepted, max=max(N - 1, 0))  # the rejected draft (if any)
-    log_p = dist.row_log_probs(r_emit)
+    log_p = pr.dist.row_log_probs(r_emit)
+    weights = log_p
     if N > 0:
-        x_emit = x[i_emit]
-        if draft_logits is not None:
-            log_q = dist.row_log_probs(T + i_emit)
-        elif draft_probs is not None:
-            log_q = torch.log(draft_probs[qrow[i_emit]].to(torch.float32))
-        else:
-            log_q = torch.where(cols.unsqueeze(0) == x_emit.unsqueeze(1), 0.0, NEG_INF).expand(B, C)
-        use_residual = rejected & q_ok[i_emit]
-        weights = torch.where(use_residual.unsqueeze(1), residual_log_weights(log_p, log_q), log_p)
-    else:
-        weights = log_p
-    noise = _rows.gumbel_noise(seed, offset + accepted, philox.SALT_RESAMPLE, cols)
+        i_emit = torch.clamp(cu[:-1] + accepted, max=N - 1)  # the rejected draft (if any)
+        use_residual = rejected & pr.q_ok[i_emit]
+        weights = torch.where(use_residual.unsqueeze(1), residual_log_weights(log_p, q_log_rows(pr, x, i_emit)),
+                              log_p)
+    noise = _rows.gumbel_noise(seed, offset + accepted, philox.SALT_RESAMPLE, pr.cols)
     idx_w, idx_p = _rows.gather_winners(comm, [_rows.race_scores(weights, noise), _rows.race_scores(log_p, noise)],
                                         vocab_start)
     sampled = torch.where(idx_w >= 0, idx_w, torch.clamp(idx_p, min=0))
-    emitted = torch.where(greedy, argmax[r_emit], sampled)
+    emitted = torch.where(pr.greedy, pr.argmax[r_emit], sampled)
 
     j = torch.arange(width + 1, device=device).unsqueeze(0)
-    at = torch.clamp(cu[:-1].unsqueeze(1) + j, max=max(N - 1, 0))
-    kept = x[at] if N > 0 else torch.zeros(B, width + 1, dtype=torch.int64, device=device)
+    kept = x[torch.clamp(cu[:-1].unsqueeze(1) + j, max=N - 1)] if N > 0 else torch.zeros(B, width + 1,
+                                                                                        dtype=torch.int64,
+                                                                                        device=device)
     acc = accepted.unsqueeze(1)
     out = torch.where(j < acc, kept, torch.where(j == acc, emitted.unsqueeze(1), -1))
     return out.to(torch.int32), accepted.to(torch.int32)
