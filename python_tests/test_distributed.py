@@ -348,3 +348,40 @@ def test_world_size_one_without_a_process_group():
                                                     vocab_size=c["vocab"], **kw)
         ref_tokens, ref_accepted = _expected_verify(c)
         assert torch.equal(tokens, ref_tokens) and torch.equal(accepted, ref_accepted), (case_seed, c["mode"])
+
+
+def test_bench_verify_tp_counts_bytes_and_checks(tmp_path):
+    """`dspark-bench verify --tp 2`: both implementations on the same shards agree, and the
+    shards' bytes per call are the counted collectives (a tiny fraction of the all-gather's)."""
+    import json
+
+    from dspark_kernels.bench.__main__ import main
+
+    js = tmp_path / "tp.json"
+    rc = main(["verify", "--tp", "2", "--quick", "--batch", "1", "4", "--mode", "greedy", "sample-draft-logits",
+               "--device", "cpu", "--quiet", "--repeat", "2", "--json", str(js)])
+    assert rc == 0
+    cases = json.loads(js.read_text())["cases"]
+    assert {c["backend"] for c in cases} == {"tp-shards", "tp-gather"}
+    for c in cases:
+        assert c["correct"] is True and c["status"] == "ok" and c["tp"] == 2
+    for shards in (c for c in cases if c["backend"] == "tp-shards"):
+        gather = next(c for c in cases if c["backend"] == "tp-gather" and c["group"] == shards["group"]
+                      and c["batch"] == shards["batch"])
+        rows = shards["batch"] * (shards["gamma"] + 1)
+        # the all-gather sends this rank's [rows, V / 2] fp32 target shard (and the draft shard)
+        assert gather["bytes_per_rank"] >= rows * 500 * 4
+        assert 0 < shards["bytes_per_rank"] < gather["bytes_per_rank"] / 10
+
+
+def test_loop_tp2_gives_the_tokens_of_tp1():
+    """`python -m dspark_kernels.loop --tp 2`: the target's LM head on two gloo processes,
+    greedy and T = 1, the same tokens on every rank as at world size 1."""
+    import argparse
+
+    from dspark_kernels.loop.tp import main_tp
+
+    args = argparse.Namespace(tp=2, gamma=5, batch=[2], temperature=[0.0, 1.0], repeats=1, max_new_tokens=12,
+                              prompts=None, retrain=False, method="token", tree=False, tree_branch="2",
+                              tree_siblings="top-k", schedule="static")
+    assert main_tp(args) == 0

@@ -105,6 +105,9 @@ def add_arguments(p) -> None:
                         "depth and of the same number of verified tokens, in the same run")
     p.add_argument("--tree-branch", default="2", metavar="K",
                    help="tree children per node at each of the first two levels (default 2), or K1,K2,... per level")
+    p.add_argument("--tp", type=int, metavar="P",
+                   help="vocabulary-parallel: P gloo processes on the CPU, distributed.verify_block on the shards "
+                        "against all-gather + verify_block, time and bytes per call (bench/verify_tp.py)")
     p.add_argument("--reference-cap", type=float, default=REFERENCE_CAP,
                    help="time the reference only when B*(γ+1)*V is at most this (default %(default).0e)")
 
@@ -307,6 +310,10 @@ def _availability(name: str, device: torch.device, explicit: bool, group: Group,
 def run(args, ctx) -> list[dict]:
     device = ctx.device
     groups, batches = plan(args, device)
+    if getattr(args, "tp", None):
+        from . import verify_tp
+
+        return verify_tp.run(args, ctx, groups, batches)
     names, explicit = select_backends(args, device)
     cpu_ok = dspark_kernels.backends("verify_block")["cpu"]
     ceiling = ctx.ceiling_GBps()

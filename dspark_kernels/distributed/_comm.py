@@ -16,12 +16,15 @@ import torch
 
 @dataclass
 class CommStats:
-    """Collectives issued and payload bytes handed to torch.distributed by this rank."""
+    """Calls of the vocabulary-parallel ops, the collectives they issued and the payload
+    bytes this rank handed to torch.distributed."""
 
+    calls: int = 0
     collectives: int = 0
     bytes: int = 0
 
     def reset(self) -> None:
+        self.calls = 0
         self.collectives = 0
         self.bytes = 0
 
@@ -36,6 +39,7 @@ class Comm:
     def __init__(self, group=None):
         import torch.distributed as dist
 
+        stats.calls += 1  # one Comm per call of a public op
         self.dist = dist if dist.is_available() and dist.is_initialized() else None
         self.group = group
         if self.dist is None:

@@ -142,6 +142,14 @@ class RowDistribution:
         return self.log_prob(self.s[rows], self.threshold[rows].unsqueeze(1), self.lse[rows].unsqueeze(1))
 
 
+def _selected_rows(active: torch.Tensor) -> torch.Tensor | None:
+    """The rows a filter is active on, read on the host for CPU tensors (the radix rounds
+    then skip the others, and run not at all when none is active); None (every row, no
+    host read) on a GPU. ``active`` derives from replicated or all-reduced values, so every
+    rank takes the same branch and issues the same collectives."""
+    return torch.nonzero(active).flatten() if active.device.type == "cpu" else None
+
+
 def row_distribution(comm, s: torch.Tensor, valid: torch.Tensor, m: torch.Tensor, vocab_size: int,
                      top_k: torch.Tensor | None, top_p: torch.Tensor | None, log_min_p: torch.Tensor | None,
                      extra: torch.Tensor | None = None) -> tuple[RowDistribution, torch.Tensor | None]:
@@ -158,9 +166,14 @@ def row_distribution(comm, s: torch.Tensor, valid: torch.Tensor, m: torch.Tensor
     keys = order_key(s) if (top_k is not None or top_p is not None) else None
     if top_k is not None:
         active = (top_k > 0) & (top_k < vocab_size)
-        key, _ = radix_largest_key(comm, keys, valid.to(torch.int64),
-                                   torch.where(active, top_k, 0).to(torch.float64))
-        threshold = torch.where(active, torch.maximum(threshold, key_to_float(key)), threshold)
+        rows_k = _selected_rows(active)
+        if rows_k is None or rows_k.numel() > 0:
+            pick = slice(None) if rows_k is None else rows_k
+            key, _ = radix_largest_key(comm, keys[pick], valid.to(torch.int64).expand(rows, -1)[pick],
+                                       torch.where(active, top_k, 0).to(torch.float64)[pick])
+            cut = torch.full((rows,), NEG_INF, device=dev)
+            cut[pick] = key_to_float(key)
+            threshold = torch.where(active, torch.maximum(threshold, cut), threshold)
     kept = (s >= threshold.unsqueeze(1)) & (s > NEG_INF)
     safe_m = torch.where(finite, m, 0.0).unsqueeze(1)
     e = fixed_mass(torch.exp(torch.where(kept & finite.unsqueeze(1), s - safe_m, NEG_INF)), bits)
@@ -172,9 +185,16 @@ def row_distribution(comm, s: torch.Tensor, valid: torch.Tensor, m: torch.Tensor
     if top_p is not None:
         active = (top_p > 0) & (top_p < 1) & finite & (total > 0)
         target = top_p.to(torch.float32).to(torch.float64) * total.to(torch.float64)
-        key, mass = radix_largest_key(comm, keys, e, torch.where(active, target, 0.0))
-        threshold = torch.where(active, torch.maximum(threshold, key_to_float(key)), threshold)
-        total = torch.where(active, mass, total)
+        rows_p = _selected_rows(active)
+        if rows_p is None or rows_p.numel() > 0:
+            pick = slice(None) if rows_p is None else rows_p
+            key, mass = radix_largest_key(comm, keys[pick], e[pick], torch.where(active, target, 0.0)[pick])
+            cut = torch.full((rows,), NEG_INF, device=dev)
+            cut[pick] = key_to_float(key)
+            at = total.clone()
+            at[pick] = mass
+            threshold = torch.where(active, torch.maximum(threshold, cut), threshold)
+            total = torch.where(active, at, total)
     lse = torch.where(finite, lse_from_mass(torch.where(finite, m, 0.0), total, bits), NEG_INF)
     inf_row = m == POS_INF
     threshold = torch.where(inf_row, POS_INF, threshold)

@@ -165,7 +165,7 @@ def _walk(comm, target_logits, drafts, parents, cu, draft_logits, draft_probs, t
     path[:, 0] = 0
     tokens = torch.full((B, width), -1, dtype=torch.int64, device=device)
     emitted = torch.zeros(B, dtype=torch.int64, device=device)
-    sampling = not bool(temperature is None)
+    sampling = pr.sampling
     log_p = pr.dist.row_log_probs(cur_row) if sampling else None  # p' per request (this shard)
     raced = log_p
 

@@ -192,6 +192,18 @@ def prepare(comm, target_logits, drafts, cu, parent_row, draft_logits, draft_pro
     pr.qrow = draft_index.to(torch.int64) if draft_index is not None else draft_ids
     pr.draft_logits, pr.draft_probs = draft_logits, draft_probs
 
+    # Greedy batches need only the argmax (a host read of the temperatures on CPU tensors
+    # finds them; on a GPU only temperature=None does, without reading anything back).
+    pr.sampling = temperature is not None and (device.type != "cpu" or bool((temperature > 0).any()))
+    if not pr.sampling:
+        am_value, am_index = _rows.local_argmax(_rows.raw_rows(target_logits, pr.valid), vocab_start)
+        packed = comm.all_gather(torch.cat([_rows.float_bits(am_value), am_index]))
+        _, argmax = _rows.merge_argmax(_rows.bits_float(packed[:, :T]), packed[:, T:])
+        pr.argmax = torch.clamp(argmax, min=0)
+        pr.x_valid = (drafts >= 0) & (drafts < vocab_size)
+        pr.dist = None
+        return pr
+
     row_req = req_of_row
     s_rows = target_logits
     if draft_logits is not None:
@@ -247,7 +259,6 @@ def _verify(comm, target_logits, drafts, cu, draft_logits, draft_probs, temperat
             offset, width, draft_index, vocab_start, vocab_size):
     device = target_logits.device
     N = drafts.shape[0]
-    B = cu.shape[0] - 1
     draft_ids = torch.arange(N, device=device)
     req_of_draft = torch.searchsorted(cu, draft_ids, right=True) - 1
     pr = prepare(comm, target_logits, drafts, cu, draft_ids + req_of_draft, draft_logits, draft_probs, draft_index,
@@ -258,10 +269,14 @@ def _verify(comm, target_logits, drafts, cu, draft_logits, draft_probs, temperat
 
     # 3: accept decisions of every draft, identical on every rank (no shard data needed).
     b_of = req_of_draft
+    greedy_ok = pr.x_valid & (x == pr.argmax[draft_ids + b_of])
+    if not pr.sampling:
+        first_fail = torch.where(greedy_ok, n_b[b_of], pos_of_draft)
+        accepted = n_b.clone().scatter_reduce_(0, b_of, first_fail, reduce="amin", include_self=True)
+        return _output(x, cu, accepted, pr.argmax[pr.first_row + accepted], width)
     log_u = torch.log(philox.uniforms(seed[b_of], offset[b_of] + pos_of_draft, philox.SALT_ACCEPT, 0))
     sample_ok = (pr.x_valid & (pr.lp > NEG_INF) & pr.q_ok
                  & (log_u.to(torch.float64) < pr.lp.to(torch.float64) - pr.lq.to(torch.float64)))
-    greedy_ok = pr.x_valid & (x == pr.argmax[draft_ids + b_of])
     ok = torch.where(pr.greedy[b_of], greedy_ok, sample_ok)
     first_fail = torch.where(ok, n_b[b_of], pos_of_draft)
     accepted = n_b.clone().scatter_reduce_(0, b_of, first_fail, reduce="amin", include_self=True)
@@ -281,7 +296,13 @@ def _verify(comm, target_logits, drafts, cu, draft_logits, draft_probs, temperat
                                         vocab_start)
     sampled = torch.where(idx_w >= 0, idx_w, torch.clamp(idx_p, min=0))
     emitted = torch.where(pr.greedy, pr.argmax[r_emit], sampled)
+    return _output(x, cu, accepted, emitted, width)
 
+
+def _output(x, cu, accepted, emitted, width):
+    """``output_tokens``: the accepted drafts, the emitted token, then -1."""
+    device = x.device
+    N, B = x.shape[0], cu.shape[0] - 1
     j = torch.arange(width + 1, device=device).unsqueeze(0)
     kept = x[torch.clamp(cu[:-1].unsqueeze(1) + j, max=N - 1)] if N > 0 else torch.zeros(B, width + 1,
                                                                                         dtype=torch.int64,

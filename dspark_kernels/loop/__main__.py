@@ -3,7 +3,7 @@
     python -m dspark_kernels.loop [--gamma 7] [--batch 1 8] [--temperature 0 1] [--repeats 3]
                                   [--schedule static|dspark] [--max-new-tokens 64] [--device cpu|cuda]
                                   [--method token|block] [--tree [--tree-branch 2] [--tree-siblings top-k|sample]]
-                                  [--retrain]
+                                  [--retrain] [--tp P]
 
 Loads the target and the drafter shipped with the package (trained by
 ``python -m dspark_kernels.loop.train`` on the Python standard library's source;
@@ -21,6 +21,12 @@ a tree of depth γ instead (``--tree-branch K``: K children at each of the first
 levels, a chain after; ``K1,K2,…`` per level), verified in one target pass with
 ``verify_tree`` (static schedule; docs/loop.md#tree-mode); ``--tree-siblings sample``
 draws a sampling request's children i.i.d. from the drafter instead of its top-K.
+
+``--tp P`` runs the target's LM head vocabulary-parallel in P CPU processes (gloo):
+each computes its columns of the logits and verifies on them with
+``dspark_kernels.distributed``; the summary shows the same decoding at ``--tp 1``
+(the same code path on one process) and checks that the tokens are identical
+(loop/tp.py, docs/distributed.md).
 """
 
 from __future__ import annotations
@@ -60,7 +66,7 @@ def spec_options(args, gamma) -> dict:
                 tree_siblings=getattr(args, "tree_siblings", "top-k"))
 
 
-def run(target, drafter, prompts, args, *, gamma, backend=None, sps=None, max_new=None, timers=None):
+def run(target, drafter, prompts, args, *, gamma, backend=None, sps=None, max_new=None, timers=None, tp=None):
     reqs = [Request(p, max_new_tokens=max_new or args.max_new_tokens, temperature=args.temperature, seed=1000 + i,
                     eos_id=0) for i, p in enumerate(prompts)]
     opts = spec_options(args, gamma)
@@ -68,7 +74,7 @@ def run(target, drafter, prompts, args, *, gamma, backend=None, sps=None, max_ne
     eng = SpecDecoder(target, drafter if gamma else None, gamma=gamma, schedule=args.schedule if gamma else "static",
                       sps=sps, backend=backend, max_batch=args.batch, page_size=16,
                       max_len=max(len(p) for p in prompts) + (max_new or args.max_new_tokens) + window,
-                      timers=timers, **opts)
+                      timers=timers, tp=tp, **opts)
     dev = target.embed.weight.device
     if dev.type == "cuda":
         torch.cuda.synchronize(dev)
@@ -133,7 +139,13 @@ def main(argv=None) -> int:
     ap.add_argument("--tree-siblings", choices=["top-k", "sample"], default="top-k",
                     help="tree children: the drafter's top-K (point masses; default) or, for sampling, "
                          "i.i.d. draws verified against q")
+    ap.add_argument("--tp", type=int, default=1, metavar="P",
+                    help="vocabulary-parallel target LM head over P CPU processes (gloo); compared with --tp 1")
     args = ap.parse_args(argv)
+    if args.tp > 1:
+        from .tp import main_tp
+
+        return main_tp(args)
     if args.tree:
         args.schedule = "static"       # every node of the tree is verified
         try:

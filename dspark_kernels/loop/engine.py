@@ -44,8 +44,35 @@ import torch
 
 from .. import (draft_sample_block, kv_commit, kv_release_pages, schedule_verify_lens, verify_block,
                 window_commit)
+from .. import distributed
 from .models import Drafter, Target, op_backend
 from .tree import SIBLINGS, TreeLayout, tree_step
+
+
+@dataclass
+class VocabParallel:
+    """This process's shard of a vocabulary-parallel target LM head: columns
+    ``[start, end)`` of ``vocab_size``, ranks of ``group`` (None: the default group)."""
+
+    start: int
+    end: int
+    vocab_size: int
+    group: object = None
+
+    @classmethod
+    def split(cls, vocab_size: int, rank: int, world: int, group=None) -> "VocabParallel":
+        """Rank ``rank``'s shard of an even split (the first ``vocab_size % world`` get one more)."""
+        base, extra = divmod(vocab_size, world)
+        start = rank * base + min(rank, extra)
+        return cls(start, start + base + (1 if rank < extra else 0), vocab_size, group)
+
+    @property
+    def columns(self) -> tuple[int, int]:
+        return self.start, self.end
+
+    def local(self, t: torch.Tensor | None) -> torch.Tensor | None:
+        """This shard's columns of a full-vocabulary tensor (e.g. the replicated drafter's logits)."""
+        return None if t is None else t[..., self.start:self.end].contiguous()
 
 
 @dataclass
@@ -133,13 +160,18 @@ class SpecDecoder:
         tree_siblings: ``"top-k"`` (the drafter's best K children, verified as point
             masses) or ``"sample"`` (sampling requests draw children i.i.d. from the
             drafter's q and verify against it; greedy ones keep the top-K).
+        tp: a ``VocabParallel`` shard: this process computes only its columns of the
+            target's LM head and verifies with ``dspark_kernels.distributed`` on them
+            (the rest of the target and the drafter are replicated); every rank of the
+            group runs the same engine on the same requests and emits the same tokens.
     """
 
     def __init__(self, target: Target, drafter: Drafter | None = None, *, gamma: int = 5,
                  schedule: str = "static", sps: torch.Tensor | None = None, backend: str | None = None,
                  max_batch: int = 16, page_size: int = 16, max_len: int = 1024, num_pages: int | None = None,
                  timers: OpTimers | None = None, method: str = "token",
-                 tree: TreeLayout | tuple[int, ...] | None = None, tree_siblings: str = "top-k"):
+                 tree: TreeLayout | tuple[int, ...] | None = None, tree_siblings: str = "top-k",
+                 tp: "VocabParallel | None" = None):
         if schedule not in ("static", "dspark"):
             raise ValueError(f"schedule must be 'static' or 'dspark', got {schedule!r}")
         if method not in ("token", "block"):
@@ -155,7 +187,9 @@ class SpecDecoder:
                 raise ValueError(f"tree depth ({tree.depth}) must equal gamma ({gamma})")
         if tree_siblings not in SIBLINGS:
             raise ValueError(f"tree_siblings must be one of {SIBLINGS}, got {tree_siblings!r}")
-        self.method, self.tree, self.tree_siblings = method, tree, tree_siblings
+        if tp is not None and (schedule != "static" or method != "token"):
+            raise ValueError("a vocabulary-parallel target (tp) needs schedule='static' and method='token'")
+        self.method, self.tree, self.tree_siblings, self.tp = method, tree, tree_siblings, tp
         self.gamma = gamma if drafter is not None else 0
         if drafter is not None and gamma > drafter.cfg.max_gamma:
             raise ValueError(f"gamma ({gamma}) exceeds the drafter's max_gamma ({drafter.cfg.max_gamma})")
@@ -266,7 +300,8 @@ class SpecDecoder:
         with self.timers("target forward", self.device):
             logits, hidden = self.target.forward_paged(tokens, positions, row_req, row_idx, seq_lens, self.kv_caches,
                                                        block_table, self.page_size, max_seq, max_rows,
-                                                       backend=self.backend, **tree)
+                                                       backend=self.backend,
+                                                       vocab_slice=self.tp.columns if self.tp else None, **tree)
         return block_table, positions, row_req, row_idx, logits, hidden
 
     def _slot_offsets(self, reqs: list[Request], counts: list[int]) -> torch.Tensor:
@@ -372,11 +407,17 @@ class SpecDecoder:
             flat_drafts = torch.zeros(0, dtype=torch.int32, device=dev)
             flat_logits = None
         with self.timers("verify_block", dev):
-            out, num_accepted = verify_block(logits, flat_drafts, cu, draft_logits=flat_logits,
-                                             temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
-                                             offset=offset, max_num_draft=max(gamma, 1),
-                                             method=self.method if sum(lens) > 0 else "token",
-                                             backend=op_backend(self.backend, "verify_block"))
+            if self.tp is not None:
+                out, num_accepted = distributed.verify_block(
+                    logits, flat_drafts, cu, vocab_start=self.tp.start, vocab_size=self.tp.vocab_size,
+                    group=self.tp.group, draft_logits=self.tp.local(flat_logits), temperature=temperature,
+                    top_k=top_k, top_p=top_p, seed=seed, offset=offset, max_num_draft=max(gamma, 1))
+            else:
+                out, num_accepted = verify_block(logits, flat_drafts, cu, draft_logits=flat_logits,
+                                                 temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
+                                                 offset=offset, max_num_draft=max(gamma, 1),
+                                                 method=self.method if sum(lens) > 0 else "token",
+                                                 backend=op_backend(self.backend, "verify_block"))
         with self.timers("kv_commit + release", dev):
             path = torch.arange(gamma + 1, dtype=torch.int32, device=dev).expand(nb, -1)
             committed = torch.tensor([r.committed for r in reqs], dtype=torch.int32, device=dev)

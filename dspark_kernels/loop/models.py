@@ -238,6 +238,18 @@ class Target(nn.Module):
     def lm_head(self, x):
         return x @ self.embed.weight.t()     # tied with the embedding; the drafter shares both
 
+    def lm_head_columns(self, x: torch.Tensor, start: int, end: int) -> torch.Tensor:
+        """Columns ``[start, end)`` of the LM head's logits, each summed over ``d_model`` in
+        order in fp32: a vocabulary shard's logits are then the same bits as the same columns
+        of the whole head (a BLAS GEMM on a column slice may round differently), which is
+        what lets ``--tp P`` give exactly ``--tp 1``'s tokens (docs/distributed.md)."""
+        w = self.embed.weight[start:end].float()
+        x = x.float()
+        acc = torch.zeros(x.shape[0], end - start, dtype=torch.float32, device=x.device)
+        for i in range(x.shape[1]):
+            acc = acc + x[:, i:i + 1] * w[:, i]
+        return acc
+
     @property
     def hidden_size(self) -> int:
         return self.cfg.d_model * len(self.cfg.hidden_layers)
@@ -270,7 +282,7 @@ class Target(nn.Module):
                       row_idx: torch.Tensor, seq_lens: torch.Tensor, kv_caches: list[torch.Tensor],
                       block_table: torch.Tensor, page_size: int, max_seq_len: int, max_rows: int,
                       *, backend: str | None = None, tree_mask: torch.Tensor | None = None,
-                      rope_positions: torch.Tensor | None = None):
+                      rope_positions: torch.Tensor | None = None, vocab_slice: tuple[int, int] | None = None):
         """A ragged batch of new tokens against a paged KV cache (the verify / prefill pass).
 
         Row ``t`` is token ``tokens[t]`` of request ``row_req[t]`` at absolute position
@@ -281,7 +293,8 @@ class Target(nn.Module):
         ``[2·layer + 1]`` (V); row ``t`` attends causally to its request's positions
         ``≤ positions[t]``. ``max_seq_len`` / ``max_rows`` (≥ every ``seq_lens`` / row
         count) size the padded attention; the engine knows them on the host.
-        Returns (logits ``[T, V]`` float32, hidden ``[T, Dh]``).
+        Returns (logits ``[T, V]`` float32, hidden ``[T, Dh]``); with ``vocab_slice = (start,
+        end)`` the logits are only those columns (``lm_head_columns``: a vocabulary-parallel head).
 
         Tree verification (loop/tree.py): ``tree_mask [T, max_rows]`` bool replaces the
         causal order among the new rows: row ``t`` sees its request's cached context
@@ -323,6 +336,8 @@ class Target(nn.Module):
             x = layer.feed_forward(x, fused=True, backend=backend)
             if i in cfg.hidden_layers:
                 hidden.append(x)
+        if vocab_slice is not None:
+            return self.lm_head_columns(self.norm(x), *vocab_slice), torch.cat(hidden, -1)
         return self.lm_head(self.norm(x)).float(), torch.cat(hidden, -1)
 
     @staticmethod

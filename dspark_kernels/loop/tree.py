@@ -231,10 +231,19 @@ def tree_step(eng: SpecDecoder) -> None:
                             dtype=torch.int64, device=dev)
         flat_logits = node_logits.reshape(-1, node_logits.shape[-1])[keep]
     with eng.timers("verify_tree", dev):
-        path, num_accepted, out = verify_tree(logits, flat_tokens, flat_parents, cu, draft_logits=flat_logits,
-                                              temperature=temperature,
-                                              top_k=top_k, top_p=top_p, seed=seed, offset=offset,
-                                              max_depth=layout.depth, backend=op_backend(eng.backend, "verify_tree"))
+        if eng.tp is not None:  # a vocabulary-parallel LM head: verify on this rank's columns
+            from .. import distributed
+
+            path, num_accepted, out = distributed.verify_tree(
+                logits, flat_tokens, flat_parents, cu, vocab_start=eng.tp.start, vocab_size=eng.tp.vocab_size,
+                group=eng.tp.group, draft_logits=eng.tp.local(flat_logits), temperature=temperature, top_k=top_k,
+                top_p=top_p, seed=seed, offset=offset, max_depth=layout.depth)
+        else:
+            path, num_accepted, out = verify_tree(logits, flat_tokens, flat_parents, cu, draft_logits=flat_logits,
+                                                  temperature=temperature,
+                                                  top_k=top_k, top_p=top_p, seed=seed, offset=offset,
+                                                  max_depth=layout.depth,
+                                                  backend=op_backend(eng.backend, "verify_tree"))
     with eng.timers("kv_commit + release", dev):
         new_len = kv_commit(eng.kv_caches, block_table, eng.page_size, committed, path, num_accepted + 1,
                             backend=op_backend(eng.backend, "kv_commit"))
