@@ -24,6 +24,17 @@ struct Row {
   float operator[](int64_t v) const { return static_cast<float>(data[v * stride]); }
 };
 
+// One term of the fixed-point row mass (sampling.h, mass_fraction_bits) for x = s - m,
+// m the row's largest kept value: fixed_mass(expf(x)). Below -(bits + 1) log 2 the term
+// is exactly 0 (expf(x) is about 2^-(bits+1), half a unit), so the exp is skipped: most
+// of a wide vocabulary, and every dropped (-inf) entry of a filtered row.
+struct FixedMassTerm {
+  float scale, cut;
+  explicit FixedMassTerm(int bits)
+      : scale(mass_scale(bits)), cut(-static_cast<float>(bits + 1) * 0.6931472f) {}
+  int64_t operator()(float x) const { return x >= cut ? fixed_mass(std::exp(x), scale) : 0; }
+};
+
 // Threshold of min-p, top-k then top-p on scaled logits (sampling.h states the rules;
 // log_min_p = min_p_log(min_p), -inf when min-p is off).
 inline float filter_threshold(std::vector<float>& s, int64_t top_k, float top_p, float log_min_p) {
@@ -51,12 +62,11 @@ inline float filter_threshold(std::vector<float>& s, int64_t top_k, float top_p,
       if (m == -kNegInf) return -kNegInf;  // +inf entries hold all the mass: keep just them
       // Fixed-point masses (sampling.h, mass_fraction_bits): the cumulative sums are
       // exact integers, so ties at the cut and the order of equal values cannot matter.
-      const int bits = mass_fraction_bits(V);
-      const float scale = mass_scale(bits);
+      const FixedMassTerm term(mass_fraction_bits(V));
       std::vector<int64_t> mass(kept.size());
       int64_t total = 0;
       for (size_t i = 0; i < kept.size(); ++i) {
-        mass[i] = fixed_mass(std::exp(kept[i] - m), scale);
+        mass[i] = term(kept[i] - m);
         total += mass[i];
       }
       const double target = static_cast<double>(top_p) * static_cast<double>(total);
@@ -188,13 +198,13 @@ inline float log_min_p_at(const float* min_p, int64_t b) { return min_p ? min_p_
 
 // Fixed-point mass Z = sum_v fixed_mass(expf(value(v) - m)) of a row (docs/verification.md,
 // "Order-independent sums"), m the row's largest finite kept value; value(v) = -inf for
-// an entry that is not kept (its term is expf(-inf) = 0). An integer sum, so the
-// compiler may split it over lanes: any order gives the same bits.
+// an entry that is not kept (a zero term). An integer sum: any order, any split of the
+// row gives the same bits.
 template <typename F>
 int64_t fixed_row_mass(int64_t V, float m, int bits, F value) {
-  const float scale = mass_scale(bits);
+  const FixedMassTerm term(bits);
   int64_t total = 0;
-  for (int64_t v = 0; v < V; ++v) total += fixed_mass(std::exp(value(v) - m), scale);
+  for (int64_t v = 0; v < V; ++v) total += term(value(v) - m);
   return total;
 }
 
@@ -219,8 +229,9 @@ RowStats row_stats(Row<T> row, int64_t V, float temperature, int64_t top_k, floa
     st.threshold = filter_threshold(scratch, top_k, top_p, log_min_p);
     const float threshold = st.threshold;
     auto kept = [&](int64_t v) { return scratch[v] >= threshold ? scratch[v] : kRowNegInf; };
-    float m = kRowNegInf;
-    for (int64_t v = 0; v < V; ++v) m = kept(v) > m ? kept(v) : m;
+    // Every cut is at most max s (min-p adds log min_p <= 0, top-k and top-p cut at a
+    // value of the row), so the largest kept value is the row's maximum.
+    const float m = row_max(Row<float>{scratch.data(), 1}, V);
     if (!(m > kRowNegInf)) return st;
     if (m == -kRowNegInf) {  // +inf entries kept: they share the mass
       float n_inf = 0.f;
