@@ -1,7 +1,8 @@
 // Row helpers shared by the CPU kernels (verify_block, verify_tree, token_logprobs,
 // draft_sample_block): strided fp32 reads of a logits row, the top-k / top-p threshold,
-// the fixed-point row mass, the vectorised row max / argmax and the pruned Gumbel race. The rules themselves are the __host__ __device__
-// functions of dspark/sampling.h; this header only adds host-side loops over a row.
+// the fixed-point row mass, the vectorised row max / argmax and the pruned Gumbel race.
+// The rules themselves are the __host__ __device__ functions of dspark/sampling.h; this
+// header only adds host-side loops over a row.
 #pragma once
 
 #include <algorithm>
@@ -216,8 +217,8 @@ struct RowStats {
   float log_prob(float s) const { return filtered_log_prob(s, threshold, lse); }
 };
 
-// Two passes over the row in both paths, as the reference: m = max kept s, then
-// lse = lse_from_mass(m, Z) with K = mass_fraction_bits(V) over the whole row.
+// Both paths, as the reference: m = max kept s, then lse = lse_from_mass(m, Z) with Z
+// the fixed-point mass of the kept entries and K = mass_fraction_bits(V) of the whole row.
 template <typename T>
 RowStats row_stats(Row<T> row, int64_t V, float temperature, int64_t top_k, float top_p, float log_min_p,
                    std::vector<float>& scratch) {
