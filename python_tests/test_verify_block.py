@@ -13,6 +13,7 @@ from helpers import chi2_check, make_verify_inputs, softmax64
 
 import dspark_kernels as dk
 from dspark_kernels.reference import philox
+from dspark_kernels.reference.sampling import mass_fraction_bits
 
 BACKENDS = available_backends()  # cpu, and triton / cuda where they can run
 SIZES_V = [1, 2, 7, 129, 769]
@@ -350,6 +351,64 @@ def test_cpu_accepts_column_strided_logits():
     ref = dk.verify_block(*args, **kwargs, backend="reference")
     got = dk.verify_block(target, *args[1:], **kwargs, backend="cpu")
     assert torch.equal(got[0], ref[0]) and torch.equal(got[1], ref[1])
+
+
+def _mass_rule_rows(vocab):
+    """Two rows whose fixed-point mass (docs/verification.md, "Order-independent sums")
+    differs from an fp64 and from an fp32 sequential sum. Row 0: one logit 0 and the
+    rest at log(1.7 * 2^-K), each worth one unit 2^-K of Z, while 1 + 1.7 * 2^-K rounds
+    in fp64 to 1 (K = 54 at V = 129) or to 1 + 2^-51 (K = 52 at V = 769), so an fp64
+    sequential sum gives another lse. Row 1 (filtered by min-p 1e-30, which keeps every
+    entry): one logit 1 and the rest at -16.3, whose exp(-17.3) = 3e-8 each round away
+    when added to 1 in fp32 (an online fp32 sum gives lse = 1), while their integer
+    masses add up to lse = 1 + log(1 + (V - 1) 3e-8)."""
+    bits = mass_fraction_bits(vocab)
+    logits = torch.full((2, vocab), math.log(1.7) - bits * math.log(2.0))
+    logits[0, 0] = 0.0
+    logits[1] = -16.3
+    logits[1, 0] = 1.0
+    return logits, dict(temperature=torch.ones(2), min_p=torch.tensor([0.0, 1e-30]))
+
+
+@pytest.mark.parametrize("vocab", [129, 769])
+def test_cpu_log_probs_follow_the_fixed_point_mass(vocab):
+    """The CPU kernels' log-sum-exp is the reference's order-independent fixed-point rule,
+    bit for bit, in the unfiltered and the filtered path (exp(0) = 1 and the dropped
+    terms are exact, so the C library's exp and PyTorch's agree here)."""
+    if "cpu" not in BACKENDS:
+        pytest.skip("cpu backend not built")
+    logits, kw = _mass_rule_rows(vocab)
+    tokens = torch.tensor([[0, 1, vocab - 1], [0, 1, vocab - 1]])
+    rows = torch.tensor([[0, 0, 0], [1, 1, 1]])
+    ref = dk.token_logprobs(logits, tokens, rows, **kw, backend="reference")
+    got = dk.token_logprobs(logits, tokens, rows, **kw, backend="cpu")
+    assert ref[0, 0] < 0.0 and ref[1, 0] < 0.0, ref  # the rows do test the rule
+    assert torch.equal(got, ref), (got - ref).tolist()
+
+
+@pytest.mark.parametrize("filters", ["none", "min_p", "top_k", "top_p"])
+def test_cpu_log_probs_do_not_depend_on_the_column_order(filters):
+    """Integer masses sum to the same bits in any order: permuting a row's columns
+    permutes its log-probabilities exactly, on every path of row_stats."""
+    if "cpu" not in BACKENDS:
+        pytest.skip("cpu backend not built")
+    vocab, batch = 769, 6
+    gen = torch.Generator().manual_seed(7)
+    logits = torch.randn(batch, vocab, generator=gen) * 3.0
+    kw = dict(temperature=torch.rand(batch, generator=gen) + 0.5)
+    if filters == "min_p":
+        kw["min_p"] = torch.full((batch,), 1e-4)
+    if filters == "top_k":
+        kw["top_k"] = torch.full((batch,), 500, dtype=torch.int32)
+    if filters == "top_p":
+        kw["top_p"] = torch.full((batch,), 0.9)
+    tokens = torch.arange(vocab).repeat(batch, 1)
+    rows = torch.arange(batch).unsqueeze(1).expand(batch, vocab).contiguous()
+    base = dk.token_logprobs(logits, tokens, rows, **kw, backend="cpu")
+    for seed in range(3):
+        perm = torch.randperm(vocab, generator=torch.Generator().manual_seed(seed))
+        got = dk.token_logprobs(logits[:, perm].contiguous(), tokens, rows, **kw, backend="cpu")
+        assert torch.equal(got, base[:, perm]), (filters, seed)
 
 
 @pytest.mark.parametrize("backend", ["reference"] + BACKENDS)

@@ -1,7 +1,8 @@
-// Row helpers shared by the CPU kernels (verify_block, draft_sample_block): strided
-// fp32 reads of a logits row, the top-k / top-p threshold, the vectorised row max /
-// argmax and the pruned Gumbel race. The rules themselves are the __host__ __device__
-// functions of dspark/sampling.h; this header only adds host-side loops over a row.
+// Row helpers shared by the CPU kernels (verify_block, verify_tree, token_logprobs,
+// draft_sample_block): strided fp32 reads of a logits row, the top-k / top-p threshold,
+// the fixed-point row mass, the vectorised row max / argmax and the pruned Gumbel race.
+// The rules themselves are the __host__ __device__ functions of dspark/sampling.h; this
+// header only adds host-side loops over a row.
 #pragma once
 
 #include <algorithm>
@@ -22,6 +23,17 @@ struct Row {
   const T* data;
   int64_t stride;
   float operator[](int64_t v) const { return static_cast<float>(data[v * stride]); }
+};
+
+// One term of the fixed-point row mass (sampling.h, mass_fraction_bits) for x = s - m,
+// m the row's largest kept value: fixed_mass(expf(x)). Below -(bits + 1) log 2 the term
+// is exactly 0 (expf(x) is about 2^-(bits+1), half a unit), so the exp is skipped: most
+// of a wide vocabulary, and every dropped (-inf) entry of a filtered row.
+struct FixedMassTerm {
+  float scale, cut;
+  explicit FixedMassTerm(int bits)
+      : scale(mass_scale(bits)), cut(-static_cast<float>(bits + 1) * 0.6931472f) {}
+  int64_t operator()(float x) const { return x >= cut ? fixed_mass(std::exp(x), scale) : 0; }
 };
 
 // Threshold of min-p, top-k then top-p on scaled logits (sampling.h states the rules;
@@ -49,14 +61,21 @@ inline float filter_threshold(std::vector<float>& s, int64_t top_k, float top_p,
       std::sort(kept.begin(), kept.end(), std::greater<float>());
       const float m = kept[0];
       if (m == -kNegInf) return -kNegInf;  // +inf entries hold all the mass: keep just them
-      double total = 0.0;
-      for (float x : kept) total += static_cast<double>(std::exp(x - m));
-      const double target = static_cast<double>(top_p) * total;
-      double cum = 0.0;
-      for (float x : kept) {
-        cum += static_cast<double>(std::exp(x - m));
-        if (cum >= target) {
-          threshold = std::max(threshold, x);
+      // Fixed-point masses (sampling.h, mass_fraction_bits): the cumulative sums are
+      // exact integers, so ties at the cut and the order of equal values cannot matter.
+      const FixedMassTerm term(mass_fraction_bits(V));
+      std::vector<int64_t> mass(kept.size());
+      int64_t total = 0;
+      for (size_t i = 0; i < kept.size(); ++i) {
+        mass[i] = term(kept[i] - m);
+        total += mass[i];
+      }
+      const double target = static_cast<double>(top_p) * static_cast<double>(total);
+      int64_t cum = 0;
+      for (size_t i = 0; i < kept.size(); ++i) {
+        cum += mass[i];
+        if (static_cast<double>(cum) >= target) {
+          threshold = std::max(threshold, kept[i]);
           break;
         }
       }
@@ -171,11 +190,24 @@ int64_t gumbel_race_salted(int64_t V, uint64_t seed, uint64_t position, uint32_t
 }
 
 // One row's softmax statistics, shared by every CPU sampler that needs p or q of a
-// row (verify_block, verify_tree): one copy, so the +inf rule and the fp64 sum agree.
+// row (verify_block, verify_tree, token_logprobs): one copy, so the +inf rule and the
+// fixed-point mass agree.
 constexpr float kRowNegInf = -std::numeric_limits<float>::infinity();
 
 // The per-request min-p argument as the kernels read it: min_p_log of min_p[b].
 inline float log_min_p_at(const float* min_p, int64_t b) { return min_p ? min_p_log(min_p[b]) : kRowNegInf; }
+
+// Fixed-point mass Z = sum_v fixed_mass(expf(value(v) - m)) of a row (docs/verification.md,
+// "Order-independent sums"), m the row's largest finite kept value; value(v) = -inf for
+// an entry that is not kept (a zero term). An integer sum: any order, any split of the
+// row gives the same bits.
+template <typename F>
+int64_t fixed_row_mass(int64_t V, float m, int bits, F value) {
+  const FixedMassTerm term(bits);
+  int64_t total = 0;
+  for (int64_t v = 0; v < V; ++v) total += term(value(v) - m);
+  return total;
+}
 
 // Statistics of one temperature-scaled, filtered row: keep s >= threshold,
 // log p(v) = s_v - lse for kept v.
@@ -185,23 +217,33 @@ struct RowStats {
   float log_prob(float s) const { return filtered_log_prob(s, threshold, lse); }
 };
 
+// Both paths, as the reference: m = max kept s, then lse = lse_from_mass(m, Z) with Z
+// the fixed-point mass of the kept entries and K = mass_fraction_bits(V) of the whole row.
 template <typename T>
 RowStats row_stats(Row<T> row, int64_t V, float temperature, int64_t top_k, float top_p, float log_min_p,
                    std::vector<float>& scratch) {
   RowStats st{kRowNegInf, kRowNegInf};
+  const int bits = mass_fraction_bits(V);
   if (top_k_active(top_k, V) || top_p_active(top_p) || log_min_p > kRowNegInf) {
     scratch.resize(V);
     for (int64_t v = 0; v < V; ++v) scratch[v] = scale_logit(row[v], temperature);
     st.threshold = filter_threshold(scratch, top_k, top_p, log_min_p);
-    SoftmaxStats acc = softmax_stats_init();
-    for (int64_t v = 0; v < V; ++v)
-      if (scratch[v] >= st.threshold) softmax_stats_update(acc, scratch[v]);
-    st.lse = softmax_stats_lse(acc);
-    row_filter_final(acc.max, acc.sum, st.threshold, st.lse);  // the +inf rule
+    const float threshold = st.threshold;
+    auto kept = [&](int64_t v) { return scratch[v] >= threshold ? scratch[v] : kRowNegInf; };
+    // Every cut is at most max s (min-p adds log min_p <= 0, top-k and top-p cut at a
+    // value of the row), so the largest kept value is the row's maximum.
+    const float m = row_max(Row<float>{scratch.data(), 1}, V);
+    if (!(m > kRowNegInf)) return st;
+    if (m == -kRowNegInf) {  // +inf entries kept: they share the mass
+      float n_inf = 0.f;
+      for (int64_t v = 0; v < V; ++v) n_inf += kept(v) == m ? 1.f : 0.f;
+      row_filter_final(m, n_inf, st.threshold, st.lse);
+      return st;
+    }
+    st.lse = lse_from_mass(m, fixed_row_mass(V, m, bits, kept), bits);
     return st;
   }
-  // Two passes, as the reference: m = max s (division by T > 0 is monotone, so it is
-  // the scaled raw maximum), then lse = m + log(sum exp(s - m)).
+  // m = max s (division by T > 0 is monotone, so it is the scaled raw maximum).
   const float m = scale_logit(row_max(row, V), temperature);
   if (!(m > kRowNegInf)) return st;
   if (m == -kRowNegInf) {  // +inf entries (or l / T overflowing): they share the mass
@@ -210,11 +252,8 @@ RowStats row_stats(Row<T> row, int64_t V, float temperature, int64_t top_k, floa
     row_filter_final(m, n_inf, st.threshold, st.lse);
     return st;
   }
-  // fp64 accumulation: a sequential fp32 sum over 10^5 terms drifts by ~1e-5,
-  // enough to flip accept decisions against the reference's pairwise sum.
-  double sum = 0.0;
-  for (int64_t v = 0; v < V; ++v) sum += static_cast<double>(std::exp(scale_logit(row[v], temperature) - m));
-  st.lse = m + static_cast<float>(std::log(sum));
+  st.lse = lse_from_mass(m, fixed_row_mass(V, m, bits, [&](int64_t v) { return scale_logit(row[v], temperature); }),
+                         bits);
   return st;
 }
 

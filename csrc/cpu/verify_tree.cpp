@@ -129,10 +129,9 @@ void verify_tree_kernel(const at::Tensor& target_logits, const int64_t* drafts, 
               if (w[v] > m) m = w[v];
             }
             if (!(m > kNegInf)) continue;  // p' == q_c numerically: keep p'
-            double sum = 0.0;
-            for (int64_t v = 0; v < V; ++v)
-              if (w[v] > kNegInf) sum += static_cast<double>(std::exp(w[v] - m));
-            const float lse = tree_residual_lse(m, sum);
+            // lse(w): the fixed-point mass rule of a filtered row (row_ops.h), -inf terms 0.
+            const int bits = mass_fraction_bits(V);
+            const float lse = lse_from_mass(m, fixed_row_mass(V, m, bits, [&](int64_t v) { return w[v]; }), bits);
             for (int64_t v = 0; v < V; ++v) log_p[v] = tree_normalised(w[v], lse);
             raced.swap(w);  // the emitted token races over the last residual taken
             residual_taken = true;
