@@ -426,9 +426,50 @@ def test_engine_side_processing_is_the_engines():
         out = dv.RejectionSampler(logits_processor=processor)(vllm_spec_decode_metadata(spec), None, logits, sm)
         assert 3 not in out.sampled_token_ids.tolist()[0]
     assert calls and calls[0] == (3, 5)
-    sm.max_num_logprobs = 2
-    with pytest.raises(NotImplementedError, match="max_num_logprobs"):
-        dv.RejectionSampler(logits_processor=processor)(vllm_spec_decode_metadata(spec), None, logits, sm)
+    sm.max_num_logprobs = 2  # log-probs of the raw rows (vLLM's default raw_logprobs), before the hook
+    out = dv.RejectionSampler(logits_processor=processor)(vllm_spec_decode_metadata(spec), None, logits, sm)
+    assert out.logprobs_tensors.logprobs.shape[1] == 3
+    with pytest.raises(NotImplementedError, match="processed_logprobs"):
+        dv.RejectionSampler(logits_processor=processor, logprobs_mode="processed_logprobs")(
+            vllm_spec_decode_metadata(spec), None, logits, sm)
+
+
+@pytest.mark.parametrize("mode", ["raw_logprobs", "raw_logits"])
+def test_rejection_sampler_logprobs_tensors_match_vllm_semantics(mode):
+    """max_num_logprobs = k: for every output token in row-major order, [token, top-k] ids,
+    their values under the raw row the token came from, and the token's rank — computed
+    here per token from vLLM's definition (log_softmax or raw logits; rank = #{v: lp_v >= lp_x})."""
+    torch.manual_seed(3)
+    spec = [[1, 2, 0], [], [4, 4]]
+    vocab, k = 6, 3
+    rows = sum(len(s) + 1 for s in spec)
+    logits = torch.randn(rows, vocab) * 2
+    for mode_t in (None, torch.tensor([0.0, 1.0, 1.0])):
+        sm = vllm_sampling_metadata(temperature=mode_t) if mode_t is not None else vllm_sampling_metadata()
+        sm.max_num_logprobs = k
+        sampler = dv.RejectionSampler(logprobs_mode=mode)
+        res = sampler(vllm_spec_decode_metadata(spec), None, logits, sm)
+        out = res.sampled_token_ids
+        got = res.logprobs_tensors
+        ids, vals, ranks = [], [], []
+        row = 0
+        for b, s in enumerate(spec):
+            for j in range(len(s) + 1):
+                x = int(out[b, j])
+                if x != -1:
+                    r = logits[row + j].double()
+                    lp = r if mode == "raw_logits" else r - torch.logsumexp(r, 0)
+                    order = sorted(range(vocab), key=lambda v: (-float(lp[v]), v))[:k]
+                    ids.append([x] + order)
+                    vals.append([float(lp[x])] + [float(lp[v]) for v in order])
+                    ranks.append(sum(1 for v in range(vocab) if float(lp[v]) >= float(lp[x])))
+            row += len(s) + 1
+        assert got.logprob_token_ids.dtype == torch.int32
+        assert got.logprob_token_ids[:, 0].tolist() == [i[0] for i in ids]
+        assert torch.allclose(got.logprobs.double(), torch.tensor(vals, dtype=torch.float64), atol=1e-5)
+        assert got.selected_token_ranks.tolist() == ranks
+        # the top-k ids: equal to the oracle's except where values tie (none with random rows)
+        assert got.logprob_token_ids[:, 1:].tolist() == [i[1:] for i in ids]
 
 
 def test_empty_batches():

@@ -20,6 +20,7 @@ docs/integration.md.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 
@@ -34,7 +35,7 @@ PLACEHOLDER_TOKEN_ID = -1
 GREEDY_TEMPERATURE = 0  # vLLM V1 at VLLM_V1_COMMIT (older versions used -1)
 MAX_SPEC_LEN = 128
 
-__all__ = ["rejection_sample", "RejectionSampler", "rejection_sample_mrv2", "SamplerOutput",
+__all__ = ["rejection_sample", "RejectionSampler", "rejection_sample_mrv2", "SamplerOutput", "LogprobsTensors",
            "PLACEHOLDER_TOKEN_ID", "GREEDY_TEMPERATURE", "MAX_SPEC_LEN"]
 
 
@@ -53,6 +54,51 @@ except Exception:  # noqa: BLE001 - any import failure means "not installed"
 
         sampled_token_ids: torch.Tensor
         logprobs_tensors: object = None
+
+
+try:
+    from vllm.v1.outputs import LogprobsTensors  # type: ignore
+except Exception:  # noqa: BLE001
+    class LogprobsTensors(NamedTuple):  # type: ignore[no-redef]
+        """vLLM V1's ``LogprobsTensors`` fields: per output token, ``logprob_token_ids [n, 1 + k]``
+        int32 (the token, then the top-k ids), ``logprobs [n, 1 + k]`` fp32 and
+        ``selected_token_ranks [n]`` (1 + the number of ids with a larger log-prob)."""
+
+        logprob_token_ids: torch.Tensor
+        logprobs: torch.Tensor
+        selected_token_ranks: torch.Tensor
+
+
+LOGPROBS_MODES = ("raw_logprobs", "raw_logits")
+
+
+def _v1_logprobs_tensors(logits: torch.Tensor, out: torch.Tensor, cu: torch.Tensor, num_logprobs: int,
+                         mode: str, where: str) -> "LogprobsTensors":
+    """vLLM V1's sampled-token log-probs (``RejectionSampler._get_logprobs_tensors`` then
+    ``Sampler.gather_logprobs`` at VLLM_V1_COMMIT) for the ``N + B`` row layout: output
+    column ``j`` of request ``b`` (every non-placeholder one, in row-major order) comes
+    from row ``cu[b] + b + j``; its raw log-softmax (``raw_logprobs``) or raw logits
+    (``raw_logits``), the token's value, the top ``num_logprobs`` values and ids, and the
+    token's rank ``#{v : lp_v >= lp_token}``. One host sync (the count of outputs), as vLLM's."""
+    if mode not in LOGPROBS_MODES:
+        raise NotImplementedError(f"{where}: logprobs_mode {mode!r} is not supported (supported: {LOGPROBS_MODES}; "
+                                  f"processed modes need the engine's processed logits: compute them in the engine)")
+    if isinstance(num_logprobs, bool) or not isinstance(num_logprobs, int) or num_logprobs < 0:
+        raise ValueError(f"{where}: sampling_metadata.max_num_logprobs must be an int >= 0, got {num_logprobs!r}")
+    batch, width = out.shape
+    if num_logprobs > logits.shape[1]:
+        raise ValueError(f"{where}: max_num_logprobs = {num_logprobs} exceeds the vocabulary ({logits.shape[1]})")
+    first = cu[:-1].to(torch.int64) + torch.arange(batch, device=out.device)
+    mask = out != PLACEHOLDER_TOKEN_ID
+    rows = (first.unsqueeze(1) + torch.arange(width, device=out.device).unsqueeze(0))[mask]
+    tokens = out[mask].to(torch.int64).unsqueeze(1)
+    x = logits[rows].to(torch.float32)
+    lp = x if mode == "raw_logits" else x.log_softmax(dim=-1)
+    top_values, top_ids = torch.topk(lp, num_logprobs, dim=-1)
+    token_lp = lp.gather(-1, tokens)
+    ranks = (lp >= token_lp).sum(-1)
+    return LogprobsTensors(torch.cat([tokens, top_ids], 1).to(torch.int32), torch.cat([token_lp, top_values], 1),
+                           ranks)
 
 
 # ----------------------------------------------------------------------------------------
@@ -249,11 +295,19 @@ class RejectionSampler(torch.nn.Module):
             the engine-side processors (penalties, bad words, allowed ids) to every row;
             without it a batch using them is an error.
         backend: verify_block's backend.
+        logprobs_mode: vLLM's ``logprobs_mode`` (default: ``sampler.logprobs_mode``, else
+            ``"raw_logprobs"``). With ``sampling_metadata.max_num_logprobs = k`` set, the
+            output's ``logprobs_tensors`` are vLLM's: for every output token, its log-prob
+            under the raw row it was verified at (``raw_logprobs``; ``raw_logits``: the raw
+            logit), the top-k, and its rank (one host sync, as in vLLM).
     """
 
-    def __init__(self, sampler=None, *, logits_processor=None, backend: str | None = None):
+    def __init__(self, sampler=None, *, logits_processor=None, backend: str | None = None,
+                 logprobs_mode: str | None = None):
         super().__init__()
         self.sampler = sampler
+        # vLLM's Sampler.logprobs_mode (its default "raw_logprobs" without a sampler)
+        self.logprobs_mode = logprobs_mode or getattr(sampler, "logprobs_mode", None) or "raw_logprobs"
         self.logits_processor = logits_processor
         self.backend = backend
 
@@ -262,11 +316,9 @@ class RejectionSampler(torch.nn.Module):
         where = "RejectionSampler.forward"
         if int(metadata.max_spec_len) > MAX_SPEC_LEN:
             raise ValueError(f"{where}: max_spec_len = {metadata.max_spec_len} > MAX_SPEC_LEN = {MAX_SPEC_LEN}")
-        if getattr(sampling_metadata, "max_num_logprobs", None) is not None:
-            raise NotImplementedError(f"{where}: sampling_metadata.max_num_logprobs is set; vLLM's top-N "
-                                      f"log-probs and ranks are not computed by this adapter (the sampled tokens' "
-                                      f"own log-probs: dspark_kernels.verify_block(..., return_logprobs=True))")
+        num_logprobs = getattr(sampling_metadata, "max_num_logprobs", None)
         _v1_check_engine_processing(sampling_metadata, self.logits_processor, where)
+        raw_logits = logits
         if self.logits_processor is not None:
             logits = self.logits_processor(logits, sampling_metadata, metadata)
         draft_token_ids = metadata.draft_token_ids
@@ -284,6 +336,10 @@ class RejectionSampler(torch.nn.Module):
                 temperature=_v1_sampling_temperature(sampling_metadata, batch, device, False),
                 seed=seed, offset=offset, max_num_draft=int(metadata.max_spec_len), backend=self.backend, **filters)
         elif logits.shape[0] == num_draft:
+            if num_logprobs is not None:
+                raise NotImplementedError(f"{where}: sampling_metadata.max_num_logprobs with N-row logits (no bonus "
+                                          f"rows): the bonus tokens' log-probs belong to the sampler; pass the N + B "
+                                          f"rows")
             if self.sampler is None:
                 raise ValueError(f"{where}: logits has N = {num_draft} rows (no bonus rows): the bonus tokens "
                                  f"come from the sampler, pass RejectionSampler(sampler)")
@@ -295,7 +351,10 @@ class RejectionSampler(torch.nn.Module):
         else:
             raise ValueError(f"{where}: logits must have N + B = {num_draft + batch} rows (drafts then the bonus "
                              f"row of every request) or N = {num_draft}, got {logits.shape[0]}")
-        return SamplerOutput(sampled_token_ids=out, logprobs_tensors=None)
+        logprobs_tensors = None
+        if num_logprobs is not None:
+            logprobs_tensors = _v1_logprobs_tensors(raw_logits, out, cu, num_logprobs, self.logprobs_mode, where)
+        return SamplerOutput(sampled_token_ids=out, logprobs_tensors=logprobs_tensors)
 
     @staticmethod
     def parse_output(output_token_ids: torch.Tensor, vocab_size: int) -> list[list[int]]:
