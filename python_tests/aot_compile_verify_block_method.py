@@ -25,11 +25,11 @@ from dspark_kernels.triton import verify_block_method as vbm  # noqa: E402
 
 _PTRS = dict(t_ptr="*bf16", d_ptr="*bf16", drafts_ptr="*i32", cu_ptr="*i32", temp_ptr="*fp32", topk_ptr="*i32",
              topp_ptr="*fp32", seed_ptr="*i64", offset_ptr="*i64", t_ws_max_ptr="*fp32", t_ws_arg_ptr="*i32",
-             t_ws_m_ptr="*fp32", t_ws_sum_ptr="*fp32", t_thr_ptr="*fp32", t_lse_ptr="*fp32", d_ws_m_ptr="*fp32",
-             d_ws_sum_ptr="*fp32", d_thr_ptr="*fp32", d_lse_ptr="*fp32", out_ptr="*i32", num_acc_ptr="*i32",
+             t_ws_m_ptr="*fp32", t_ws_sum_ptr="*i64", t_thr_ptr="*fp32", t_lse_ptr="*fp32", d_ws_m_ptr="*fp32",
+             d_ws_sum_ptr="*i64", d_thr_ptr="*fp32", d_lse_ptr="*fp32", out_ptr="*i32", num_acc_ptr="*i32",
              lmp_ptr="*fp32", didx_ptr="*i64")
 # The token method's kernels and token_logprobs' (pointer names not above are fp32 / bf16 rows).
-_MORE_PTRS = dict(logits_ptr="*bf16", ws_max_ptr="*fp32", ws_arg_ptr="*i32", ws_m_ptr="*fp32", ws_sum_ptr="*fp32",
+_MORE_PTRS = dict(logits_ptr="*bf16", ws_max_ptr="*fp32", ws_arg_ptr="*i32", ws_m_ptr="*fp32", ws_sum_ptr="*i64",
                   thr_ptr="*fp32", lse_ptr="*fp32", tok_ptr="*i32", row_ptr="*i64")
 _INTS = ("t_stride_row", "num_target_rows", "d_stride_row", "num_drafts", "V", "W", "max_num_draft", "S",
          "num_q_rows")
@@ -62,6 +62,9 @@ def jobs():
         out.append((f"row_stats target={target_rows}", vb._row_stats_kernel,
                     dict(IS_TARGET=target_rows, HAS_TEMP=True, BLOCK=1024, HAS_DIDX=not target_rows, stride_col=1),
                     4))
+        out.append((f"row_mass target={target_rows}", vb._row_mass_kernel,
+                    dict(IS_TARGET=target_rows, HAS_TEMP=True, BLOCK=1024, S_BLOCK=4, HAS_DIDX=not target_rows,
+                         stride_col=1), 4))
         out.append((f"filter target={target_rows}", vb._filter_kernel,
                     dict(IS_TARGET=target_rows, HAS_TOPK=True, HAS_TOPP=True, BLOCK=256, RADIX_BITS=4, S_BLOCK=4,
                          HAS_MINP=True, HAS_DIDX=not target_rows, stride_col=1), 8))

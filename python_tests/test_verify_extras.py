@@ -5,6 +5,7 @@ losslessness with min-p, and the argument errors (docs/verification.md)."""
 from __future__ import annotations
 
 import math
+import os
 
 import pytest
 import torch
@@ -269,6 +270,53 @@ def test_logprobs_match_reference(backend, draft):
         tkw["min_p"] = torch.tensor([0.1, 0.0, 0.3, 0.01])
         want = _tree("reference", targs, tkw, return_logprobs=True)
         _assert_same(_tree(backend, targs, tkw, return_logprobs=True), want, f"{backend} tree V={vocab}")
+
+
+# Rows of the bit-identity test: s = [0, a, b, c] then tiny entries in [-36, -22] whose
+# fixed-point terms trunc(exp(s) 2^K) drop a fractional part (K = 54 at V = 129, 52 at
+# V = 769): the row mass is below its fp64 sum by about 2^-48 (V = 129) / 2^-43 (V = 769).
+# a, b, c are tuned so that, at top_p = 1 - 2^-24, the fixed-point rule keeps the max
+# alone (2^K >= p Z, by about 2^-49 relative) while an fp64 sum of the exps (the former
+# Triton masses) keeps the second value too. Their fp32 exps are the same in torch and
+# in numpy (the interpreter's tl.exp), so the two backends sum the same terms.
+_TOP_P_EDGE = {129: (-16.715200424194336, -25.000110626220703, -19.99998664855957),
+               769: (-16.97877311706543, -24.99978256225586, -20.000062942504883)}
+_ONE_MINUS_ULP = 1.0 - 2.0 ** -24  # the largest fp32 below 1
+
+
+def _tiny_tail(n):
+    return [-36.0 + 14.0 * (i + 0.5) / n for i in range(n)]
+
+
+@pytest.mark.skipif("triton" not in BACKENDS or os.environ.get("TRITON_INTERPRET") != "1",
+                    reason="the Triton interpreter (a GPU's tl.exp rounds differently from torch's)")
+@pytest.mark.parametrize("vocab", [129, 769])
+def test_triton_logprobs_bit_identical_to_reference(vocab):
+    """Triton's token_logprobs equal the reference's bit for bit (torch.equal) with the
+    order-independent fixed-point row mass (docs/verification.md#order-independent-sums),
+    with and without top-p: random rows, a row whose max holds all but ~2^-30 of the mass
+    (log p of the max is -log Z itself, so an fp64 sum of the exps gives other bits), and
+    the top-p edge row above (an fp64 mass keeps one more token)."""
+    a, b, c = _TOP_P_EDGE[vocab]
+    g = torch.Generator().manual_seed(vocab)
+    logits = torch.stack([
+        torch.tensor([0.0, a, b, c] + _tiny_tail(vocab - 4)),
+        torch.tensor([0.0, -21.0] + _tiny_tail(vocab - 2)),
+        torch.randn(vocab, generator=g) * 3,
+        torch.randn(vocab, generator=g) * 2 + 1,
+    ]).to(torch.float32)
+    tokens = torch.stack([torch.tensor([0, 1, 2, 3, 7]), torch.tensor([0, 1, 2, 5, 9]),
+                          torch.cat([logits[2].topk(3).indices, torch.randint(0, vocab, (2,), generator=g)]),
+                          torch.cat([logits[3].topk(3).indices, torch.randint(0, vocab, (2,), generator=g)])])
+    rows = torch.arange(4)[:, None].expand(4, 5).contiguous()
+    temperature = torch.tensor([1.0, 1.0, 0.8, 1.3])
+    for top_p in (None, torch.tensor([_ONE_MINUS_ULP, 0.99, 0.9, 0.5])):
+        kw = dict(temperature=temperature, top_p=top_p)
+        want = dk.token_logprobs(logits, tokens, rows, **kw, backend="reference")
+        got = dk.token_logprobs(logits, tokens, rows, **kw, backend="triton")
+        assert torch.equal(got, want), f"V={vocab} top_p={top_p}: {got.tolist()} vs {want.tolist()}"
+    # the edge row at top_p = 1 - 2^-24 keeps its max alone (log p = 0)
+    assert want[0, 0] == 0.0 and bool((want[0, 1:] == NEG_INF).all()), want[0]
 
 
 def test_logprobs_against_fp64_oracle():

@@ -25,8 +25,9 @@ Kernels (no host synchronisation; every grid comes from shapes; CUDA-graph safe)
   ``x_prev``. ``gamma`` launches in all.
 * ``_threshold_kernel``, one program per row: the top-k / top-p threshold of the row
   (sampling.h's rule, found without sorting: an order-preserving integer key of
-  ``s`` is fixed ``RADIX_BITS`` bits per pass by counting (top-k) or summing fp64
-  masses ``exp(s - max)`` (top-p) at 2^RADIX_BITS candidate prefixes).
+  ``s`` is fixed ``RADIX_BITS`` bits per pass by counting (top-k) or summing the int64
+  fixed-point masses ``trunc(exp(s - max) 2^K)`` (top-p, docs/verification.md#order-independent-sums)
+  at 2^RADIX_BITS candidate prefixes).
   Filters need the whole row before the race, so with ``top_k`` / ``top_p`` given:
   without the Markov head, one threshold launch then one race launch; with it, per
   step the Markov launch writes ``l`` (no race), then a threshold and a race launch

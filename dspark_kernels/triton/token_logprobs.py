@@ -1,6 +1,7 @@
 """token_logprobs in Triton: one program per output entry; a non-padding entry makes
 verify_tree's row-statistics pass over its row (``_row_stats``: min-p, top-k, top-p
-thresholds, the fp64 sum of fp32 exps of the CPU kernels) and reads one logit."""
+thresholds, the log-sum-exp from the int64 fixed-point row mass of
+docs/verification.md#order-independent-sums) and reads one logit."""
 
 from __future__ import annotations
 

@@ -1,24 +1,29 @@
 """verify_block in Triton (docs/verification.md): the same integer results as the reference.
 
-Three kernels, no host synchronisation (every grid size comes from shapes):
+Four kernels, no host synchronisation (every grid size comes from shapes):
 
 1. ``_row_stats_kernel``, grid ``(B * W, S)`` with ``W = max_num_draft + 1`` and S
    vocabulary splits, run once over the target rows and once over the draft rows
    (when ``draft_logits`` is given). Program ``(b * W + i, split)`` reads one split
    of row ``i`` of request ``b`` and writes to a workspace: for greedy requests the
-   maximum of the raw logits and its lowest index; for sampling requests the online
-   softmax statistics (max ``m``, ``sum exp(s - m)``) of the scaled logits
-   ``s = logit / T`` (an IEEE division, ``tl.math.div_rn``). Programs with
-   ``i > n_b`` return at once.
+   maximum of the raw logits and its lowest index; for sampling requests the maximum
+   of the scaled logits ``s = logit / T`` (an IEEE division, ``tl.math.div_rn``).
+   Programs with ``i > n_b`` return at once.
+1b. ``_row_mass_kernel``, the same grid, sampling rows only: the split's int64
+   fixed-point mass ``sum trunc(exp(s - m) 2^K)`` with ``m`` the row max merged from
+   the splits' maxima (docs/verification.md, "Order-independent sums"; the count of
+   +inf entries for a row whose max is +inf). Integer sums, so the row's mass does
+   not depend on the split count or the order of the reduction.
 2. ``_filter_kernel`` (only when ``top_k`` or ``top_p`` is given), one program per
    row: for sampling rows whose request has an active filter, the threshold of
    sampling.h without sorting. Scaled logits are mapped to the order-preserving
    integer encoding of fp32; top-k is the largest key ``t`` with
    ``count(key >= t) >= k`` (exact: the k-th largest value, ties kept), top-p the
-   largest key with ``mass(kept, key >= t) >= top_p * total`` where masses are fp32
-   ``exp(s - m)`` summed in fp64. Both searches fix the key 4 bits per pass on the
+   largest key with ``mass(kept, key >= t) >= top_p * total`` where masses are the
+   int64 fixed-point ``trunc(exp(s - m) 2^K)``. Both searches fix the key 4 bits per pass on the
    GPU (a 16-way bisection, 8 passes over the row; 8 bits and 4 passes in the
-   interpreter). A last pass gives the log-sum-exp of the kept tokens. One program
+   interpreter). A last pass gives the log-sum-exp of the kept tokens (the same
+   fixed-point mass). One program
    per row, so this is the slow part for large vocabularies (17 passes over a row
    with top-k and top-p both on).
 3. ``_decide_kernel``, one program per request: merges the splits in a fixed order,
@@ -42,11 +47,13 @@ on the GPU, where Triton's ``/`` is an approximate division), the greedy argmax 
 the top-k threshold (comparisons only), the uniforms (exact) and the Philox words.
 exp / log run in fp32 (``tl.exp`` is ``ex2.approx`` on NVIDIA GPUs, ``tl.log``
 libdevice's ``__nv_logf``), ``log1p`` of the residual in fp64 (Triton has no
-portable log1p that also runs in the interpreter). Sums are taken in a different
-order from the reference's, so results equal the reference's except where two
-candidates are within a few ulps of each other (an accept coin on the boundary,
-two race scores, or a top-p mass on its target), which random inputs do not
-produce. Non-finite input follows docs/verification.md ("Non-finite input"): NaN is
+portable log1p that also runs in the interpreter). The log-sums-exp and top-p
+masses are exact integer sums (``_filters.fixed_mass`` / ``lse_from_mass``), so they
+equal the reference's wherever the fp32 ``exp`` of the two agree (as in the
+interpreter's tests); on the GPU ``tl.exp`` rounds differently, and results equal the
+reference's except where two candidates are within a few ulps of each other (an
+accept coin on the boundary, two race scores, or a top-p mass on its target), which
+random inputs do not produce. Non-finite input follows docs/verification.md ("Non-finite input"): NaN is
 -inf (``scale_logit``), a row whose max is +inf keeps its +inf entries with
 ``threshold = +inf`` and ``lse = log(n_inf)`` (``_log_prob`` gives them ``-lse``).
 
@@ -67,6 +74,9 @@ from ._filters import (
     _filter_active,
     _min_p_log_at,
     _min_p_threshold,
+    fixed_mass,
+    lse_from_mass,
+    mass_scales,
     min_p_log_tensor,
     scale_logit,
     top_k_threshold,
@@ -122,14 +132,9 @@ def _q_row(didx_ptr, dpos, num_q_rows, HAS_DIDX: tl.constexpr):
 
 
 @triton.jit
-def _row_stats_kernel(
-    logits_ptr, stride_row, stride_col, num_rows,
-    cu_ptr, temp_ptr, V, W, max_num_draft, S, chunks_per_split,
-    ws_max_ptr, ws_arg_ptr, ws_m_ptr, ws_sum_ptr, didx_ptr,
-    IS_TARGET: tl.constexpr, HAS_TEMP: tl.constexpr, BLOCK: tl.constexpr, HAS_DIDX: tl.constexpr,
-):
-    pid = tl.program_id(0)
-    split = tl.program_id(1)
+def _stats_row(cu_ptr, didx_ptr, pid, W, max_num_draft, num_rows, IS_TARGET: tl.constexpr, HAS_DIDX: tl.constexpr):
+    """(b, row, live) of statistics program ``pid = b * W + i``: target row ``start + b + i``
+    (live for i <= n_b) or the q row of draft ``start + i`` (live for i < n_b), in range."""
     b = pid // W
     i = pid % W
     start, n = _request_n(cu_ptr, b, max_num_draft)
@@ -140,6 +145,19 @@ def _row_stats_kernel(
         live = i < n
         row = _q_row(didx_ptr, tl.where(live, start + i, 0), num_rows, HAS_DIDX)
     live = live & (row >= 0) & (row < num_rows)
+    return b, row, live
+
+
+@triton.jit
+def _row_stats_kernel(
+    logits_ptr, stride_row, stride_col, num_rows,
+    cu_ptr, temp_ptr, V, W, max_num_draft, S, chunks_per_split,
+    ws_max_ptr, ws_arg_ptr, ws_m_ptr, didx_ptr,
+    IS_TARGET: tl.constexpr, HAS_TEMP: tl.constexpr, BLOCK: tl.constexpr, HAS_DIDX: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    split = tl.program_id(1)
+    b, row, live = _stats_row(cu_ptr, didx_ptr, pid, W, max_num_draft, num_rows, IS_TARGET, HAS_DIDX)
     t = _load_temperature(temp_ptr, b, HAS_TEMP)
     greedy = not (t > 0.0)
     if live:
@@ -167,42 +185,72 @@ def _row_stats_kernel(
                 tl.store(ws_max_ptr + ws, bmax)
                 tl.store(ws_arg_ptr + ws, bidx)
         else:
-            # Online softmax statistics of s = logit / T, per lane.
+            # Max of s = logit / T, per lane (the mass needs the row max: _row_mass_kernel).
             m_vec = tl.full([BLOCK], _NEG_INF, tl.float32)
-            acc_vec = tl.zeros([BLOCK], tl.float32)
             for c in range(chunk_begin, chunk_end):
                 cols = c * BLOCK + offs
                 mask = cols < V
                 x = tl.load(row_ptr + cols.to(tl.int64) * stride_col, mask=mask, other=_NEG_INF).to(tl.float32)
-                s = tl.where(mask, scale_logit(x, t), _NEG_INF)
-                new_m = tl.maximum(m_vec, s)
-                ref = tl.where(new_m > _NEG_INF, new_m, 0.0)  # exp(-inf - ref) = 0, never NaN
-                # x == ref counts exp(0) = 1 exactly, so +inf entries are counted, never inf - inf.
-                acc_vec = acc_vec * tl.where(m_vec == ref, 1.0, tl.exp(m_vec - ref)) + \
-                    tl.where(s == ref, 1.0, tl.exp(s - ref))
-                m_vec = new_m
-            m = tl.max(m_vec, axis=0)
-            ref_m = tl.where(m > _NEG_INF, m, 0.0)
-            acc = tl.sum(tl.where(m_vec == ref_m, acc_vec, acc_vec * tl.exp(m_vec - ref_m)), axis=0)
-            tl.store(ws_m_ptr + ws, m)
-            tl.store(ws_sum_ptr + ws, acc)
+                m_vec = tl.maximum(m_vec, tl.where(mask, scale_logit(x, t), _NEG_INF))
+            tl.store(ws_m_ptr + ws, tl.max(m_vec, axis=0))
 
 
 @triton.jit
-def _merge_softmax(ws_m_ptr, ws_sum_ptr, ridx, S, S_BLOCK: tl.constexpr):
-    """(max, log-sum-exp) of a row from its S split statistics (fixed order, deterministic)."""
+def _split_max(ws_m_ptr, ridx, S, S_BLOCK: tl.constexpr):
+    """Max of s over a row, from its S split maxima."""
+    sp = tl.arange(0, S_BLOCK)
+    ms = tl.load(ws_m_ptr + ridx.to(tl.int64) * S + sp, mask=sp < S, other=_NEG_INF)
+    return tl.max(ms, axis=0)
+
+
+@triton.jit
+def _row_mass_kernel(
+    logits_ptr, stride_row, stride_col, num_rows,
+    cu_ptr, temp_ptr, V, W, max_num_draft, S, chunks_per_split,
+    ws_m_ptr, ws_sum_ptr, didx_ptr,
+    IS_TARGET: tl.constexpr, HAS_TEMP: tl.constexpr, BLOCK: tl.constexpr, S_BLOCK: tl.constexpr,
+    HAS_DIDX: tl.constexpr,
+):
+    """The split's int64 fixed-point mass of exp(s - m), m the row max (after _row_stats_kernel);
+    for a row whose max is +inf, the count of its +inf entries."""
+    pid = tl.program_id(0)
+    split = tl.program_id(1)
+    b, row, live = _stats_row(cu_ptr, didx_ptr, pid, W, max_num_draft, num_rows, IS_TARGET, HAS_DIDX)
+    t = _load_temperature(temp_ptr, b, HAS_TEMP)
+    if live & (t > 0.0):
+        row_ptr = logits_ptr + row * stride_row
+        offs = tl.arange(0, BLOCK)
+        chunk_begin = split * chunks_per_split
+        chunk_end = tl.minimum(chunk_begin + chunks_per_split, (V + BLOCK - 1) // BLOCK)
+        m = _split_max(ws_m_ptr, pid, S, S_BLOCK)
+        safe_m = tl.where(m > _NEG_INF, m, 0.0)
+        scale, _unscale = mass_scales(V)
+        acc = tl.zeros([BLOCK], tl.int64)
+        n_inf = tl.zeros([BLOCK], tl.int32)
+        for c in range(chunk_begin, chunk_end):
+            cols = c * BLOCK + offs
+            mask = cols < V
+            x = tl.load(row_ptr + cols.to(tl.int64) * stride_col, mask=mask, other=_NEG_INF).to(tl.float32)
+            s = tl.where(mask, scale_logit(x, t), _NEG_INF)
+            fin = (s > _NEG_INF) & (s < _POS_INF)  # +inf entries are counted apart: never inf - inf
+            acc += fixed_mass(tl.where(fin, tl.exp(tl.where(fin, s, 0.0) - safe_m), 0.0), scale)
+            n_inf += (s == _POS_INF).to(tl.int32)
+        total = tl.where(m == _POS_INF, tl.sum(n_inf, axis=0).to(tl.int64), tl.sum(acc, axis=0))
+        tl.store(ws_sum_ptr + pid.to(tl.int64) * S + split, total)
+
+
+@triton.jit
+def _merge_softmax(ws_m_ptr, ws_sum_ptr, ridx, S, V, S_BLOCK: tl.constexpr):
+    """(max, log-sum-exp) of a row from its S split maxima and int64 masses (exact in any order)."""
     sp = tl.arange(0, S_BLOCK)
     smask = sp < S
     base = ridx.to(tl.int64) * S
-    ms = tl.load(ws_m_ptr + base + sp, mask=smask, other=_NEG_INF)
-    sums = tl.load(ws_sum_ptr + base + sp, mask=smask, other=0.0)
-    m = tl.max(ms, axis=0)
-    finite = m > _NEG_INF
-    safe_m = tl.where(finite, m, 0.0)
-    total = tl.sum(tl.where(ms > _NEG_INF, tl.where(ms == safe_m, sums, sums * tl.exp(ms - safe_m)), 0.0), axis=0)
-    lse = tl.where(finite, safe_m + tl.log(tl.where(finite, total, 1.0)), _NEG_INF)
+    m = _split_max(ws_m_ptr, ridx, S, S_BLOCK)
+    total = tl.sum(tl.load(ws_sum_ptr + base + sp, mask=smask, other=0), axis=0)
+    _scale, unscale = mass_scales(V)
+    lse = tl.where(m > _NEG_INF, lse_from_mass(tl.where(m > _NEG_INF, m, 0.0), total, unscale), _NEG_INF)
     # A +inf row: lse = log(n_inf), read with threshold +inf (sampling.h row_filter_final).
-    lse = tl.where(m == _POS_INF, tl.log(total), lse)
+    lse = tl.where(m == _POS_INF, tl.log(tl.maximum(total, 1).to(tl.float32)), lse)
     return m, lse
 
 
@@ -234,26 +282,15 @@ def _filter_kernel(
     S_BLOCK: tl.constexpr, HAS_MINP: tl.constexpr, HAS_DIDX: tl.constexpr,
 ):
     pid = tl.program_id(0)
-    b = pid // W
-    i = pid % W
-    start, n = _request_n(cu_ptr, b, max_num_draft)
-    if IS_TARGET:
-        row = start + b + i
-        live = i <= n
-    else:
-        live = i < n
-        row = _q_row(didx_ptr, tl.where(live, start + i, 0), num_rows, HAS_DIDX)
-    live = live & (row >= 0) & (row < num_rows)
+    b, row, live = _stats_row(cu_ptr, didx_ptr, pid, W, max_num_draft, num_rows, IS_TARGET, HAS_DIDX)
     t = tl.load(temp_ptr + b).to(tl.float32)
     k, k_on, p, p_on = _filter_active(topk_ptr, topp_ptr, b, V, HAS_TOPK, HAS_TOPP)
     lmp = _min_p_log_at(lmp_ptr, b, HAS_MINP)
     if live & (t > 0.0) & (k_on | p_on | (lmp > _NEG_INF)):
         row_ptr = logits_ptr + row * stride_row
         offs = tl.arange(0, BLOCK)
-        # Row max of s (always kept by either filter) from the split statistics.
-        sp = tl.arange(0, S_BLOCK)
-        ms = tl.load(ws_m_ptr + pid.to(tl.int64) * S + sp, mask=sp < S, other=_NEG_INF)
-        m = tl.max(ms, axis=0)
+        # Row max of s (always kept by either filter: the largest kept value) from the splits.
+        m = _split_max(ws_m_ptr, pid, S, S_BLOCK)
         safe_m = tl.where(m > _NEG_INF, m, 0.0)
 
         thr = _min_p_threshold(m, lmp)  # -inf (keep all) when min-p is off
@@ -261,20 +298,23 @@ def _filter_kernel(
             thr = tl.maximum(thr, top_k_threshold(row_ptr, stride_col, V, t, k, BLOCK, RADIX_BITS))
         if p_on:
             thr = top_p_threshold(row_ptr, stride_col, V, t, thr, safe_m, p, BLOCK, RADIX_BITS)
-        # Log-sum-exp of the kept tokens.
-        acc_vec = tl.zeros([BLOCK], tl.float32)
+        # Log-sum-exp of the kept tokens: their fixed-point mass.
+        scale, unscale = mass_scales(V)
+        acc = tl.zeros([BLOCK], tl.int64)
+        n_inf = tl.zeros([BLOCK], tl.int32)
         for c in range(0, num_chunks):
             cols = c * BLOCK + offs
             mask = cols < V
             x = tl.load(row_ptr + cols.to(tl.int64) * stride_col, mask=mask, other=0.0).to(tl.float32)
             s = scale_logit(x, t)
             kept = mask & (s >= thr) & (s > _NEG_INF)
-            acc_vec += tl.where(kept, tl.where(s == safe_m, 1.0, tl.exp(s - safe_m)), 0.0)
-        acc = tl.sum(acc_vec, axis=0)
-        lse = tl.where(m > _NEG_INF, safe_m + tl.log(tl.where(acc > 0.0, acc, 1.0)), _NEG_INF)
+            fin = kept & (s < _POS_INF)  # +inf entries are counted apart: never inf - inf
+            acc += fixed_mass(tl.where(fin, tl.exp(tl.where(fin, s, 0.0) - safe_m), 0.0), scale)
+            n_inf += (mask & (s == _POS_INF)).to(tl.int32)
+        lse = tl.where(m > _NEG_INF, lse_from_mass(safe_m, tl.sum(acc, axis=0), unscale), _NEG_INF)
         # The +inf rule (sampling.h row_filter_final): keep the +inf entries, lse = log(n_inf).
         thr = tl.where(m == _POS_INF, _POS_INF, thr)
-        lse = tl.where(m == _POS_INF, tl.log(acc), lse)
+        lse = tl.where(m == _POS_INF, tl.log(tl.maximum(tl.sum(n_inf, axis=0), 1).to(tl.float32)), lse)
         tl.store(thr_ptr + pid, thr)
         tl.store(lse_ptr + pid, lse)
 
@@ -285,10 +325,10 @@ def _filter_kernel(
 
 
 @triton.jit
-def _row_lse_thr(ws_m_ptr, ws_sum_ptr, thr_ptr, lse_ptr, ridx, S, filt_on,
+def _row_lse_thr(ws_m_ptr, ws_sum_ptr, thr_ptr, lse_ptr, ridx, S, V, filt_on,
                  HAS_FILTER: tl.constexpr, S_BLOCK: tl.constexpr):
     """(threshold, lse) of a sampling row: filtered ones from _filter_kernel, else merged splits."""
-    m, lse = _merge_softmax(ws_m_ptr, ws_sum_ptr, ridx, S, S_BLOCK)
+    m, lse = _merge_softmax(ws_m_ptr, ws_sum_ptr, ridx, S, V, S_BLOCK)
     thr = tl.where(m == _POS_INF, _POS_INF, _NEG_INF)  # the +inf rule
     if HAS_FILTER:
         if filt_on:
@@ -357,12 +397,12 @@ def _decide_kernel(
             am = _merge_argmax(t_ws_max_ptr, t_ws_arg_ptr, ridx, S, V, S_BLOCK)
             ok = valid & (x == am)
         else:
-            thr_p, lse_p = _row_lse_thr(t_ws_m_ptr, t_ws_sum_ptr, t_thr_ptr, t_lse_ptr, ridx, S, filt_on,
+            thr_p, lse_p = _row_lse_thr(t_ws_m_ptr, t_ws_sum_ptr, t_thr_ptr, t_lse_ptr, ridx, S, V, filt_on,
                                         HAS_FILTER, S_BLOCK)
             lx = tl.load(t_ptr + trow * t_stride_row + xs * t_stride_col, mask=valid, other=0.0).to(tl.float32)
             lp = tl.where(valid, _log_prob(scale_logit(lx, t), thr_p, lse_p), _NEG_INF)
             if KIND == 1:
-                thr_q, lse_q = _row_lse_thr(d_ws_m_ptr, d_ws_sum_ptr, d_thr_ptr, d_lse_ptr, ridx, S, filt_on,
+                thr_q, lse_q = _row_lse_thr(d_ws_m_ptr, d_ws_sum_ptr, d_thr_ptr, d_lse_ptr, ridx, S, V, filt_on,
                                             HAS_FILTER, S_BLOCK)
                 qx = tl.load(d_ptr + qrow * d_stride_row + xs * d_stride_col, mask=valid, other=0.0).to(tl.float32)
                 lq = _log_prob(scale_logit(qx, t), thr_q, lse_q)
@@ -395,14 +435,14 @@ def _decide_kernel(
         # A target row past the end reads nothing: fold the scalar test into the column
         # bound (see triton/__init__.py).
         v_row = tl.where(trow < num_target_rows, V, 0)
-        thr_p, lse_p = _row_lse_thr(t_ws_m_ptr, t_ws_sum_ptr, t_thr_ptr, t_lse_ptr, ridx, S, filt_on,
+        thr_p, lse_p = _row_lse_thr(t_ws_m_ptr, t_ws_sum_ptr, t_thr_ptr, t_lse_ptr, ridx, S, V, filt_on,
                                     HAS_FILTER, S_BLOCK)
         thr_q = tl.full([], _NEG_INF, tl.float32)
         lse_q = tl.zeros([], tl.float32)
         xq = tl.where(use_res, x, 0)
         if KIND == 1:
             if use_res:  # draft row `row` exists (row < n)
-                thr_q, lse_q = _row_lse_thr(d_ws_m_ptr, d_ws_sum_ptr, d_thr_ptr, d_lse_ptr, ridx, S, filt_on,
+                thr_q, lse_q = _row_lse_thr(d_ws_m_ptr, d_ws_sum_ptr, d_thr_ptr, d_lse_ptr, ridx, S, V, filt_on,
                                             HAS_FILTER, S_BLOCK)
                 qx = tl.load(d_ptr + qrow * d_stride_row + xq * d_stride_col).to(tl.float32)
                 lqx = _log_prob(scale_logit(qx, t), thr_q, lse_q)
@@ -580,11 +620,11 @@ def verify_block(
     t_ws_max = torch.empty(programs * n_split, **f32)
     t_ws_arg = torch.empty(programs * n_split, dtype=torch.int32, device=device)
     t_ws_m = torch.empty(programs * n_split, **f32)
-    t_ws_sum = torch.empty(programs * n_split, **f32)
+    t_ws_sum = torch.empty(programs * n_split, dtype=torch.int64, device=device)  # fixed-point masses
     dummy = t_ws_m
     if kind == _KIND_LOGITS:
         d_ws_m = torch.empty(programs * n_split, **f32)
-        d_ws_sum = torch.empty(programs * n_split, **f32)
+        d_ws_sum = torch.empty(programs * n_split, dtype=torch.int64, device=device)
     else:
         d_ws_m = d_ws_sum = dummy
     has_filter = has_temp and (has_topk or has_topp or has_minp)
@@ -607,16 +647,31 @@ def verify_block(
     _row_stats_kernel[(programs, n_split)](
         target_logits, target_logits.stride(0), target_logits.stride(1), num_rows,
         cu_num_draft, temp_arg, vocab, width, max_num_draft, n_split, chunks_per_split,
-        t_ws_max, t_ws_arg, t_ws_m, t_ws_sum, didx_arg,
+        t_ws_max, t_ws_arg, t_ws_m, didx_arg,
         IS_TARGET=True, HAS_TEMP=has_temp, BLOCK=block, HAS_DIDX=False, num_warps=stats_warps,
     )
     if kind == _KIND_LOGITS and has_temp:
         _row_stats_kernel[(programs, n_split)](
             draft, draft.stride(0), draft.stride(1), num_q_rows,
             cu_num_draft, temp_arg, vocab, width, max_num_draft, n_split, chunks_per_split,
-            dummy, t_ws_arg, d_ws_m, d_ws_sum, didx_arg,
+            dummy, t_ws_arg, d_ws_m, didx_arg,
             IS_TARGET=False, HAS_TEMP=has_temp, BLOCK=block, HAS_DIDX=has_didx, num_warps=stats_warps,
         )
+    if has_temp:  # the masses need each row's max: a second pass over the sampling rows
+        _row_mass_kernel[(programs, n_split)](
+            target_logits, target_logits.stride(0), target_logits.stride(1), num_rows,
+            cu_num_draft, temp_arg, vocab, width, max_num_draft, n_split, chunks_per_split,
+            t_ws_m, t_ws_sum, didx_arg,
+            IS_TARGET=True, HAS_TEMP=has_temp, BLOCK=block, S_BLOCK=s_block, HAS_DIDX=False, num_warps=stats_warps,
+        )
+        if kind == _KIND_LOGITS:
+            _row_mass_kernel[(programs, n_split)](
+                draft, draft.stride(0), draft.stride(1), num_q_rows,
+                cu_num_draft, temp_arg, vocab, width, max_num_draft, n_split, chunks_per_split,
+                d_ws_m, d_ws_sum, didx_arg,
+                IS_TARGET=False, HAS_TEMP=has_temp, BLOCK=block, S_BLOCK=s_block, HAS_DIDX=has_didx,
+                num_warps=stats_warps,
+            )
     if has_filter:
         fblock = _block or (256 if not interp else min(1024, triton.next_power_of_2(vocab)))
         fblock = max(fblock, 16)

@@ -41,7 +41,7 @@ from .verify_block import (
 
 @triton.jit
 def _draft_log_probs(t_ptr, t_stride_row, t_stride_col, d_ptr, d_stride_row, d_stride_col, drafts_ptr,
-                     num_drafts, start, b, i, W, S, t, filt_on,
+                     num_drafts, start, b, i, W, S, V, t, filt_on,
                      t_ws_m_ptr, t_ws_sum_ptr, t_thr_ptr, t_lse_ptr, d_ws_m_ptr, d_ws_sum_ptr, d_thr_ptr, d_lse_ptr,
                      didx_ptr, num_q_rows,
                      KIND: tl.constexpr, HAS_FILTER: tl.constexpr, S_BLOCK: tl.constexpr, HAS_DIDX: tl.constexpr):
@@ -51,11 +51,12 @@ def _draft_log_probs(t_ptr, t_stride_row, t_stride_col, d_ptr, d_stride_row, d_s
     dpos = start + i
     qrow = _q_row(didx_ptr, dpos, num_q_rows, HAS_DIDX)
     x = tl.load(drafts_ptr + dpos, mask=dpos < num_drafts, other=0).to(tl.int64)
-    thr_p, lse_p = _row_lse_thr(t_ws_m_ptr, t_ws_sum_ptr, t_thr_ptr, t_lse_ptr, ridx, S, filt_on, HAS_FILTER, S_BLOCK)
+    thr_p, lse_p = _row_lse_thr(t_ws_m_ptr, t_ws_sum_ptr, t_thr_ptr, t_lse_ptr, ridx, S, V, filt_on, HAS_FILTER,
+                                S_BLOCK)
     lx = tl.load(t_ptr + trow * t_stride_row + x * t_stride_col).to(tl.float32)
     lp = _log_prob(tl.math.div_rn(lx, t), thr_p, lse_p)
     if KIND == 1:
-        thr_q, lse_q = _row_lse_thr(d_ws_m_ptr, d_ws_sum_ptr, d_thr_ptr, d_lse_ptr, ridx, S, filt_on, HAS_FILTER,
+        thr_q, lse_q = _row_lse_thr(d_ws_m_ptr, d_ws_sum_ptr, d_thr_ptr, d_lse_ptr, ridx, S, V, filt_on, HAS_FILTER,
                                     S_BLOCK)
         qx = tl.load(d_ptr + qrow * d_stride_row + x * d_stride_col).to(tl.float32)
         lq = _log_prob(tl.math.div_rn(qx, t), thr_q, lse_q)
@@ -142,7 +143,7 @@ def _decide_block_kernel(
         alive = tl.full([], 1, tl.int32)
         while (j <= g) & (alive == 1):
             x, lp, lq = _draft_log_probs(t_ptr, t_stride_row, t_stride_col, d_ptr, d_stride_row, d_stride_col,
-                                         drafts_ptr, num_drafts, start, b, j - 1, W, S, t, filt_on,
+                                         drafts_ptr, num_drafts, start, b, j - 1, W, S, V, t, filt_on,
                                          t_ws_m_ptr, t_ws_sum_ptr, t_thr_ptr, t_lse_ptr,
                                          d_ws_m_ptr, d_ws_sum_ptr, d_thr_ptr, d_lse_ptr, didx_ptr, num_q_rows,
                                          KIND, HAS_FILTER, S_BLOCK, HAS_DIDX)
@@ -156,12 +157,12 @@ def _decide_block_kernel(
                     rho = tl.exp(lr)
                     rho64 = rho.to(tl.float64)
                     ridx = b.to(tl.int64) * W + j
-                    thr_p, lse_p = _row_lse_thr(t_ws_m_ptr, t_ws_sum_ptr, t_thr_ptr, t_lse_ptr, ridx, S, filt_on,
+                    thr_p, lse_p = _row_lse_thr(t_ws_m_ptr, t_ws_sum_ptr, t_thr_ptr, t_lse_ptr, ridx, S, V, filt_on,
                                                 HAS_FILTER, S_BLOCK)
                     trow_ptr = t_ptr + (start + b + j) * t_stride_row
                     if KIND == 0:  # point mass: Z = rho (1 - p(x_j))
                         xn, lpn, lqn = _draft_log_probs(t_ptr, t_stride_row, t_stride_col, d_ptr, d_stride_row,
-                                                        d_stride_col, drafts_ptr, num_drafts, start, b, j, W, S, t,
+                                                        d_stride_col, drafts_ptr, num_drafts, start, b, j, W, S, V, t,
                                                         filt_on, t_ws_m_ptr, t_ws_sum_ptr, t_thr_ptr, t_lse_ptr,
                                                         d_ws_m_ptr, d_ws_sum_ptr, d_thr_ptr, d_lse_ptr, didx_ptr,
                                                         num_q_rows, KIND, HAS_FILTER, S_BLOCK, HAS_DIDX)
@@ -171,7 +172,7 @@ def _decide_block_kernel(
                         lse_q = tl.zeros([], tl.float32)
                         if KIND == 1:
                             thr_q, lse_q = _row_lse_thr(d_ws_m_ptr, d_ws_sum_ptr, d_thr_ptr, d_lse_ptr, ridx, S,
-                                                        filt_on, HAS_FILTER, S_BLOCK)
+                                                        V, filt_on, HAS_FILTER, S_BLOCK)
                         drow_ptr = d_ptr + _q_row(didx_ptr, start + j, num_q_rows, HAS_DIDX) * d_stride_row
                         acc = tl.zeros([BLOCK], tl.float64)
                         for c0 in range(0, V, BLOCK):
@@ -208,13 +209,13 @@ def _decide_block_kernel(
         use_res = row < g
         x = tl.load(drafts_ptr + dpos, mask=tl.where(use_res, dpos < num_drafts, False), other=-1).to(tl.int64)
         row_ok = trow < num_target_rows
-        thr_p, lse_p = _row_lse_thr(t_ws_m_ptr, t_ws_sum_ptr, t_thr_ptr, t_lse_ptr, ridx, S, filt_on,
+        thr_p, lse_p = _row_lse_thr(t_ws_m_ptr, t_ws_sum_ptr, t_thr_ptr, t_lse_ptr, ridx, S, V, filt_on,
                                     HAS_FILTER, S_BLOCK)
         thr_q = tl.full([], _NEG_INF, tl.float32)
         lse_q = tl.zeros([], tl.float32)
         if KIND == 1:
             if use_res:
-                thr_q, lse_q = _row_lse_thr(d_ws_m_ptr, d_ws_sum_ptr, d_thr_ptr, d_lse_ptr, ridx, S, filt_on,
+                thr_q, lse_q = _row_lse_thr(d_ws_m_ptr, d_ws_sum_ptr, d_thr_ptr, d_lse_ptr, ridx, S, V, filt_on,
                                             HAS_FILTER, S_BLOCK)
         pos_lo, pos_hi = split_u64(offset + row)
         t_row_ptr = t_ptr + trow * t_stride_row

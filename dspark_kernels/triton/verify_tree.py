@@ -8,16 +8,20 @@ states the rules):
   then the first child with that id; none: emit the argmax;
 * sampling requests: the (threshold, log-sum-exp) of the current node's target row
   (top-k / top-p thresholds by the radix searches of ``_filters.py``; the lse as a max
-  then an fp64 sum of fp32 exps), then its children in increasing local index with the
-  accept-stream coin at position ``offset + depth``, index = the child's rank. After a
+  then the int64 fixed-point mass of fp32 exps, ``_filters.lse_from_mass``), then its
+  children in increasing local index with the accept-stream coin at position
+  ``offset + depth``, index = the child's rank. After a
   rejection the residual ``w = log max(p' - q_c, 0)`` is written to a per-request fp32
-  workspace row (three sweeps: its max, its fp64 sum, the store), so the current
+  workspace row (three sweeps: its max, its fixed-point mass, the store), so the current
   ``p'(v)`` is ``w(v) - lse(w)``; the emitted token is one Gumbel race on the
   resample stream over the last residual (or ``p'``).
 
 The per-token math is verify_block's Triton math (``_log_prob``, ``_log1p_neg`` of
-``triton/verify_block.py``): results equal the reference's except where two
-candidates are within a few ulps of each other, which random inputs do not produce.
+``triton/verify_block.py``). Every sum is an integer (docs/verification.md,
+"Order-independent sums"), so the log-sums-exp equal the reference's to the last bit
+wherever the fp32 ``exp`` / ``log`` of the two agree; results equal the reference's
+except where two candidates are within a few ulps of each other, which random inputs
+do not produce.
 
 Masks are boolean tensors of each load's shape (scalar conditions are broadcast
 first); only long-standing ``tl`` APIs are used; runs under ``TRITON_INTERPRET=1``.
@@ -35,6 +39,9 @@ from ._filters import (
     _filter_active,
     _min_p_log_at,
     _min_p_threshold,
+    fixed_mass,
+    lse_from_mass,
+    mass_scales,
     min_p_log_tensor,
     scale_logit,
     top_k_threshold,
@@ -84,21 +91,22 @@ def _row_stats(row_ptr, stride, V, t, k, k_on, p, p_on, lmp,
     if HAS_TOPP:
         if p_on:
             thr = top_p_threshold(row_ptr, stride, V, t, thr, safe_m, p, BLOCK, RADIX_BITS)
+    scale, unscale = mass_scales(V)
     offs = tl.arange(0, BLOCK)
-    acc = tl.zeros([BLOCK], tl.float64)
+    acc = tl.zeros([BLOCK], tl.int64)
+    n_inf = tl.zeros([BLOCK], tl.int32)
     for c0 in range(0, V, BLOCK):
         cols = c0 + offs
         mask = cols < V
         x = tl.load(row_ptr + cols.to(tl.int64) * stride, mask=mask, other=0.0).to(tl.float32)
         s = scale_logit(x, t)
         kept = mask & (s >= thr) & (s > _NEG_INF)
-        e = tl.where(kept, tl.exp(tl.where(kept, s, 0.0) - tl.where(inf_row, 0.0, safe_m)), 0.0)
-        # A row whose max is +inf: its +inf entries share the mass (count them; sampling.h row_filter_final).
-        e = tl.where(inf_row, tl.where(mask & (s == _POS_INF), 1.0, 0.0), e)
-        acc += e.to(tl.float64)
-    total = tl.sum(acc, axis=0)
-    lse = tl.where(finite, safe_m + tl.log(tl.where(finite, total, 1.0)).to(tl.float32), _NEG_INF)
-    lse = tl.where(inf_row, tl.log(total).to(tl.float32), lse)
+        fin = kept & (s < _POS_INF)  # +inf entries are counted apart: never inf - inf
+        acc += fixed_mass(tl.where(fin, tl.exp(tl.where(fin, s, 0.0) - safe_m), 0.0), scale)
+        n_inf += (mask & (s == _POS_INF)).to(tl.int32)
+    lse = tl.where(finite, lse_from_mass(safe_m, tl.sum(acc, axis=0), unscale), _NEG_INF)
+    # A row whose max is +inf: its +inf entries share the mass (sampling.h row_filter_final).
+    lse = tl.where(inf_row, tl.log(tl.maximum(tl.sum(n_inf, axis=0), 1).to(tl.float32)), lse)
     thr = tl.where(inf_row, _POS_INF, thr)
     return thr, lse
 
@@ -241,7 +249,7 @@ def _tree_kernel(
                         if ok:
                             nxt = c
                         else:
-                            # residual w = log max(p' - q_c, 0): its max, its fp64 sum, then the store
+                            # residual w = log max(p' - q_c, 0): its max, its fixed-point mass, then the store
                             m_vec = tl.full([BLOCK], _NEG_INF, tl.float32)
                             for cc in range(0, V, BLOCK):
                                 cols = cc + offs
@@ -253,7 +261,8 @@ def _tree_kernel(
                                 m_vec = tl.maximum(m_vec, w)
                             m = tl.max(m_vec, axis=0)
                             if (m > _NEG_INF) & q_ok:  # else p' == q_c numerically (or skipped): keep p'
-                                acc = tl.zeros([BLOCK], tl.float64)
+                                w_scale, w_unscale = mass_scales(V)
+                                acc = tl.zeros([BLOCK], tl.int64)
                                 for cc in range(0, V, BLOCK):
                                     cols = cc + offs
                                     mask = cols < V
@@ -262,8 +271,8 @@ def _tree_kernel(
                                     lq = _draft_log_q(d_row, d_stride_col, cols, mask, tok, t, thr_q, lse_q, KIND)
                                     w = tl.where(mask, _residual(lp, lq), _NEG_INF)
                                     fin = w > _NEG_INF
-                                    acc += tl.where(fin, tl.exp(tl.where(fin, w, 0.0) - m), 0.0).to(tl.float64)
-                                lse_new = m + tl.log(tl.sum(acc, axis=0)).to(tl.float32)
+                                    acc += fixed_mass(tl.where(fin, tl.exp(tl.where(fin, w, 0.0) - m), 0.0), w_scale)
+                                lse_new = lse_from_mass(m, tl.sum(acc, axis=0), w_unscale)
                                 tl.debug_barrier()
                                 for cc in range(0, V, BLOCK):
                                     cols = cc + offs
