@@ -14,10 +14,10 @@
 //     at offset + depth, index = rank. After a rejection the residual
 //     w = log max(p' - q_c, 0) is written to the request's fp32 workspace row (three
 //     sweeps: max, int64 fixed-point mass, store), and p'(v) = w(v) - lse(w) from then on.
-//   Every sum over the vocabulary is an int64 fixed-point mass (docs/verification.md,
-//   "Order-independent sums"), so its bits do not depend on the reduction order.
 //     The emitted token is one Gumbel race (resample stream) over the last residual,
 //     or over p'.
+// Every sum over the vocabulary is an int64 fixed-point mass (docs/verification.md,
+// "Order-independent sums"), so its bits do not depend on the reduction order.
 // A kernel never trusts the data: cu is clamped into [0, N], the walk never goes deeper
 // than max_depth, and nothing is read or written out of bounds.
 // No torch header.
