@@ -582,6 +582,8 @@ def test_verify_block_launch_sequence(launches, mode):
     stat_rows = T + (N if kw["draft_logits"] is not None and sampling else 0)
     splits, race_splits = plans.ceil_div(V, c["vb.kStatsSplit"]), plans.ceil_div(V, c["vb.kRaceSplit"])
     want = [("stats_kernel", (stat_rows, splits), c["vb.kStatsThreads"])]
+    if sampling:
+        want.append(("mass_kernel", (stat_rows, splits), c["vb.kStatsThreads"]))
     if mode == "filters":
         want.append(("filter_kernel", (stat_rows,), c["vb.kFilterThreads"]))
     if mode == "block":

@@ -59,15 +59,26 @@ void check_vocab_stride(const at::Tensor& t, const char* name) {
               " for shape ", t.sizes(), "; pass ", name, ".contiguous()");
 }
 
+// Steps 1, 1b and 2: every row's statistics (the split max, then the split masses of
+// sampling rows; filtered rows in filter_kernel).
 template <class TT, class DT>
-void launch(const vb::Params& p, int64_t stat_rows, bool with_filters, bool sampling, cudaStream_t stream) {
-  vb::stats_kernel<TT, DT><<<dim3(static_cast<unsigned>(stat_rows), static_cast<unsigned>(p.num_splits)),
-                             vb::kStatsThreads, 0, stream>>>(p);
+void launch_row_stats(const vb::Params& p, int64_t stat_rows, bool with_filters, bool sampling, cudaStream_t stream) {
+  const dim3 grid(static_cast<unsigned>(stat_rows), static_cast<unsigned>(p.num_splits));
+  vb::stats_kernel<TT, DT><<<grid, vb::kStatsThreads, 0, stream>>>(p);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
+  if (sampling) {
+    vb::mass_kernel<TT, DT><<<grid, vb::kStatsThreads, 0, stream>>>(p);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
   if (with_filters) {
     vb::filter_kernel<TT, DT><<<static_cast<unsigned>(stat_rows), vb::kFilterThreads, 0, stream>>>(p);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
+}
+
+template <class TT, class DT>
+void launch(const vb::Params& p, int64_t stat_rows, bool with_filters, bool sampling, cudaStream_t stream) {
+  launch_row_stats<TT, DT>(p, stat_rows, with_filters, sampling, stream);
   vb::walk_kernel<TT, DT><<<static_cast<unsigned>(p.B), vb::kWalkThreads, 0, stream>>>(p);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   if (sampling) {
@@ -85,13 +96,7 @@ void launch(const vb::Params& p, int64_t stat_rows, bool with_filters, bool samp
 template <class TT, class DT>
 void launch_block(const vb::BlockParams& bp, int64_t stat_rows, bool with_filters, cudaStream_t stream) {
   const vb::Params& p = bp.p;
-  vb::stats_kernel<TT, DT><<<dim3(static_cast<unsigned>(stat_rows), static_cast<unsigned>(p.num_splits)),
-                             vb::kStatsThreads, 0, stream>>>(p);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
-  if (with_filters) {
-    vb::filter_kernel<TT, DT><<<static_cast<unsigned>(stat_rows), vb::kFilterThreads, 0, stream>>>(p);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-  }
+  launch_row_stats<TT, DT>(p, stat_rows, with_filters, true, stream);
   if (p.draft_kind != vb::kPointMass) {
     vb::block_z_kernel<TT, DT><<<static_cast<unsigned>(p.T), vb::kBlockZThreads, 0, stream>>>(bp);
     C10_CUDA_KERNEL_LAUNCH_CHECK();

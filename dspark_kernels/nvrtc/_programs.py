@@ -20,7 +20,8 @@ def _program(name: str, header: str, kernels: list[str]) -> Program:
 def verify_block(tt: str, dt: str) -> Program:
     targs = f"<dspark::vb::{tt}, dspark::vb::{dt}>"
     kernels = [f"dspark::vb::{k}{targs}" for k in
-               ("stats_kernel", "filter_kernel", "walk_kernel", "race_kernel", "block_z_kernel", "block_walk_kernel")]
+               ("stats_kernel", "mass_kernel", "filter_kernel", "walk_kernel", "race_kernel", "block_z_kernel",
+                "block_walk_kernel")]
     return _program(f"verify_block_{tt}_{dt}", "verify_block_method.cuh", kernels + ["dspark::vb::finish_kernel"])
 
 

@@ -216,6 +216,8 @@ def verify_block(target_logits, draft_tokens, cu_num_draft, draft_logits=None, d
         fns = _driver.functions(_programs.verify_block(tt, dt), dev)
         run = lambda name, grid, threads, arg: _driver.launch(fns[name], grid, c[threads], 0, [arg], dev)  # noqa: E731
         run(k("stats_kernel"), (stat_rows, p.num_splits), "vb.kStatsThreads", p)
+        if sampling:  # the split masses against the row's max (step 1b, after the split maxima)
+            run(k("mass_kernel"), (stat_rows, p.num_splits), "vb.kStatsThreads", p)
         if with_filters:
             run(k("filter_kernel"), stat_rows, "vb.kFilterThreads", p)
         if block:  # method="block" (verify_block_method.cuh): Z_j and the block walk replace the token walk

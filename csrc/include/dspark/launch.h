@@ -66,7 +66,7 @@ DSPARK_HD Workspace workspace(int64_t R, int64_t gamma) {
 // ---------------------------------------------------------------------------- verify_block
 namespace vb {
 constexpr int kStatsThreads = 128;
-constexpr int64_t kStatsSplit = 4096;  // multiple of every vector width of stats_kernel
+constexpr int64_t kStatsSplit = 4096;  // multiple of every vector width of stats_kernel / mass_kernel
 constexpr int kFilterThreads = 512;
 constexpr int kWalkThreads = 256;
 constexpr int kRaceThreads = 128;

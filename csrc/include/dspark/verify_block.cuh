@@ -8,20 +8,30 @@
 // Pipeline (one stream, no host sync; every size comes from shapes only):
 //
 //  1. stats_kernel     grid (row, vocab split of kStatsSplit). Per split of every
-//                      target row (and draft row, for draft_logits): the online
-//                      softmax statistics of s = logit / T (sampling rows) or the
-//                      argmax of the raw logits (greedy rows). The split size depends
-//                      on nothing but V, so a row's statistics are bitwise the same
-//                      whatever batch it comes in.
-//  2. filter_kernel    one CTA per row of a request with top-k / top-p active: the
-//                      filter threshold and the log-sum-exp over the kept set
-//                      (bisection, see filtered_row_stats). Launched only when top_k or
-//                      top_p is given. One CTA per row (not per request) so that a
-//                      small batch still spreads over many SMs; rows past the first
-//                      rejection are computed for nothing, which is the price of that.
-//  3. walk_kernel      one CTA per request: merges the partials of step 1 in a fixed
-//                      order, decides every position in parallel (each decision needs
-//                      only its own row's statistics), takes the first rejection,
+//                      target row (and draft row, for draft_logits): the largest scaled
+//                      logit s = logit / T (sampling rows) or the argmax of the raw
+//                      logits (greedy rows). The split size depends on nothing but V,
+//                      so a row's statistics are bitwise the same whatever batch it
+//                      comes in.
+//  1b. mass_kernel     grid (row, vocab split), sampling rows without filters: merges
+//                      the row's split maxima into its max m (a few values) and writes
+//                      the split's fixed-point mass sum E_v, E_v = trunc(expf(s - m) 2^K)
+//                      as int64 (sampling.h fixed_mass; docs/verification.md,
+//                      "Order-independent sums"). The fixed-point sum needs m before
+//                      the first term, hence the second pass; integer addition then
+//                      makes the row's mass, and its lse, independent of the split
+//                      and of the reduction order.
+//  2. filter_kernel    one CTA per row of a request with min-p / top-k / top-p active:
+//                      the filter threshold and the log-sum-exp over the kept set
+//                      (bisection over int64 masses, see filtered_row_stats). Launched
+//                      only when min_p, top_k or top_p is given. One CTA per row (not
+//                      per request) so that a small batch still spreads over many SMs;
+//                      rows past the first rejection are computed for nothing, which is
+//                      the price of that.
+//  3. walk_kernel      one CTA per request: merges the partials of steps 1 and 1b
+//                      (max and int64 mass: exact in any order), decides every
+//                      position in parallel (each decision needs only its own row's
+//                      statistics), takes the first rejection,
 //                      writes the accepted tokens and num_accepted, and for the row to
 //                      sample (first rejection or bonus) either emits the greedy
 //                      argmax or writes a RaceDesc for step 4.
@@ -37,8 +47,9 @@
 //
 // Determinism: every reduction is a fixed tree (warp butterflies whose merges are
 // commutative bit for bit, then warps in index order), so results are identical run
-// to run and do not depend on the batch. Math is fp32 with the full-precision logf /
-// expf / log1pf and IEEE division (do not build with fast-math).
+// to run and do not depend on the batch; the row masses (lse, top-p) are int64 sums,
+// exact in any order. Math is fp32 with the full-precision logf / expf / log1pf and
+// IEEE division (do not build with fast-math).
 #pragma once
 
 #include "philox.h"
@@ -121,9 +132,10 @@ __device__ __forceinline__ int64_t clamp64(int64_t x, int64_t lo, int64_t hi) {
 // Workspace records and parameters
 // ----------------------------------------------------------------------------
 
-struct StatPartial {  // one (row, split) of step 1
-  SoftmaxStats stats;
-  ArgMax argmax;
+struct StatPartial {  // one (row, split) of steps 1 and 1b
+  float max;      // largest scaled logit of the split (sampling rows; stats_kernel)
+  int64_t mass;   // fixed-point mass of the split against the row's max (mass_kernel)
+  ArgMax argmax;  // argmax of the raw logits (greedy rows; stats_kernel)
 };
 
 struct RowFilter {  // a row's kept set s >= threshold, its log-sum-exp and max s
@@ -242,11 +254,6 @@ __device__ __forceinline__ uint32_t shfl_xor(uint32_t v, int m) { return __shfl_
 __device__ __forceinline__ int64_t shfl_xor(int64_t v, int m) {
   return static_cast<int64_t>(__shfl_xor_sync(kFullMask, static_cast<long long>(v), m));
 }
-__device__ __forceinline__ SoftmaxStats shfl_xor(SoftmaxStats v, int m) {
-  v.max = shfl_xor(v.max, m);
-  v.sum = shfl_xor(v.sum, m);
-  return v;
-}
 __device__ __forceinline__ ArgMax shfl_xor(ArgMax v, int m) {
   v.value = shfl_xor(v.value, m);
   v.index = shfl_xor(v.index, m);
@@ -262,18 +269,8 @@ __device__ __forceinline__ KeyRange shfl_xor(KeyRange v, int m) {
   return v;
 }
 
-struct KeptMax {  // max kept scaled logit and the smallest kept key (top-p set-up)
-  float max;
-  uint32_t min_key;
-};
-__device__ __forceinline__ KeptMax shfl_xor(KeptMax v, int m) {
-  v.max = shfl_xor(v.max, m);
-  v.min_key = shfl_xor(v.min_key, m);
-  return v;
-}
-
 struct BisectAcc {  // one bisection probe t: mass of keys >= t, and the keys next to t
-  double mass;
+  int64_t mass;      // a count (top-k) or a fixed-point mass (top-p): exact in any order
   uint32_t next_ge;  // smallest key >= t
   uint32_t prev_lt;  // largest key < t
 };
@@ -284,11 +281,6 @@ __device__ __forceinline__ BisectAcc shfl_xor(BisectAcc v, int m) {
   return v;
 }
 
-struct SoftmaxMergeOp {
-  __device__ __forceinline__ SoftmaxStats operator()(SoftmaxStats a, SoftmaxStats b) const {
-    return softmax_stats_merge(a, b);
-  }
-};
 struct ArgMaxMergeOp {
   __device__ __forceinline__ ArgMax operator()(ArgMax a, ArgMax b) const { return argmax_merge(a, b); }
 };
@@ -298,19 +290,20 @@ struct MinI64Op {
 struct AddF64Op {
   __device__ __forceinline__ double operator()(double a, double b) const { return a + b; }
 };
+struct AddI64Op {
+  __device__ __forceinline__ int64_t operator()(int64_t a, int64_t b) const { return a + b; }
+};
+struct MaxF32Op {  // scaled logits are never NaN (scale_logit)
+  __device__ __forceinline__ float operator()(float a, float b) const { return b > a ? b : a; }
+};
+struct MinU32Op {
+  __device__ __forceinline__ uint32_t operator()(uint32_t a, uint32_t b) const { return a < b ? a : b; }
+};
 struct KeyRangeOp {
   __device__ __forceinline__ KeyRange operator()(KeyRange a, KeyRange b) const {
     KeyRange r;
     r.lo = a.lo < b.lo ? a.lo : b.lo;
     r.hi = a.hi > b.hi ? a.hi : b.hi;
-    return r;
-  }
-};
-struct KeptMaxOp {
-  __device__ __forceinline__ KeptMax operator()(KeptMax a, KeptMax b) const {
-    KeptMax r;
-    r.max = b.max > a.max ? b.max : a.max;
-    r.min_key = a.min_key < b.min_key ? a.min_key : b.min_key;
     return r;
   }
 };
@@ -353,11 +346,22 @@ __device__ __forceinline__ T block_allreduce(T v, Op op) {
 // Step 1: split statistics
 // ----------------------------------------------------------------------------
 
-// Visits [begin, end) of one row; each thread visits its indices in increasing order
-// (argmax_update keeps the lowest index on ties, argmax_merge does the rest).
-template <class Tag, bool kArgMax>
+// A kept entry's share of its row's mass (docs/verification.md, "Order-independent
+// sums"): E_v = fixed_mass(expf(s - m)) with m the row's largest kept s (s <= m, so
+// expf is in [0, 1]); in a row whose max is +inf, 1 per +inf entry, which the +inf
+// rule counts (row_filter_final); 0 for -inf.
+__device__ __forceinline__ int64_t row_mass_term(float s, float m, float scale) {
+  if (!(s > DSPARK_NEG_INF)) return 0;
+  if (m == DSPARK_POS_INF) return s == DSPARK_POS_INF ? 1 : 0;
+  return fixed_mass(expf(s - m), scale);
+}
+
+// Visits [begin, end) of one row, calling visit(x, v) with the raw element x of
+// column v; each thread visits its indices in increasing order (argmax_update keeps
+// the lowest index on ties, argmax_merge does the rest).
+template <class Tag, class Visit>
 __device__ __forceinline__ void scan_split(const typename Tag::storage* row, bool vec, int64_t begin,
-                                           int64_t end, float temperature, SoftmaxStats& st, ArgMax& am) {
+                                           int64_t end, Visit& visit) {
   constexpr int kE = Tag::kVec;
   constexpr int kLoads = static_cast<int>(kStatsSplit / (kE * kStatsThreads));
   static_assert(kStatsSplit % (kE * kStatsThreads) == 0, "split must be whole vectors per thread");
@@ -373,45 +377,62 @@ __device__ __forceinline__ void scan_split(const typename Tag::storage* row, boo
       unpack(Tag(), buf[j], x);
       const int64_t v0 = begin + static_cast<int64_t>(threadIdx.x + j * kStatsThreads) * kE;
 #pragma unroll
-      for (int e = 0; e < kE; ++e) {
-        if (kArgMax) argmax_update(am, x[e], v0 + e);
-        else softmax_stats_update(st, scale_logit(x[e], temperature));
-      }
+      for (int e = 0; e < kE; ++e) visit(x[e], v0 + e);
     }
   } else {
-    for (int64_t v = begin + threadIdx.x; v < end; v += kStatsThreads) {
-      const float x = load_float<Tag>(row, v);
-      if (kArgMax) argmax_update(am, x, v);
-      else softmax_stats_update(st, scale_logit(x, temperature));
-    }
+    for (int64_t v = begin + threadIdx.x; v < end; v += kStatsThreads) visit(load_float<Tag>(row, v), v);
   }
+}
+
+struct ArgMaxVisit {  // greedy rows: argmax of the raw logits
+  ArgMax best;
+  __device__ __forceinline__ void operator()(float x, int64_t v) { argmax_update(best, x, v); }
+};
+struct MaxVisit {  // sampling rows, step 1: the largest scaled logit
+  float temperature, max;
+  __device__ __forceinline__ void operator()(float x, int64_t) {
+    const float s = scale_logit(x, temperature);
+    if (s > max) max = s;
+  }
+};
+struct MassVisit {  // sampling rows, step 1b: the fixed-point mass against the row's max
+  float temperature, max, scale;
+  int64_t mass;
+  __device__ __forceinline__ void operator()(float x, int64_t) {
+    mass += row_mass_term(scale_logit(x, temperature), max, scale);
+  }
+};
+
+// The [begin, end) of this block's split (blockIdx.y) of a row.
+__device__ __forceinline__ int64_t split_begin() { return static_cast<int64_t>(blockIdx.y) * kStatsSplit; }
+__device__ __forceinline__ int64_t split_end(int64_t V) {
+  const int64_t end = split_begin() + kStatsSplit;
+  return end < V ? end : V;
 }
 
 template <class Tag>
 __device__ __forceinline__ void split_partial(const Params& p, const typename Tag::storage* row, bool vec,
                                               bool greedy, float temperature, int64_t r) {
-  const int64_t split = blockIdx.y;
-  const int64_t begin = split * kStatsSplit;
-  const int64_t end = begin + kStatsSplit < p.V ? begin + kStatsSplit : p.V;
-  SoftmaxStats st = softmax_stats_init();
-  ArgMax am = argmax_init();
+  const int64_t begin = split_begin(), end = split_end(p.V);
+  StatPartial out;
+  out.max = DSPARK_NEG_INF;
+  out.mass = 0;
+  out.argmax = argmax_init();
   if (greedy) {
-    scan_split<Tag, true>(row, vec, begin, end, temperature, st, am);
-    am = block_allreduce<kStatsThreads>(am, ArgMaxMergeOp());
+    ArgMaxVisit visit{argmax_init()};
+    scan_split<Tag>(row, vec, begin, end, visit);
+    out.argmax = block_allreduce<kStatsThreads>(visit.best, ArgMaxMergeOp());
   } else {
-    scan_split<Tag, false>(row, vec, begin, end, temperature, st, am);
-    st = block_allreduce<kStatsThreads>(st, SoftmaxMergeOp());
+    MaxVisit visit{temperature, DSPARK_NEG_INF};
+    scan_split<Tag>(row, vec, begin, end, visit);
+    out.max = block_allreduce<kStatsThreads>(visit.max, MaxF32Op());
   }
-  if (threadIdx.x == 0) {
-    StatPartial out;
-    out.stats = st;
-    out.argmax = am;
-    p.partials[r * p.num_splits + split] = out;
-  }
+  if (threadIdx.x == 0) p.partials[r * p.num_splits + blockIdx.y] = out;
 }
 
 // grid (stat rows, num_splits). Greedy rows: argmax of the raw logits; sampling rows
-// without filters: softmax statistics of s = logit / T; filtered rows: filter_kernel.
+// without filters: the split max of s = logit / T (mass_kernel adds the mass);
+// filtered rows: filter_kernel.
 template <class TT, class DT>
 __global__ void __launch_bounds__(kStatsThreads) stats_kernel(const Params p) {
   const int64_t r = blockIdx.x;
@@ -425,6 +446,41 @@ __global__ void __launch_bounds__(kStatsThreads) stats_kernel(const Params p) {
     const typename DT::storage* row =
         static_cast<const typename DT::storage*>(p.draft) + q_data_row(p, r - p.T) * p.draft_stride;
     split_partial<DT>(p, row, p.draft_vec != 0, false, rq.temperature, r);
+  }
+}
+
+// Step 1b for one split: the row's max from stats_kernel's split maxima (every split of
+// the row merges the same values to the same m), then the split's int64 mass.
+template <class Tag>
+__device__ __forceinline__ void split_mass(const Params& p, const typename Tag::storage* row, bool vec,
+                                           float temperature, int64_t r) {
+  StatPartial* part = p.partials + r * p.num_splits;
+  float m = DSPARK_NEG_INF;
+  for (int64_t j = threadIdx.x; j < p.num_splits; j += kStatsThreads) m = MaxF32Op()(m, part[j].max);
+  m = block_allreduce<kStatsThreads>(m, MaxF32Op());
+  MassVisit visit{temperature, m, mass_scale(mass_fraction_bits(p.V)), 0};
+  scan_split<Tag>(row, vec, split_begin(), split_end(p.V), visit);
+  const int64_t mass = block_allreduce<kStatsThreads>(visit.mass, AddI64Op());
+  if (threadIdx.x == 0) part[blockIdx.y].mass = mass;  // only this field: other splits read .max
+}
+
+// grid (stat rows, num_splits), after stats_kernel: the rows stats_kernel gave a split
+// max (sampling rows without filters); the others return at once. The minimum of blocks
+// per SM caps the registers at 64: without it ptxas for sm_90a chose 40 and spilled in
+// the mixed half-precision instantiations (F16 target, BF16 draft and back).
+constexpr int kMassMinBlocks = 8;
+template <class TT, class DT>
+__global__ void __launch_bounds__(kStatsThreads, kMassMinBlocks) mass_kernel(const Params p) {
+  const int64_t r = blockIdx.x;
+  const Request rq = load_request(p, row_owner(p, r));
+  if (rq.filtered || rq.greedy) return;
+  if (r < p.T) {
+    const typename TT::storage* row = static_cast<const typename TT::storage*>(p.target) + r * p.target_stride;
+    split_mass<TT>(p, row, p.target_vec != 0, rq.temperature, r);
+  } else {
+    const typename DT::storage* row =
+        static_cast<const typename DT::storage*>(p.draft) + q_data_row(p, r - p.T) * p.draft_stride;
+    split_mass<DT>(p, row, p.draft_vec != 0, rq.temperature, r);
   }
 }
 
@@ -443,41 +499,42 @@ __device__ __forceinline__ float key_to_float(uint32_t key) {
   return __uint_as_float((key & 0x80000000u) ? (key & 0x7fffffffu) : ~key);
 }
 
-// top-k counts every entry once; top-p weighs a kept entry (s >= top-k threshold,
-// finite) by exp(s - m) in fp64, as the CPU kernel sums its fp32 exps.
+// top-k counts every entry once; top-p weighs a kept entry (s >= the min-p / top-k
+// threshold, finite) by its fixed-point mass E_v against the row's max (int64, so a
+// probe's mass is exact whatever the reduction order, as the CPU's).
 struct TopKWeight {
-  __device__ __forceinline__ bool operator()(float, double& w) const {
-    w = 1.0;
+  __device__ __forceinline__ bool operator()(float, int64_t& w) const {
+    w = 1;
     return true;
   }
 };
 struct TopPWeight {
-  float threshold, max;
-  __device__ __forceinline__ bool operator()(float s, double& w) const {
+  float threshold, max, scale;
+  __device__ __forceinline__ bool operator()(float s, int64_t& w) const {
     if (!(s >= threshold && s > DSPARK_NEG_INF)) return false;
-    w = static_cast<double>(expf(s - max));
+    w = fixed_mass(expf(s - max), scale);
     return true;
   }
 };
 
 // The largest entry key t with F(t) = sum of weights of entries with key >= t that is
-// >= target, F being non-increasing. Invariant: lo is an entry key with F(lo) >=
-// target, the answer is < hi. Each probe moves lo up to the first entry key >= mid, or
-// hi down to just past the last entry key < mid, so the search stops as soon as one
-// entry key is left (at most 33 passes; fewer where entries are sparse, as at the top
-// of the distribution where thresholds live).
+// >= target (compared as double(F(t)) >= target), F being non-increasing. Invariant:
+// lo is an entry key with F(lo) >= target, the answer is < hi. Each probe moves lo up
+// to the first entry key >= mid, or hi down to just past the last entry key < mid, so
+// the search stops as soon as one entry key is left (at most 33 passes; fewer where
+// entries are sparse, as at the top of the distribution where thresholds live).
 template <class Tag, class Weight>
 __device__ uint32_t bisect_largest_key(const typename Tag::storage* row, int64_t V, float temperature,
                                        uint64_t lo, uint64_t hi, double target, Weight weight) {
   while (lo + 1 < hi) {
     const uint32_t mid = static_cast<uint32_t>((lo + hi) >> 1);
     BisectAcc acc;
-    acc.mass = 0.0;
+    acc.mass = 0;
     acc.next_ge = 0xffffffffu;
     acc.prev_lt = 0u;
     for (int64_t v = threadIdx.x; v < V; v += kFilterThreads) {
       const float s = scale_logit(load_float<Tag>(row, v), temperature);
-      double w;
+      int64_t w;
       if (!weight(s, w)) continue;
       const uint32_t key = order_key(s);
       if (key >= mid) {
@@ -488,7 +545,7 @@ __device__ uint32_t bisect_largest_key(const typename Tag::storage* row, int64_t
       }
     }
     acc = block_allreduce<kFilterThreads>(acc, BisectOp());
-    if (acc.mass >= target) {
+    if (static_cast<double>(acc.mass) >= target) {
       lo = acc.next_ge > mid ? acc.next_ge : mid;
     } else {
       hi = (acc.prev_lt > lo ? acc.prev_lt : lo) + 1;
@@ -497,26 +554,34 @@ __device__ uint32_t bisect_largest_key(const typename Tag::storage* row, int64_t
   return static_cast<uint32_t>(lo);
 }
 
+// (threshold, max) of a row -> its RowFilter: lse = lse_from_mass(max, mass) (sampling.h),
+// with mass the int64 sum of row_mass_term over the kept entries; the +inf rule for a
+// row whose max is +inf (mass then counts its +inf entries); -inf for a row of -inf.
+__device__ __forceinline__ RowFilter row_filter_from_mass(float threshold, float max, int64_t mass, int64_t V) {
+  RowFilter f;
+  f.threshold = threshold;
+  f.max = max;
+  f.lse = max > DSPARK_NEG_INF && max < DSPARK_POS_INF ? lse_from_mass(max, mass, mass_fraction_bits(V))
+                                                        : DSPARK_NEG_INF;
+  row_filter_final(max, static_cast<float>(mass), f.threshold, f.lse);  // the +inf rule (sampling.h)
+  return f;
+}
+
 // Threshold and log-sum-exp of one filtered row, exactly the CPU's filter_threshold:
+//   min-p: max s + log(min_p);
 //   top-k: the k-th largest s = the largest t with count(s >= t) >= k;
-//   top-p: the largest kept t with mass(kept, s >= t) >= top_p * mass(kept).
+//   top-p: the largest kept t with mass(kept, s >= t) >= top_p * mass(kept), masses
+//          the int64 E_v against the row's max (the largest kept s: every filter keeps it).
 // Slow path: about 32 passes over the row per active filter (a radix select would do
 // top-k in 4); acceptable while filtered rows are the exception.
 template <class Tag>
 __device__ RowFilter filtered_row_stats(const typename Tag::storage* row, int64_t V, float temperature,
                                         int64_t top_k, float top_p, float log_min_p) {
-  float threshold = DSPARK_NEG_INF;
-  if (log_min_p > DSPARK_NEG_INF) {  // min-p first (vLLM's order): max s + log(min_p)
-    KeptMax km;
-    km.max = DSPARK_NEG_INF;
-    km.min_key = 0xffffffffu;
-    for (int64_t v = threadIdx.x; v < V; v += kFilterThreads) {
-      const float s = scale_logit(load_float<Tag>(row, v), temperature);
-      if (s > km.max) km.max = s;
-    }
-    km = block_allreduce<kFilterThreads>(km, KeptMaxOp());
-    threshold = min_p_threshold(km.max, log_min_p);
-  }
+  float row_max = DSPARK_NEG_INF;
+  for (int64_t v = threadIdx.x; v < V; v += kFilterThreads)
+    row_max = MaxF32Op()(row_max, scale_logit(load_float<Tag>(row, v), temperature));
+  row_max = block_allreduce<kFilterThreads>(row_max, MaxF32Op());
+  float threshold = min_p_threshold(row_max, log_min_p);  // min-p first (vLLM's order); -inf when off
   if (top_k_active(top_k, V)) {
     KeyRange range;
     range.lo = 0xffffffffu;
@@ -533,50 +598,43 @@ __device__ RowFilter filtered_row_stats(const typename Tag::storage* row, int64_
     const float t = key_to_float(key);
     threshold = threshold < t ? t : threshold;  // std::max(threshold, t) as the CPU
   }
+  const float scale = mass_scale(mass_fraction_bits(V));
   if (top_p_active(top_p)) {
-    KeptMax km;
-    km.max = DSPARK_NEG_INF;
-    km.min_key = 0xffffffffu;
-    for (int64_t v = threadIdx.x; v < V; v += kFilterThreads) {
-      const float s = scale_logit(load_float<Tag>(row, v), temperature);
-      if (s >= threshold && s > DSPARK_NEG_INF) {
-        if (s > km.max) km.max = s;
-        const uint32_t key = order_key(s);
-        if (key < km.min_key) km.min_key = key;
-      }
-    }
-    km = block_allreduce<kFilterThreads>(km, KeptMaxOp());
-    if (km.max == DSPARK_POS_INF) {  // +inf entries hold all the mass: keep just them
+    if (row_max == DSPARK_POS_INF) {  // +inf entries hold all the mass: keep just them
       threshold = DSPARK_POS_INF;
-    } else if (km.max > DSPARK_NEG_INF) {  // else nothing is kept and the threshold stays
+    } else if (row_max > DSPARK_NEG_INF) {  // else nothing is kept and the threshold stays
+      // The kept set s >= threshold holds row_max (no filter cuts above the max): its
+      // largest key is order_key(row_max), its smallest the bisection's lower end.
       TopPWeight weight;
       weight.threshold = threshold;
-      weight.max = km.max;
-      double total = 0.0;
+      weight.max = row_max;
+      weight.scale = scale;
+      uint32_t min_key = 0xffffffffu;
+      int64_t total = 0;
       for (int64_t v = threadIdx.x; v < V; v += kFilterThreads) {
-        double w;
-        if (weight(scale_logit(load_float<Tag>(row, v), temperature), w)) total += w;
+        const float s = scale_logit(load_float<Tag>(row, v), temperature);
+        int64_t w;
+        if (!weight(s, w)) continue;
+        total += w;
+        const uint32_t key = order_key(s);
+        if (key < min_key) min_key = key;
       }
-      total = block_allreduce<kFilterThreads>(total, AddF64Op());
-      const double target = static_cast<double>(top_p) * total;
-      const uint32_t key = bisect_largest_key<Tag>(row, V, temperature, km.min_key,
-                                                   static_cast<uint64_t>(order_key(km.max)) + 1, target, weight);
+      min_key = block_allreduce<kFilterThreads>(min_key, MinU32Op());
+      total = block_allreduce<kFilterThreads>(total, AddI64Op());
+      const double target = static_cast<double>(top_p) * static_cast<double>(total);
+      const uint32_t key = bisect_largest_key<Tag>(row, V, temperature, min_key,
+                                                   static_cast<uint64_t>(order_key(row_max)) + 1, target, weight);
       const float t = key_to_float(key);
       threshold = threshold < t ? t : threshold;  // std::max(threshold, t) as the CPU
     }
   }
-  SoftmaxStats st = softmax_stats_init();
+  int64_t mass = 0;
   for (int64_t v = threadIdx.x; v < V; v += kFilterThreads) {
     const float s = scale_logit(load_float<Tag>(row, v), temperature);
-    if (s >= threshold) softmax_stats_update(st, s);
+    if (s >= threshold) mass += row_mass_term(s, row_max, scale);
   }
-  st = block_allreduce<kFilterThreads>(st, SoftmaxMergeOp());
-  RowFilter f;
-  f.threshold = threshold;
-  f.lse = softmax_stats_lse(st);
-  f.max = st.max;
-  row_filter_final(st.max, st.sum, f.threshold, f.lse);  // the +inf rule (sampling.h)
-  return f;
+  mass = block_allreduce<kFilterThreads>(mass, AddI64Op());
+  return row_filter_from_mass(threshold, row_max, mass, V);
 }
 
 // grid (stat rows): rows of requests with an active filter; the others return at once.
@@ -611,19 +669,20 @@ __device__ __forceinline__ float gumbel_min_bound() { return gumbel_from_word(0u
 // Step 3: the walk over positions (one CTA per request)
 // ----------------------------------------------------------------------------
 
-// Warp-collective: a row's kept set and log-sum-exp (partials merged in split order).
+// Warp-collective: a row's kept set and log-sum-exp (the split maxima and int64 split
+// masses of steps 1 and 1b: exact in any merge order).
 __device__ __forceinline__ RowFilter row_filter_at(const Params& p, int64_t r, bool filtered) {
   if (filtered) return p.row_filter[r];
-  SoftmaxStats st = softmax_stats_init();
+  float m = DSPARK_NEG_INF;
+  int64_t mass = 0;
   const StatPartial* part = p.partials + r * p.num_splits;
-  for (int64_t j = threadIdx.x & 31; j < p.num_splits; j += 32) st = softmax_stats_merge(st, part[j].stats);
-  st = warp_allreduce(st, SoftmaxMergeOp());
-  RowFilter f;
-  f.threshold = DSPARK_NEG_INF;
-  f.lse = softmax_stats_lse(st);
-  f.max = st.max;
-  row_filter_final(st.max, st.sum, f.threshold, f.lse);  // the +inf rule (sampling.h)
-  return f;
+  for (int64_t j = threadIdx.x & 31; j < p.num_splits; j += 32) {
+    m = MaxF32Op()(m, part[j].max);
+    mass += part[j].mass;
+  }
+  m = warp_allreduce(m, MaxF32Op());
+  mass = warp_allreduce(mass, AddI64Op());
+  return row_filter_from_mass(DSPARK_NEG_INF, m, mass, p.V);
 }
 
 // Warp-collective: argmax of a raw target row; 0 for an all -inf (or NaN) row.

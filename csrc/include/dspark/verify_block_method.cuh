@@ -3,7 +3,8 @@
 // the same ones); the pipeline reuses verify_block.cuh's steps 1, 2, 4 and 5 and
 // replaces step 3:
 //
-//  1-2. stats_kernel / filter_kernel   unchanged (every row's log-sum-exp / threshold).
+//  1-2. stats_kernel / mass_kernel / filter_kernel   unchanged (every row's
+//                        log-sum-exp / threshold).
 //  3a. block_z_kernel    one CTA per target row j of a sampling request with
 //                        1 <= j < g (g: the leading run of valid ids) and rho_j > 0:
 //                        log rho_j (a walk over the j earlier drafts, one warp), then the

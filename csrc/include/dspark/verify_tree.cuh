@@ -9,12 +9,15 @@
 //     then the first child with that id;
 //   * sampling rows: the (threshold, lse) of the current node's target row (top-k /
 //     top-p thresholds by a 4-bit radix search over the order-preserving key of fp32,
-//     no sort; lse = max + log of an fp64 sum), then the children in increasing local
-//     index with the accept coin at offset + depth, index = rank. After a rejection
-//     the residual w = log max(p' - q_c, 0) is written to the request's fp32 workspace
-//     row (three sweeps: max, fp64 sum, store), and p'(v) = w(v) - lse(w) from then on.
+//     no sort; top-p masses and lse from the int64 fixed-point row mass, sampling.h
+//     lse_from_mass), then the children in increasing local index with the accept coin
+//     at offset + depth, index = rank. After a rejection the residual
+//     w = log max(p' - q_c, 0) is written to the request's fp32 workspace row (three
+//     sweeps: max, int64 fixed-point mass, store), and p'(v) = w(v) - lse(w) from then on.
 //     The emitted token is one Gumbel race (resample stream) over the last residual,
 //     or over p'.
+// Every sum over the vocabulary is an int64 fixed-point mass (docs/verification.md,
+// "Order-independent sums"), so its bits do not depend on the reduction order.
 // A kernel never trusts the data: cu is clamped into [0, N], the walk never goes deeper
 // than max_depth, and nothing is read or written out of bounds.
 // No torch header.
@@ -95,16 +98,12 @@ __device__ __forceinline__ int64_t clamp64(int64_t x, int64_t lo, int64_t hi) {
 
 struct Smem {
   float f[kThreads];
-  double d[kThreads];
   ArgMax a[kThreads];
   int64_t i[kThreads];
 };
 
 struct MaxF {
   __device__ float operator()(float a, float b) const { return b > a ? b : a; }
-};
-struct SumD {
-  __device__ double operator()(double a, double b) const { return a + b; }
 };
 struct SumI {
   __device__ int64_t operator()(int64_t a, int64_t b) const { return a + b; }
@@ -162,33 +161,40 @@ __device__ float top_k_threshold(DevRow<Tag> row, int64_t V, float t, int64_t k,
   return key_float(prefix);
 }
 
-// Top-p over the tokens kept by thr: the largest key with mass(key >= it) >= p * total,
-// masses fp32 exp(s - safe_m) summed in fp64; thr unchanged when nothing is kept.
+// Top-p over the tokens kept by thr: the largest key with mass(key >= it) >= p * total
+// (compared in double), masses the int64 E_v = fixed_mass(expf(s - m)) with m the row's
+// max, which the kept set holds (finite here: a +inf row keeps its +inf entries by the
+// +inf rule); thr unchanged when nothing is kept.
 template <class Tag>
-__device__ float top_p_threshold(DevRow<Tag> row, int64_t V, float t, float thr, float safe_m, float p, Smem& sm) {
+__device__ float top_p_threshold(DevRow<Tag> row, int64_t V, float t, float thr, float m, float p, Smem& sm) {
+  const float scale = mass_scale(mass_fraction_bits(V));
   int64_t prefix = 0;
-  double total = 0.0;
+  int64_t total = 0;
+  double target = 0.0;
   for (int pass = 0; pass < 32 / kRadixBits; ++pass) {
     const int shift = 32 - (pass + 1) * kRadixBits;
-    double mass[kRadix];
-    for (int j = 0; j < kRadix; ++j) mass[j] = 0.0;
+    int64_t mass[kRadix];
+    for (int j = 0; j < kRadix; ++j) mass[j] = 0;
     for (int64_t v = threadIdx.x; v < V; v += kThreads) {
       const float s = scale_logit(row[v], t);
       if (!(s >= thr && s > DSPARK_NEG_INF)) continue;
-      const double e = static_cast<double>(expf(s - safe_m));
+      const int64_t e = fixed_mass(expf(s - m), scale);
       const int64_t key = float_key(s);
       for (int j = 0; j < kRadix; ++j)
         if (key >= prefix + (static_cast<int64_t>(j) << shift)) mass[j] += e;
     }
     int64_t best = 0;
     for (int j = 0; j < kRadix; ++j) {
-      const double m = block_reduce(mass[j], sm.d, SumD());
-      if (pass == 0 && j == 0) total = m;
-      if (m >= static_cast<double>(p) * total) best = j;
+      const int64_t mj = block_reduce(mass[j], sm.i, SumI());
+      if (pass == 0 && j == 0) {
+        total = mj;
+        target = static_cast<double>(p) * static_cast<double>(total);
+      }
+      if (static_cast<double>(mj) >= target) best = j;
     }
     prefix += best << shift;
   }
-  return total > 0.0 ? key_float(prefix) : thr;
+  return total > 0 ? key_float(prefix) : thr;
 }
 
 struct RowStat {
@@ -209,25 +215,28 @@ __device__ RowStat row_stats(DevRow<Tag> row, int64_t V, float t, int64_t k, flo
     const float tk = top_k_threshold(row, V, t, k, sm);
     st.thr = st.thr < tk ? tk : st.thr;  // std::max, as the CPU
   }
-  if (top_p_active(p)) st.thr = top_p_threshold(row, V, t, st.thr, safe_m, p, sm);
   // A row whose max is +inf (or l / T overflowing): its +inf entries share the mass
-  // (sampling.h row_filter_final), so count them instead of summing exponentials.
+  // (sampling.h row_filter_final), so count them instead of summing exponentials; the
+  // +inf rule also sets the threshold, so top-p is not needed there.
   const bool inf_row = m == DSPARK_POS_INF;
-  double sum = 0.0;
+  if (top_p_active(p) && finite && !inf_row) st.thr = top_p_threshold(row, V, t, st.thr, m, p, sm);
+  const int bits = mass_fraction_bits(V);
+  const float scale = mass_scale(bits);
+  int64_t mass = 0;
   for (int64_t v = threadIdx.x; v < V; v += kThreads) {
     const float s = scale_logit(row[v], t);
     if (inf_row) {
-      if (s == DSPARK_POS_INF) sum += 1.0;
+      if (s == DSPARK_POS_INF) ++mass;
     } else if (s >= st.thr && s > DSPARK_NEG_INF) {
-      sum += static_cast<double>(expf(s - safe_m));
+      mass += fixed_mass(expf(s - safe_m), scale);  // m: the largest kept s
     }
   }
-  sum = block_reduce(sum, sm.d, SumD());
+  mass = block_reduce(mass, sm.i, SumI());
   if (inf_row) {
-    row_filter_final(m, static_cast<float>(sum), st.thr, st.lse);
+    row_filter_final(m, static_cast<float>(mass), st.thr, st.lse);
     return st;
   }
-  st.lse = finite ? tree_residual_lse(safe_m, sum) : DSPARK_NEG_INF;
+  st.lse = finite ? lse_from_mass(safe_m, mass, bits) : DSPARK_NEG_INF;
   return st;
 }
 
@@ -249,6 +258,8 @@ __global__ void __launch_bounds__(kThreads, 1) tree_kernel(Params p) {
   const uint64_t seed = static_cast<uint64_t>(p.seed[b]);
   const uint64_t offset = static_cast<uint64_t>(p.offset[b]);
   const bool greedy = !(T > 0.f);
+  const int residual_bits = mass_fraction_bits(V);
+  const float residual_scale = mass_scale(residual_bits);
   const typename TT::storage* tbase = static_cast<const typename TT::storage*>(p.target);
   const typename DT::storage* dbase = static_cast<const typename DT::storage*>(p.draft);
   float* ws = p.workspace ? p.workspace + b * V : nullptr;
@@ -308,17 +319,19 @@ __global__ void __launch_bounds__(kThreads, 1) tree_kernel(Params p) {
         for (int64_t v = threadIdx.x; v < V; v += kThreads) m = MaxF()(m, residual_log_weight(log_p(v), log_q(v)));
         m = block_reduce(m, sm.f, MaxF());
         if (!(m > DSPARK_NEG_INF)) continue;  // p' == q_c numerically: keep p'
-        double sum = 0.0;
+        // lse(w) from the int64 fixed-point mass of expf(w - m) (docs/verification.md,
+        // "Order-independent sums"), as a filtered row's lse.
+        int64_t mass = 0;
         for (int64_t v = threadIdx.x; v < V; v += kThreads) {
           const float w = residual_log_weight(log_p(v), log_q(v));
-          if (w > DSPARK_NEG_INF) sum += static_cast<double>(expf(w - m));
+          if (w > DSPARK_NEG_INF) mass += fixed_mass(expf(w - m), residual_scale);
         }
-        sum = block_reduce(sum, sm.d, SumD());
+        mass = block_reduce(mass, sm.i, SumI());
         // Each thread rewrites only the entries it reads (v = threadIdx.x + i * kThreads).
         for (int64_t v = threadIdx.x; v < V; v += kThreads) ws[v] = residual_log_weight(log_p(v), log_q(v));
         __syncthreads();
         taken = true;
-        lse_last = tree_residual_lse(m, sum);
+        lse_last = lse_from_mass(m, mass, residual_bits);
       }
       if (next < 0) {
         // Gumbel race over the last residual w (unnormalised), or p'; groups of four share a Philox call.
