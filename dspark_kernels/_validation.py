@@ -132,6 +132,15 @@ def _check_min_p(op, min_p, batch, device):
             _fail(op, f"min_p must be a floating tensor, got {min_p.dtype}")
 
 
+def _check_draft_ids(op, draft_tokens, vocab: int, vocab_name: str = "V") -> None:
+    """Every draft id is -1 (padding) or in ``[0, vocab)`` (host read)."""
+    d = draft_tokens.detach().cpu()
+    bad = (d < -1) | (d >= vocab)
+    if bad.any():
+        i = int(torch.nonzero(bad)[0])
+        _fail(op, f"draft_tokens[{i}] = {int(d[i])} is outside [-1, {vocab_name}) with {vocab_name} = {vocab}")
+
+
 def _check_draft_index(op, draft_index, num_draft, draft_logits, draft_probs, device):
     """``draft_index [N]`` (optional, int32 / int64): q of draft i is row draft_index[i] of
     draft_logits / draft_probs, so one of them must be given."""

@@ -13,6 +13,7 @@ from . import _registry
 from ._validation import (
     _FLOAT_DTYPES,
     _INT_DTYPES,
+    _check_draft_ids,
     _check_draft_index,
     _check_draft_index_data,
     _check_min_p,
@@ -219,11 +220,7 @@ def _check_verify_block_data(target_logits, draft_tokens, cu_num_draft, draft_lo
     if n.numel() and int(n.max()) > max_num_draft:
         b = int(torch.argmax(n))
         _fail(op, f"request {b} has {int(n[b])} drafts, more than max_num_draft = {max_num_draft}")
-    d = draft_tokens.cpu()
-    bad = (d < -1) | (d >= vocab)
-    if bad.any():
-        i = int(torch.nonzero(bad)[0])
-        _fail(op, f"draft_tokens[{i}] = {int(d[i])} is outside [-1, V) with V = {vocab}")
+    _check_draft_ids(op, draft_tokens, vocab)
     _check_draft_index_data(op, draft_index, draft_logits, draft_probs)
 
 
@@ -413,11 +410,7 @@ def _check_verify_tree_data(target_logits, draft_tokens, parents, cu_num_draft, 
     if deepest > max_depth:
         _fail(op, f"request {b}'s tree has depth {deepest}, more than max_depth = {max_depth}")
     vocab = target_logits.shape[1]
-    d = draft_tokens.cpu()
-    bad = (d < -1) | (d >= vocab)
-    if bad.any():
-        i = int(torch.nonzero(bad)[0])
-        _fail(op, f"draft_tokens[{i}] = {int(d[i])} is outside [-1, V) with V = {vocab}")
+    _check_draft_ids(op, draft_tokens, vocab)
     _check_draft_index_data(op, draft_index, draft_logits, draft_probs)
 
 

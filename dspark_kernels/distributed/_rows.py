@@ -26,7 +26,7 @@ from __future__ import annotations
 import torch
 
 from ..reference import philox
-from ..reference.sampling import fixed_mass, lse_from_mass, mass_fraction_bits
+from ..reference.sampling import fixed_mass, lse_from_mass, mass_fraction_bits, scale_logits
 
 NEG_INF = float("-inf")
 POS_INF = float("inf")
@@ -35,12 +35,8 @@ RADIX = 1 << RADIX_BITS
 
 
 def scale_rows(x: torch.Tensor, temperature: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
-    """``s = x / T`` per row in fp32 (``sampling.scale_logits``); NaN and padded columns -> -inf."""
-    x = x.to(torch.float32)
-    s = x / temperature.to(torch.float32).unsqueeze(1)
-    s = torch.where(torch.isinf(x), x, s)
-    s = torch.where(torch.isnan(x), NEG_INF, s)
-    return torch.where(valid, s, NEG_INF)
+    """``sampling.scale_logits`` with a per-row temperature; padded columns -> -inf."""
+    return torch.where(valid, scale_logits(x, temperature.to(torch.float32).unsqueeze(1)), NEG_INF)
 
 
 def raw_rows(x: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
@@ -211,8 +207,7 @@ def gumbel_noise(seed: torch.Tensor, position: torch.Tensor, salt: int, columns:
         return torch.empty(shape, dtype=torch.float32, device=columns.device)
     words = random_words(seed.unsqueeze(1).expand(shape).contiguous(), position.unsqueeze(1).expand(shape).contiguous(),
                          columns.unsqueeze(0).expand(shape).contiguous(), salt)
-    u = philox.uniform_from_words(words)
-    return -torch.log(-torch.log(u))
+    return philox.gumbels_from_words(words)
 
 
 def race_scores(log_weights: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:

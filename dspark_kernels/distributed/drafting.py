@@ -9,7 +9,7 @@ import torch
 from .._validation import (_FLOAT_DTYPES, _INT_DTYPES, _check_min_p, _check_sampling_tensors, _check_tensor,
                            _default_seed_offset, _fail, _per_request_sampling)
 from ..reference import philox
-from ..triton._filters import min_p_log_tensor
+from ..reference.sampling import min_p_log_tensor
 from . import _rows
 from ._checks import agree
 from ._comm import Comm

@@ -10,7 +10,7 @@ from .._validation import (_INT_DTYPES, _check_offsets, _check_tensor, _default_
                            _per_request_sampling)
 from ..reference import philox
 from ..reference.sampling import residual_log_weights
-from ..triton._filters import min_p_log_tensor
+from ..reference.sampling import min_p_log_tensor
 from . import _rows
 from ._checks import agree
 from ._comm import Comm
@@ -151,17 +151,13 @@ def _layout(vocab_start, vocab_size, target_logits, draft_tokens, cu_num_draft, 
 
 def _check_data(target_logits, draft_tokens, cu_num_draft, draft_logits, draft_probs, max_num_draft, draft_index,
                 vocab_size):
-    from .._validation import _check_draft_index_data
+    from .._validation import _check_draft_ids, _check_draft_index_data
 
     n = _check_offsets(OP, "cu_num_draft", cu_num_draft, draft_tokens.shape[0], "draft_tokens.size(0)")
     if n.numel() and int(n.max()) > max_num_draft:
         b = int(torch.argmax(n))
         _fail(OP, f"request {b} has {int(n[b])} drafts, more than max_num_draft = {max_num_draft}")
-    d = draft_tokens.cpu().to(torch.int64)
-    bad = (d < -1) | (d >= vocab_size)
-    if bad.any():
-        i = int(torch.nonzero(bad)[0])
-        _fail(OP, f"draft_tokens[{i}] = {int(d[i])} is outside [-1, vocab_size) with vocab_size = {vocab_size}")
+    _check_draft_ids(OP, draft_tokens, vocab_size, "vocab_size")
     _check_draft_index_data(OP, draft_index, draft_logits, draft_probs)
 
 

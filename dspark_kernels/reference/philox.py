@@ -80,7 +80,11 @@ def uniforms(seed, position, salt: int, index=0) -> torch.Tensor:
     return uniform_from_words(random_words(seed, position, salt, index))
 
 
+def gumbels_from_words(words: torch.Tensor) -> torch.Tensor:
+    """Gumbel(0, 1) noise -log(-log u) in fp32 from raw words."""
+    return -torch.log(-torch.log(uniform_from_words(words)))
+
+
 def gumbels(seed, position, salt: int, index) -> torch.Tensor:
     """Gumbel(0, 1) noise -log(-log u) in fp32."""
-    u = uniforms(seed, position, salt, index)
-    return -torch.log(-torch.log(u))
+    return gumbels_from_words(random_words(seed, position, salt, index))

@@ -60,6 +60,14 @@ def min_p_log(min_p: float) -> float:
                               dtype=torch.float32))
 
 
+def min_p_log_tensor(min_p: torch.Tensor) -> torch.Tensor:
+    """``min_p_log`` per request on the device, no sync: ``float32(log(float64(min(min_p, 1))))``,
+    ``-inf`` where min_p <= 0 / NaN (used by the Triton launchers and the distributed ops)."""
+    m = min_p.to(torch.float32)
+    lg = torch.log(torch.clamp(m, max=1.0).to(torch.float64)).to(torch.float32)
+    return torch.where(m > 0, lg, torch.full_like(lg, float("-inf")))
+
+
 def min_p_threshold(max_s: float, log_min_p: float) -> float:
     """The min-p cut ``max s + log(min_p)`` in fp32; ``-inf`` when off or for a row of ``-inf``."""
     if not log_min_p > float("-inf") or not max_s > float("-inf"):
@@ -87,7 +95,7 @@ def lse_from_mass(m: torch.Tensor, total: torch.Tensor, bits: int) -> torch.Tens
 def scale_logits(logits: torch.Tensor, temperature: float) -> torch.Tensor:
     """``s = logit / T`` in fp32; NaN -> -inf, +-inf stay +-inf (also at T = +inf)."""
     x = logits.to(torch.float32)
-    s = x / torch.tensor(temperature, dtype=torch.float32)
+    s = x / torch.as_tensor(temperature, dtype=torch.float32)  # a float, or per-row [R, 1]
     s = torch.where(torch.isinf(x), x, s)
     return torch.where(torch.isnan(x), torch.tensor(float("-inf")), s)
 

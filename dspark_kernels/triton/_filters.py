@@ -14,9 +14,10 @@ log-sum-exp of the Triton kernels uses too).
 
 from __future__ import annotations
 
-import torch
 import triton
 import triton.language as tl
+
+from ..reference.sampling import min_p_log_tensor  # noqa: F401 - re-exported for the launchers (one copy)
 
 _NEG_INF = tl.constexpr(float("-inf"))
 _POS_INF = tl.constexpr(float("inf"))
@@ -170,11 +171,3 @@ def _min_p_threshold(m, lmp):
     """sampling.h min_p_threshold: m + log(min_p), -inf when off or for a row of -inf."""
     on = (lmp > _NEG_INF) & (m > _NEG_INF)
     return tl.where(on, tl.where(on, m, 0.0) + tl.where(on, lmp, 0.0), _NEG_INF)
-
-
-def min_p_log_tensor(min_p: torch.Tensor) -> torch.Tensor:
-    """``float32(log(float64(min(min_p, 1))))`` per request, ``-inf`` where min_p <= 0 / NaN
-    (sampling.h ``min_p_log``), on the device, no sync."""
-    m = min_p.to(torch.float32)
-    lg = torch.log(torch.clamp(m, max=1.0).to(torch.float64)).to(torch.float32)
-    return torch.where(m > 0, lg, torch.full_like(lg, float("-inf")))
